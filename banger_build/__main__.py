@@ -1,0 +1,3 @@
+from banger_build.cli import main
+
+raise SystemExit(main())

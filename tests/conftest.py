@@ -1,0 +1,7 @@
+"""Shared fixtures. Each support module owns its fixtures; they are plugged in here."""
+
+pytest_plugins = [
+    "tests.support.registry",
+    "tests.support.debian",
+    "tests.support.unpriv",
+]
