@@ -1,0 +1,118 @@
+"""The in-memory model of the image's filesystem.
+
+Flattening builds a ``Tree`` beside the staging directory: every path the
+image will hold, with the owner, mode, times and xattrs its tar headers gave
+it. The staging directory only carries what ``mkfs.ext4 -d`` copies (names,
+content, link targets, hard links); everything else is restored from the
+tree, inode by inode, after mkfs.
+
+Hard links are two ``Node``s sharing one ``Inode``.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+REG, DIR, SYMLINK, FIFO, CHR, BLK = "reg", "dir", "symlink", "fifo", "chr", "blk"
+SPECIAL = frozenset({FIFO, CHR, BLK})
+
+_TYPE_BITS = {
+    REG: stat.S_IFREG,
+    DIR: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+    FIFO: stat.S_IFIFO,
+    CHR: stat.S_IFCHR,
+    BLK: stat.S_IFBLK,
+}
+
+#: Longest name ext4 can store in a directory entry, in bytes.
+NAME_MAX = 255
+
+
+@dataclass(eq=False)
+class Inode:
+    """What ext4 keeps per inode. Mutable while flattening; shared by hard links."""
+
+    type: str
+    uid: int = 0
+    gid: int = 0
+    perm: int = 0o755  # permission bits incl. setuid/setgid/sticky (0o7777)
+    mtime: int = 0
+    size: int = 0
+    target: str = ""  # symlink target
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    nlink: int = 1
+    ino: int = 0  # assigned once the filesystem exists
+
+    @property
+    def mode(self) -> int:
+        """Full st_mode, file-type bits included (what ``sif mode`` takes)."""
+        return _TYPE_BITS[self.type] | (self.perm & 0o7777)
+
+
+@dataclass(eq=False)
+class Node:
+    """A directory entry: a name bound to an inode (and, for dirs, children)."""
+
+    inode: Inode
+    children: dict[str, Node] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.inode.type == DIR
+
+
+def new_dir(uid: int = 0, gid: int = 0, perm: int = 0o755, mtime: int = 0) -> Node:
+    return Node(Inode(DIR, uid=uid, gid=gid, perm=perm, mtime=mtime), children={})
+
+
+class Tree:
+    """A rooted directory tree of Nodes addressed by normalised relative paths."""
+
+    def __init__(self) -> None:
+        self.root = new_dir()
+
+    def lookup(self, path: str) -> Node | None:
+        node = self.root
+        if not path:
+            return node
+        for part in path.split("/"):
+            if node.children is None:
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def walk(self) -> Iterator[tuple[str, Node]]:
+        """Every (path, node), parents before children, names in byte order."""
+        stack: list[tuple[str, Node]] = [("", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                for name in sorted(node.children, key=_name_key, reverse=True):
+                    child = node.children[name]
+                    stack.append((f"{path}/{name}" if path else name, child))
+
+    def inodes(self) -> list[Inode]:
+        """Distinct inodes, in walk order of their first path."""
+        seen: set[int] = set()
+        out: list[Inode] = []
+        for _, node in self.walk():
+            if id(node.inode) not in seen:
+                seen.add(id(node.inode))
+                out.append(node.inode)
+        return out
+
+
+def _name_key(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def name_bytes(name: str) -> bytes:
+    return _name_key(name)
