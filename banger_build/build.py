@@ -1,0 +1,335 @@
+"""The build: small verb-named steps over one context, listed in order at the end.
+
+    recipe --load--> Recipe --resolve (lock, registry, files, templates)-->
+    derivation --sha256--> key --store hit?--> done
+                                --miss--> pull, flatten, inject, size, mkfs,
+                                          restore metadata, fsck, stage kernel,
+                                          manifest --> publish (one rename)
+
+Only the steps touch the outside world. Everything a miss builds lives in a
+private directory under ``<home>/tmp`` until the publishing rename, so a
+failed or interrupted build leaves nothing in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from banger_build import __version__, ext4
+from banger_build.derivation import Derivation, canonical_json, derive
+from banger_build.errors import BangerError, ImageError, InputError
+from banger_build.flatten import Flattener, LayerInput
+from banger_build.inject import inject
+from banger_build.inputs import Injected, Staged, hash_file, hash_tree, resolve_injected, resolve_kernel
+from banger_build.lockfile import Lock, lock_path_for
+from banger_build.progress import Reporter
+from banger_build.recipe import Recipe, load_recipe
+from banger_build.reference import Digest
+from banger_build.registry import ImageManifest, RegistryClient, RegistryOptions
+from banger_build.blobs import BlobCache
+from banger_build.run import tool_version
+from banger_build.store import MANIFEST, Store, set_out_link
+from banger_build.tree import Inode, Tree
+
+ROOTFS = "rootfs.ext4"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    home: Path
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    out_link: Path | None = Path("result")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    key: str
+    cached: bool
+    derivation: Derivation
+
+
+class Context:
+    """The one mutable object of a build. Steps read and fill it in order."""
+
+    def __init__(self, recipe_path: Path, options: BuildOptions, reporter: Reporter) -> None:
+        self.recipe_path = recipe_path
+        self.options = options
+        self.reporter = reporter
+        self.store = Store(options.home)
+        self._client: RegistryClient | None = None
+        # filled by the resolve steps
+        self.recipe: Recipe
+        self.lock: Lock
+        self.lock_changed = False
+        self.manifest: ImageManifest
+        self.config: dict[str, Any]
+        self.epoch = 1
+        self.injected: tuple[Injected, ...] = ()
+        self.kernel: tuple[Staged, ...] = ()
+        self.tools: dict[str, str] = {}
+        self.derivation: Derivation
+        # filled by the build steps
+        self.work: Path
+        self.layers: list[LayerInput] = []
+        self.tree: Tree
+        self.plan: ext4.SizePlan
+        self.extra_inodes: list[Inode] = []
+        self.inode_count = 0
+
+    @property
+    def client(self) -> RegistryClient:
+        if self._client is None:
+            self._client = RegistryClient(
+                BlobCache(self.store.blobs), self.options.registry, progress=self.reporter.progress
+            )
+        return self._client
+
+    @property
+    def key(self) -> str:
+        return self.derivation.key
+
+    @property
+    def staging(self) -> Path:
+        return self.work / "staging"
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    @property
+    def image(self) -> Path:
+        return self.out / ROOTFS
+
+
+# -- resolve ------------------------------------------------------------------
+
+
+def read_recipe(ctx: Context) -> None:
+    ctx.recipe = load_recipe(ctx.recipe_path)
+
+
+def resolve_image(ctx: Context) -> None:
+    """Lock pin (no network) or registry resolution; then manifest and config."""
+    recipe = ctx.recipe
+    ctx.lock = Lock.load(lock_path_for(recipe.path))
+    digest = ctx.lock.image_digest(recipe.image, recipe.platform)
+    if digest is None:
+        ctx.reporter.step(f"resolving {recipe.image} for {recipe.platform}")
+        digest = ctx.client.resolve(recipe.image, recipe.platform)
+        ctx.lock = ctx.lock.with_image(recipe.image, recipe.platform, digest)
+        ctx.lock_changed = True
+    ctx.manifest = ctx.client.manifest(recipe.image, digest)
+    config_path = ctx.client.blob(recipe.image, ctx.manifest.config)
+    try:
+        ctx.config = json.loads(config_path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{recipe.image}: image config is not valid JSON: {exc}") from exc
+    if not isinstance(ctx.config, dict):
+        raise InputError(f"{recipe.image}: image config is not a JSON object")
+    arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
+    if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
+        raise InputError(
+            f"{recipe.image}@{digest}: image is for {os_}/{arch}, the recipe asks for "
+            f"{recipe.platform}",
+            reason="platform-mismatch",
+        )
+
+
+def choose_epoch(ctx: Context) -> None:
+    """Timestamps of what we add: SOURCE_DATE_EPOCH, else the image's creation time."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        if not env.isdigit():
+            raise InputError(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+        ctx.epoch = max(1, int(env))
+        return
+    created = ctx.config.get("created")
+    if isinstance(created, str):
+        try:
+            ctx.epoch = max(1, int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()))
+        except ValueError:
+            pass
+
+
+def resolve_inputs(ctx: Context) -> None:
+    ctx.injected = resolve_injected(ctx.recipe)
+    ctx.kernel = resolve_kernel(ctx.recipe.kernel)
+
+
+def read_tool_versions(ctx: Context) -> None:
+    ctx.tools = {"mke2fs": tool_version("mke2fs"), "debugfs": tool_version("debugfs")}
+
+
+def make_derivation(ctx: Context) -> None:
+    ctx.derivation = derive(
+        ctx.recipe,
+        ctx.manifest,
+        injected=ctx.injected,
+        kernel=ctx.kernel,
+        epoch=ctx.epoch,
+        tools=ctx.tools,
+    )
+
+
+# -- build --------------------------------------------------------------------
+
+
+def pull_layers(ctx: Context) -> None:
+    layers = ctx.manifest.layers
+    diff_ids = (ctx.config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(layers):
+        raise InputError(
+            f"{ctx.recipe.image}: the image config lists {len(diff_ids)} diff_ids for "
+            f"{len(layers)} layers",
+            reason="config-mismatch",
+        )
+    ctx.reporter.step(f"pulling {len(layers)} layers of {ctx.recipe.image}")
+    for desc, diff_id in zip(layers, diff_ids):
+        path = ctx.client.blob(ctx.recipe.image, desc)
+        ctx.layers.append(LayerInput(desc.digest, path, Digest.parse(str(diff_id))))
+
+
+def flatten_layers(ctx: Context) -> None:
+    ctx.reporter.step("flattening layers")
+    flattener = Flattener(ctx.staging, ctx.epoch)
+    for layer in ctx.layers:
+        stats = flattener.apply(layer)
+        ctx.reporter.note(f"{layer.digest.short}: {stats.entries} entries, {stats.bytes / 1e6:.1f} MB")
+    ctx.tree = flattener.tree
+
+
+def inject_files(ctx: Context) -> None:
+    if ctx.injected:
+        ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
+        inject(ctx.tree, ctx.staging, ctx.injected, epoch=ctx.epoch)
+
+
+def size_image(ctx: Context) -> None:
+    size = ctx.recipe.size
+    ctx.plan = ext4.plan_size(ctx.tree, auto=size.auto, size=size.bytes)
+
+
+def make_filesystem(ctx: Context) -> None:
+    ctx.reporter.step(f"making ext4 ({ctx.plan.size // ext4.MiB} MiB, {ctx.plan.inodes} inodes)")
+    ctx.out.mkdir()
+    ext4.make_filesystem(
+        ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
+    )
+    shutil.rmtree(ctx.staging)  # free the disk early; the image holds it all now
+
+
+def restore_metadata(ctx: Context) -> None:
+    ctx.reporter.step("restoring ownership, modes, times and xattrs")
+    ctx.extra_inodes = ext4.assign_inodes(ctx.image, ctx.tree, epoch=ctx.epoch)
+    ext4.make_special_nodes(ctx.image, ctx.tree, epoch=ctx.epoch)
+    ctx.inode_count = ext4.apply_metadata(
+        ctx.image, ctx.tree, ctx.extra_inodes, epoch=ctx.epoch, workdir=ctx.work
+    )
+
+
+def check_filesystem(ctx: Context) -> None:
+    ctx.reporter.step("checking the filesystem (e2fsck -fn)")
+    ext4.check_filesystem(ctx.image)
+
+
+def stage_kernel(ctx: Context) -> None:
+    for item in ctx.kernel:
+        dest = ctx.out / item.name
+        if item.source.is_dir():
+            shutil.copytree(item.source, dest, symlinks=True)
+            digest = hash_tree(dest)[0]
+        else:
+            shutil.copyfile(item.source, dest)
+            digest = hash_file(dest)[0]
+        if digest != item.sha256:
+            raise InputError(f"{item.source} changed while it was being staged", reason="io")
+
+
+def write_manifest(ctx: Context) -> None:
+    outputs: dict[str, dict[str, object]] = {}
+    for path in sorted(ctx.out.iterdir()):
+        digest, size = hash_tree(path) if path.is_dir() else hash_file(path)
+        outputs[path.name] = {"sha256": digest, "size": size}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": ctx.derivation.name,
+        "key": ctx.key,
+        "image": {"reference": str(ctx.recipe.image), "platform": str(ctx.recipe.platform)},
+        "derivation": ctx.derivation.data,
+        "outputs": outputs,
+        "filesystem": {
+            "size": ctx.plan.size,
+            "needed": ctx.plan.needed,
+            "inodes": ctx.inode_count,
+            "uuid": ext4.derived_uuid(ctx.key, "fs-uuid"),
+        },
+        "tools": {"banger-build": __version__, **ctx.tools},
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (ctx.out / MANIFEST).write_text(text, encoding="utf-8")
+
+
+RESOLVE: tuple[Callable[[Context], None], ...] = (
+    read_recipe,
+    resolve_image,
+    choose_epoch,
+    resolve_inputs,
+    read_tool_versions,
+    make_derivation,
+)
+
+BUILD: tuple[Callable[[Context], None], ...] = (
+    pull_layers,
+    flatten_layers,
+    inject_files,
+    size_image,
+    make_filesystem,
+    restore_metadata,
+    check_filesystem,
+    stage_kernel,
+    write_manifest,
+)
+
+
+def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:
+    ctx = Context(recipe_path, options, reporter)
+    for step in RESOLVE:
+        step(ctx)
+    return ctx
+
+
+def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
+    reporter = reporter or Reporter()
+    ctx = resolve(recipe_path, options, reporter)
+    name, key = ctx.derivation.name, ctx.key
+    path = ctx.store.lookup(key, name)
+    cached = path is not None
+    if path is None:
+        with ctx.store.lock(key, on_wait=lambda: reporter.step("waiting for another build of this key")):
+            path = ctx.store.lookup(key, name)
+            cached = path is not None
+            if path is None:
+                with ctx.store.build_dir(key) as work:
+                    ctx.work = work
+                    for step in BUILD:
+                        step(ctx)
+                    path = ctx.store.publish(ctx.out, key, name)
+    if ctx.lock_changed:
+        ctx.lock.save(lock_path_for(ctx.recipe.path))
+        reporter.step(f"wrote {lock_path_for(ctx.recipe.path)}")
+    if options.out_link is not None:
+        set_out_link(options.out_link, path)
+    reporter.done()
+    return BuildResult(path, key, cached, ctx.derivation)
+
+
+__all__ = ["BuildOptions", "BuildResult", "build", "resolve", "canonical_json", "BangerError", "ImageError"]

@@ -1,0 +1,86 @@
+"""The derivation: every input that shapes the output, as an explicit dict.
+
+The store key is sha256 over the canonical JSON (sorted keys, no spaces,
+UTF-8) of this dict. What goes in: a format version, the name, the platform,
+the image's manifest, config and layer digests, the kernel files' digests,
+every injected path as (dest, kind, mode, owner, sha256), the size policy, the
+epoch used for timestamps, the mkfs parameters and the versions of the tools
+that shape the bytes. What stays out: the recipe's path, comments, the clock,
+registry hosts and mirrors, credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from banger_build.ext4 import MKFS
+from banger_build.inputs import Injected, Staged
+from banger_build.recipe import Recipe
+from banger_build.registry import ImageManifest
+
+#: Bump when the meaning of a derivation field changes.
+DERIVATION_FORMAT = 1
+#: Bump when the builder would write different bytes for the same derivation.
+OUTPUT_FORMAT = 1
+#: Characters of the key used in store paths (128 bits).
+KEY_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Derivation:
+    data: dict[str, Any]
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.data)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()[:KEY_CHARS]
+
+    @property
+    def name(self) -> str:
+        return str(self.data["name"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.data["epoch"])
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def derive(
+    recipe: Recipe,
+    manifest: ImageManifest,
+    *,
+    injected: tuple[Injected, ...],
+    kernel: tuple[Staged, ...],
+    epoch: int,
+    tools: dict[str, str],
+) -> Derivation:
+    return Derivation(
+        {
+            "format": DERIVATION_FORMAT,
+            "output_format": OUTPUT_FORMAT,
+            "name": recipe.name,
+            "platform": str(recipe.platform),
+            "image": {
+                "manifest": str(manifest.digest),
+                "config": str(manifest.config.digest),
+                "layers": [
+                    {"digest": str(layer.digest), "media_type": layer.media_type, "size": layer.size}
+                    for layer in manifest.layers
+                ],
+            },
+            "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
+            "files": [i.as_dict() for i in injected],
+            "size": recipe.size.text,
+            "epoch": epoch,
+            "mkfs": MKFS.as_dict(),
+            "tools": dict(sorted(tools.items())),
+        }
+    )

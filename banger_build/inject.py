@@ -1,0 +1,129 @@
+"""Put the recipe's files, rendered templates and symlinks into the flattened tree.
+
+Destinations are resolved inside the image: a symlinked directory on the way
+(``/lib -> usr/lib`` on merged-/usr systems) is followed within the image
+root, never on the build host. Missing parent directories are created
+root-owned 0755. Owners given by name are looked up in the image's own
+/etc/passwd and /etc/group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from banger_build.errors import InputError
+from banger_build.inputs import Injected
+from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
+
+_MAX_HOPS = 40
+
+
+def _resolve_dir(tree: Tree, staging: Path, path: str, epoch: int) -> tuple[str, Node]:
+    """Resolve directory ``path`` (relative) inside the image, creating what is missing."""
+    parts = [p for p in path.split("/") if p]
+    real: list[str] = []
+    node = tree.root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if real:
+                real.pop()
+            node = tree.lookup("/".join(real)) or tree.root
+            continue
+        assert node.children is not None
+        child = node.children.get(part)
+        if child is None:
+            child = new_dir(mtime=epoch)
+            os.mkdir(staging / "/".join([*real, part]), 0o755)
+            node.children[part] = child
+        elif child.inode.type == SYMLINK:
+            hops += 1
+            if hops > _MAX_HOPS:
+                raise InputError(f"too many levels of symlinks resolving /{path} in the image")
+            target = child.inode.target
+            if target.startswith("/"):
+                real = []
+                node = tree.root
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        elif not child.is_dir:
+            raise InputError(f"/{'/'.join([*real, part])} is not a directory in the image")
+        real.append(part)
+        node = child
+    return "/".join(real), node
+
+
+def _id_map(staging: Path, tree: Tree, filename: str) -> dict[str, int]:
+    node = tree.lookup(f"etc/{filename}")
+    if node is None or node.inode.type != REG:
+        return {}
+    out: dict[str, int] = {}
+    try:
+        text = (staging / "etc" / filename).read_text("utf-8", "replace")
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2].isdigit():
+            out.setdefault(fields[0], int(fields[2]))
+    return out
+
+
+class OwnerResolver:
+    def __init__(self, staging: Path, tree: Tree) -> None:
+        self._users = _id_map(staging, tree, "passwd")
+        self._groups = _id_map(staging, tree, "group")
+
+    def resolve(self, owner: str, dest: str) -> tuple[int, int]:
+        user, _, group = owner.partition(":")
+        return self._one(user, self._users, "user", dest), self._one(group, self._groups, "group", dest)
+
+    @staticmethod
+    def _one(name: str, table: dict[str, int], what: str, dest: str) -> int:
+        if name.isdigit():
+            return int(name)
+        if name not in table:
+            raise InputError(
+                f"{dest}: owner {what} {name!r} is not defined in the image's /etc/"
+                f"{'passwd' if what == 'user' else 'group'}",
+                reason="unknown-owner",
+            )
+        return table[name]
+
+
+def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int) -> None:
+    owners = OwnerResolver(staging, tree)
+    for item in items:
+        parent, _, name = item.dest.strip("/").rpartition("/")
+        real_parent, dir_node = _resolve_dir(tree, staging, parent, epoch)
+        assert dir_node.children is not None
+        uid, gid = owners.resolve(item.owner, item.dest)
+        stage_path = staging / real_parent / name if real_parent else staging / name
+        existing = dir_node.children.get(name)
+        if existing is not None:
+            if existing.is_dir:
+                raise InputError(
+                    f"{item.dest}: the image has a directory there; refusing to replace it",
+                    reason="dest-is-directory",
+                )
+            if existing.inode.type in (REG, SYMLINK):
+                os.unlink(stage_path)
+            existing.inode.nlink -= 1
+        if item.kind == "symlink":
+            os.symlink(item.target, stage_path)
+            inode = Inode(SYMLINK, uid, gid, 0o777, epoch, size=len(name_bytes(item.target)),
+                          target=item.target)
+        else:
+            if item.source is not None:
+                shutil.copyfile(item.source, stage_path)
+            else:
+                assert item.data is not None
+                stage_path.write_bytes(item.data)
+            os.chmod(stage_path, 0o644)
+            inode = Inode(REG, uid, gid, item.mode, epoch, size=stage_path.stat().st_size)
+        dir_node.children[name] = Node(inode)
