@@ -109,6 +109,8 @@ def parse_ls(stdout: bytes) -> dict[int, list[DirEntry]]:
             raise ToolError(f"unexpected debugfs ls output: {line[:120]!r}")
         head = line[1:-1].split(b"/", 4)
         name, _, size = head[4].rpartition(b"/")
+        if int(head[0]) == 0:
+            continue  # unused slots (lost+found is pre-filled with them)
         current.append(
             DirEntry(
                 ino=int(head[0]),

@@ -170,6 +170,7 @@ class Flattener:
     def __init__(self, staging: Path, epoch: int = 0) -> None:
         self.staging = staging
         self.tree = Tree()
+        self.tree.root.inode.mtime = epoch
         self.epoch = epoch
         self._layer = ""
         self._created: set[str] = set()
