@@ -18,22 +18,29 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from banger_build import __version__, ext4
+from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, canonical_json, derive
 from banger_build.errors import BangerError, ImageError, InputError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.inject import inject
-from banger_build.inputs import Injected, Staged, hash_file, hash_tree, resolve_injected, resolve_kernel
+from banger_build.inputs import (
+    Injected,
+    Staged,
+    hash_file,
+    hash_tree,
+    resolve_injected,
+    resolve_kernel,
+)
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.progress import Reporter
 from banger_build.recipe import Recipe, load_recipe
 from banger_build.reference import Digest
 from banger_build.registry import ImageManifest, RegistryClient, RegistryOptions
-from banger_build.blobs import BlobCache
 from banger_build.run import tool_version
 from banger_build.store import MANIFEST, Store, set_out_link
 from banger_build.tree import Inode, Tree
@@ -155,9 +162,12 @@ def choose_epoch(ctx: Context) -> None:
     created = ctx.config.get("created")
     if isinstance(created, str):
         try:
-            ctx.epoch = max(1, int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()))
+            when = datetime.fromisoformat(created)
         except ValueError:
-            pass
+            return
+        if when.tzinfo is None:  # never let the build host's TZ leak in
+            when = when.replace(tzinfo=UTC)
+        ctx.epoch = max(1, int(when.timestamp()))
 
 
 def resolve_inputs(ctx: Context) -> None:
@@ -332,4 +342,4 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
     return BuildResult(path, key, cached, ctx.derivation)
 
 
-__all__ = ["BuildOptions", "BuildResult", "build", "resolve", "canonical_json", "BangerError", "ImageError"]
+__all__ = ["BangerError", "BuildOptions", "BuildResult", "ImageError", "build", "canonical_json", "resolve"]

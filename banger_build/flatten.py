@@ -418,4 +418,4 @@ def flatten(layers: Sequence[LayerInput], staging: Path, epoch: int = 0) -> Tree
     return flattener.tree
 
 
-__all__ = ["DIR", "LayerInput", "Flattener", "flatten", "open_layer", "link_escapes"]
+__all__ = ["DIR", "Flattener", "LayerInput", "flatten", "link_escapes", "open_layer"]

@@ -120,7 +120,7 @@ def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
 def test_whiteout_does_not_remove_what_its_own_layer_adds(tmp_path: Path) -> None:
     lower = write_layer(tmp_path, [member("a", data=b"lower")])
     upper = write_layer(tmp_path, [member("a", data=b"upper"), member(".wh.a")])
-    tree, staging = flatten(tmp_path, [lower, upper])
+    _, staging = flatten(tmp_path, [lower, upper])
     assert (staging / "a").read_bytes() == b"upper"
 
 
@@ -155,7 +155,7 @@ def test_replacements_between_types(tmp_path: Path) -> None:
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_compressions_give_the_same_tree(tmp_path: Path, compression: str) -> None:
     layer = write_layer(tmp_path, [member("a/b", data=b"x" * 100_000)], compression)
-    tree, staging = flatten(tmp_path, [layer])
+    _, staging = flatten(tmp_path, [layer])
     assert (staging / "a" / "b").read_bytes() == b"x" * 100_000
 
 

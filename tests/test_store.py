@@ -33,12 +33,11 @@ def test_publish_is_one_rename_and_read_only(tmp_path: Path) -> None:
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "home")
-    with pytest.raises(RuntimeError):
-        with store.build_dir("b" * 32) as work:
-            (work / "out").mkdir()
-            (work / "out" / "partial").write_bytes(b"x")
-            os.chmod(work / "out", 0o555)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), store.build_dir("b" * 32) as work:
+        (work / "out").mkdir()
+        (work / "out" / "partial").write_bytes(b"x")
+        os.chmod(work / "out", 0o555)
+        raise RuntimeError("boom")
     assert list(store.tmp.iterdir()) == [] and list(store.store.iterdir()) == []
     assert store.lookup("b" * 32, "name") is None
 
