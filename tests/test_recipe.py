@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from banger_build.errors import RecipeError
-from banger_build.recipe import SizeSpec, Where, load_recipe
+from banger_build.recipe import Recipe, SizeSpec, Where, load_recipe
 from banger_build.reference import Platform, Reference
 from banger_build.tomlpos import PositionIndex, format_key_path
 
@@ -69,7 +69,7 @@ def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
     return path
 
 
-def load_text(tmp_path: Path, text: str) -> object:
+def load_text(tmp_path: Path, text: str) -> Recipe:
     return load_recipe(write(tmp_path, text))
 
 
@@ -103,7 +103,7 @@ def test_minimal_recipe_defaults(tmp_path: Path) -> None:
     assert r.platform == Platform("linux", "amd64")
     assert r.size == SizeSpec("auto", True, 0)
     assert r.kernel is None
-    assert r.files == r.templates == r.symlinks == ()
+    assert r.files == () and r.templates == () and r.symlinks == ()
     assert r.vars == {}
     assert r.image_where == Where(str(path), 2, 1, "image.ref")
 
@@ -158,12 +158,12 @@ def test_src_need_not_exist_and_is_relative_to_recipe_dir(tmp_path: Path) -> Non
 
 def test_inline_array_of_tables_is_accepted(tmp_path: Path) -> None:
     r = load_text(tmp_path, 'files = [{ src = "a", dest = "/a" }]\n' + image())
-    assert [f.dest for f in r.files] == ["/a"]  # type: ignore[attr-defined]
+    assert [f.dest for f in r.files] == ["/a"]
 
 
 def test_empty_arrays(tmp_path: Path) -> None:
     r = load_text(tmp_path, "files = []\nsymlinks = []\n" + image())
-    assert r.files == () and r.symlinks == ()  # type: ignore[attr-defined]
+    assert r.files == () and r.symlinks == ()
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_default_name(tmp_path: Path, ref: str, name: str | None) -> None:
     if name is None:
         assert error(tmp_path, text).reason == "value"
     else:
-        assert load_text(tmp_path, text).name == name  # type: ignore[attr-defined]
+        assert load_text(tmp_path, text).name == name
 
 
 # -- sizes, modes, owners -----------------------------------------------------------
@@ -223,7 +223,7 @@ MiB = 1 << 20
 )
 def test_sizes(tmp_path: Path, value: str, expected: SizeSpec) -> None:
     r = load_text(tmp_path, image(f"[rootfs]\nsize = {value}\n"))
-    assert r.size == expected  # type: ignore[attr-defined]
+    assert r.size == expected
 
 
 @pytest.mark.parametrize(
@@ -276,7 +276,7 @@ def test_size_wrong_type(tmp_path: Path, value: str) -> None:
 )
 def test_modes(tmp_path: Path, value: str, mode: int) -> None:
     r = load_text(tmp_path, image(f'[[files]]\nsrc = "a"\ndest = "/a"\nmode = {value}\n'))
-    assert r.files[0].mode == mode  # type: ignore[attr-defined]
+    assert r.files[0].mode == mode
 
 
 @pytest.mark.parametrize(
@@ -300,16 +300,29 @@ def test_bad_modes(tmp_path: Path, value: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "owner", ["0:0", "root:root", "root:adm", "1000:100", "_apt:nogroup", "www-data:0", "4294967294:0"]
+    "owner",
+    ["0:0", "root:root", "root:adm", "1000:100", "_apt:nogroup", "www-data:0", "4294967294:0"],
 )
 def test_owners(tmp_path: Path, owner: str) -> None:
     text = image(f'[[symlinks]]\ndest = "/a"\ntarget = "b"\nowner = "{owner}"\n')
-    assert load_text(tmp_path, text).symlinks[0].owner == owner  # type: ignore[attr-defined]
+    assert load_text(tmp_path, text).symlinks[0].owner == owner
 
 
 @pytest.mark.parametrize(
     "owner",
-    ["root", "0", ":0", "0:", "Root:root", "1:2:3", "-1:0", "4294967295:0", "a b:c", "r\u00f6ot:0", ""],
+    [
+        "root",
+        "0",
+        ":0",
+        "0:",
+        "Root:root",
+        "1:2:3",
+        "-1:0",
+        "4294967295:0",
+        "a b:c",
+        "r\u00f6ot:0",
+        "",
+    ],
 )
 def test_bad_owners(tmp_path: Path, owner: str) -> None:
     err = error(tmp_path, image(f'[[files]]\nsrc = "a"\ndest = "/a"\nowner = "{owner}"\n'))
@@ -325,7 +338,7 @@ def test_bad_owners(tmp_path: Path, owner: str) -> None:
 )
 def test_good_dests(tmp_path: Path, dest: str) -> None:
     r = load_text(tmp_path, image(f'[[files]]\nsrc = "a"\ndest = "{dest}"\n'))
-    assert r.files[0].dest == dest  # type: ignore[attr-defined]
+    assert r.files[0].dest == dest
 
 
 @pytest.mark.parametrize(
@@ -449,7 +462,9 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
 def test_unknown_key_in_array_of_tables(tmp_path: Path) -> None:
     err = error(
         tmp_path,
-        image('[[files]]\nsrc = "a"\ndest = "/a"\n[[files]]\nsrc = "b"\ndest = "/b"\nmdoe = "0644"\n'),
+        image(
+            '[[files]]\nsrc = "a"\ndest = "/a"\n[[files]]\nsrc = "b"\ndest = "/b"\nmdoe = "0644"\n'
+        ),
     )
     assert (err.reason, err.key, err.line, err.col) == ("unknown-key", "files[1].mdoe", 9, 1)
     assert "did you mean 'mode'?" in err.detail
@@ -484,9 +499,9 @@ def test_unknown_key_in_kernel(tmp_path: Path) -> None:
         (image("platform = [1]\n"), "image.platform", 3, 1, "expected a string, got an array"),
         (image("vars = 1\n"), "image.vars", 3, 1, None),  # inside [image]: unknown
         ('vars = "x"\n' + image(), "vars", 1, 1, "expected a table, got a string"),
-        (image('[kernel]\npath = 1.5\n'), "kernel.path", 4, 1, "expected a string, got a float"),
+        (image("[kernel]\npath = 1.5\n"), "kernel.path", 4, 1, "expected a string, got a float"),
         (image('[files]\nsrc = "a"\n'), "files", 3, 1, "write [[files]] for each entry"),
-        ('files = [1]\n' + image(), "files[0]", 1, 10, "expected a table, got an integer"),
+        ("files = [1]\n" + image(), "files[0]", 1, 10, "expected a table, got an integer"),
         ('files = "a"\n' + image(), "files", 1, 1, "expected an array of tables, got a string"),
         (
             image('[[files]]\nsrc = "a"\ndest = 1979-05-27 07:32:00\n'),
@@ -538,7 +553,12 @@ def test_value_errors(tmp_path: Path, text: str, key: str, line: int) -> None:
         ('name = "x"\n', "image", None, None),  # no [image] at all: no position
         ('\n\n  [image]\nplatform = "linux/amd64"\n', "image.ref", 3, 3),
         (image("[kernel]\ninitrd = 'i'\n"), "kernel.path", 3, 1),
-        (image('[[files]]\nsrc = "a"\ndest = "/a"\n\n[[files]]\ndest = "/b"\n'), "files[1].src", 7, 1),
+        (
+            image('[[files]]\nsrc = "a"\ndest = "/a"\n\n[[files]]\ndest = "/b"\n'),
+            "files[1].src",
+            7,
+            1,
+        ),
         (image('[[files]]\nsrc = "a"\n'), "files[0].dest", 3, 1),
         (image('[[symlinks]]\ndest = "/a"\n'), "symlinks[0].target", 3, 1),
     ],
@@ -551,7 +571,7 @@ def test_missing_keys_point_at_the_table_header(
 
 
 def test_first_error_in_document_order(tmp_path: Path) -> None:
-    err = error(tmp_path, 'name = 1\n[image]\nref = 2\n')
+    err = error(tmp_path, "name = 1\n[image]\nref = 2\n")
     assert err.key == "name"
 
 
@@ -622,7 +642,7 @@ def test_format_key_path() -> None:
 
 def _mutations(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
-    alphabet = list('[]{}"\'=.,#\n \t\\0aZ_-+:/') + ["[[", "]]", '"""', "'''", "\u00e9", "\r\n"]
+    alphabet = list("[]{}\"'=.,#\n \t\\0aZ_-+:/") + ["[[", "]]", '"""', "'''", "\u00e9", "\r\n"]
     out = []
     for _ in range(count):
         chars = list(FULL)
@@ -659,7 +679,25 @@ def test_fuzz_never_a_traceback(tmp_path: Path) -> None:
 
 def test_position_index_on_garbage_terminates() -> None:
     rng = random.Random(7)
-    pieces = ['"', "'", '"""', "'''", "[", "]", "[[", "{", "}", "=", ".", ",", "\n", "a", "#", "\\", " "]
+    pieces = [
+        '"',
+        "'",
+        '"""',
+        "'''",
+        "[",
+        "]",
+        "[[",
+        "{",
+        "}",
+        "=",
+        ".",
+        ",",
+        "\n",
+        "a",
+        "#",
+        "\\",
+        " ",
+    ]
     for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
         idx = PositionIndex.from_text(text)
