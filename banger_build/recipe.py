@@ -127,6 +127,15 @@ class Doc:
     file: str
     index: PositionIndex
     base: Path  # the directory relative paths in it are resolved against
+    lines: tuple[str, ...] = ()  # the source, to look at how a value was written
+
+    def value_text(self, path: KeyPath) -> str:
+        """The source text after ``=`` on the line of ``path``'s key ('' if unknown)."""
+        pos = self.index.lookup(path)
+        if pos is None or not 0 < pos[0] <= len(self.lines):
+            return ""
+        _, _, rest = self.lines[pos[0] - 1][pos[1] - 1 :].partition("=")
+        return rest.strip()
 
     def where(self, path: KeyPath) -> Where:
         line, col = self.index.lookup(path) or (None, None)
@@ -177,6 +186,8 @@ class Key:
     required: bool = False
     convert: Converter | None = None
     table: Mapping[str, Key] | None = None
+    #: integers must be written with this prefix (modes: ``0o644``, never ``644``)
+    int_prefix: str | None = None
 
 
 Schema = Mapping[str, "Key"]
@@ -270,6 +281,18 @@ def check_value(doc: Doc, value: Any, key: Key, path: KeyPath) -> Any:
         raise doc.error(path, f"expected {_expected(key.types)}, got {got}{hint}", "type")
     if kind == TABLE and key.table is not None:
         value = check_table(doc, value, key.table, path)
+    if (
+        key.int_prefix
+        and kind == INTEGER
+        and value >= 8  # one digit reads the same in any base
+        and not doc.value_text(path).startswith(key.int_prefix)
+    ):
+        raise doc.error(
+            path,
+            f"integer {value} is decimal; write the mode as a string such as \"0644\" "
+            f"or as an octal literal such as {key.int_prefix}644",
+            "value",
+        )
     if key.convert is None:
         return value
     try:
@@ -461,7 +484,7 @@ def convert_src(value: str, doc: Doc) -> Path:
 # -- the recipe schema --------------------------------------------------------------
 
 _DEST = Key((STRING,), required=True, convert=convert_dest)
-_MODE = Key((STRING, INTEGER), convert=convert_mode)
+_MODE = Key((STRING, INTEGER), convert=convert_mode, int_prefix="0o")
 _OWNER = Key((STRING,), convert=convert_owner)
 _SRC = Key((STRING,), required=True, convert=convert_src)
 
@@ -515,7 +538,11 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(
             f"cannot resolve the recipe's directory: {exc}", file=str(path), reason="io"
         ) from exc
-    doc = Doc(str(path), index, base)
+    try:
+        lines = tuple(path.read_text("utf-8", "replace").splitlines())
+    except OSError:
+        lines = ()
+    doc = Doc(str(path), index, base, lines)
     checked = check_table(doc, data, RECIPE_SCHEMA)
     return _build(path, doc, checked)
 

@@ -135,14 +135,14 @@ def test_save_into_missing_directory_is_io(tmp_path: Path) -> None:
     assert info.value.reason == "io"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_save_failure_leaves_no_temp_file(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(RecipeError):
-            sample().save(tmp_path / "x.lock")
-    finally:
-        tmp_path.chmod(0o700)
+def test_save_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(RecipeError) as info:
+        sample().save(tmp_path / "x.lock")
+    assert info.value.reason == "io"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -702,3 +702,15 @@ def test_position_index_on_garbage_terminates() -> None:
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
         idx = PositionIndex.from_text(text)
         assert idx.lookup(()) is None
+
+
+@pytest.mark.parametrize("value", ["644", "755", "4755", "420"])
+def test_decimal_integer_modes_are_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(f'[image]\nref = "debian:bookworm"\n\n[[files]]\nsrc = "a"\ndest = "/a"\nmode = {value}\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert (info.value.reason, info.value.line, info.value.col, info.value.key) == (
+        "value", 7, 1, "files[0].mode"
+    )
+    assert "0o644" in str(info.value)
