@@ -1,0 +1,234 @@
+"""End to end: recipe -> real registry -> store path with a checked rootfs.ext4."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from banger_build.cli import main
+from tests.support.ext4read import fsck, read_image, sha256_file
+from tests.support.oci import Entry, make_layer, push_image
+from tests.support.registry import RegistryServer
+from tests.support.tarlayer import member
+
+CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + b"\x00" * 12
+
+BASE = [
+    Entry.dir("etc"),
+    Entry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1001:1001::/home/app:/bin/sh\n"),
+    Entry.file("etc/group", b"root:x:0:\nshadow:x:42:\nadm:x:4:\napp:x:1001:\n"),
+    Entry.file("etc/shadow", b"root:*:19000::::::\n", mode=0o640, gid=42),
+    Entry.file("etc/motd", b"base motd\n"),
+    Entry.dir("usr/bin"),
+    Entry.file("usr/bin/su", b"\x7fELF-su", mode=0o4755),
+    Entry.symlink("bin", "usr/bin"),
+    Entry.dir("usr/lib/systemd/system"),
+    Entry.symlink("lib", "usr/lib"),
+    Entry.dir("dev"),
+    Entry.chardev("dev/console", 5, 1, mode=0o600),
+    Entry.dir("var/cache/apt"),
+    Entry.file("var/cache/apt/junk", b"junk"),
+]
+UPPER = [
+    Entry.whiteout("etc/motd"),
+    Entry.opaque("var/cache/apt"),
+    Entry.file("var/cache/apt/fresh", b"fresh"),
+    Entry.file("usr/bin/ping", b"ping", mode=0o755, pax=Entry.xattr("security.capability", CAP)),
+    Entry.file("root-only", b"secret", mode=0o600),
+]
+
+
+def push(registry: RegistryServer, repo: str, layers: list[list[Any]], tag: str = "v1") -> Any:
+    return push_image(registry.url, repo, tag, [make_layer(lay) for lay in layers])
+
+
+def write_recipe(directory: Path, ref: str, extra: str = "", name: str = "recipe.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hello.txt").write_text("hello from the recipe\n")
+    (directory / "unit.j2").write_text("[Unit]\nDescription={{ what }} on {{ recipe.name }}\n")
+    path = directory / name
+    path.write_text(
+        f"""
+[image]
+ref = "{ref}"
+
+[vars]
+what = "test unit"
+
+[[files]]
+src = "hello.txt"
+dest = "/etc/hello"
+mode = "0640"
+owner = "root:adm"
+
+[[templates]]
+src = "unit.j2"
+dest = "/lib/systemd/system/test.service"
+
+[[symlinks]]
+dest = "/etc/systemd/system/multi-user.target.wants/test.service"
+target = "/lib/systemd/system/test.service"
+{extra}
+"""
+    )
+    return path
+
+
+def run_cli(home: Path, *args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--home", str(home)])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def image_ref(registry: RegistryServer, request: pytest.FixtureRequest) -> str:
+    repo = f"e2e/{request.node.name.lower().replace('_', '-')[:40].strip('-')}"
+    push(registry, repo, [BASE, UPPER])
+    return f"{registry.host}/{repo}:v1"
+
+
+def test_build_end_to_end(tmp_path: Path, image_ref: str) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    link = tmp_path / "result"
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "-o", str(link))
+    assert code == 0, err
+    store_path = Path(out.strip())
+    assert store_path.parent == tmp_path / "home" / "store"
+    assert os.readlink(link) == str(store_path)
+    assert sorted(p.name for p in store_path.iterdir()) == ["manifest.json", "rootfs.ext4"]
+    assert (store_path / "rootfs.ext4").stat().st_mode & 0o777 == 0o444
+
+    manifest = json.loads((store_path / "manifest.json").read_text())
+    assert manifest["outputs"]["rootfs.ext4"]["sha256"] == sha256_file(store_path / "rootfs.ext4")
+    assert store_path.name == f"{manifest['key']}-{manifest['name']}"
+    assert manifest["derivation"]["image"]["layers"][0]["digest"].startswith("sha256:")
+
+    image = store_path / "rootfs.ext4"
+    assert fsck(image).returncode == 0
+    seen = read_image(image)
+    assert seen["usr/bin/su"].mode == 0o104755 and seen["usr/bin/su"].uid == 0
+    assert (seen["etc/shadow"].mode & 0o7777, seen["etc/shadow"].gid) == (0o640, 42)
+    assert "etc/motd" not in seen
+    assert "var/cache/apt/junk" not in seen and "var/cache/apt/fresh" in seen
+    assert seen["usr/bin/ping"].xattrs == {"security.capability": CAP}
+    assert seen["dev/console"].type == "chr" and seen["dev/console"].rdev == (5, 1)
+    assert seen["root-only"].mode & 0o7777 == 0o600
+    # the recipe's files: owner names resolved in the image, templates rendered,
+    # destinations through the image's /lib -> usr/lib symlink
+    hello = seen["etc/hello"]
+    assert (hello.uid, hello.gid, hello.mode & 0o7777) == (0, 4, 0o640)
+    unit = seen["usr/lib/systemd/system/test.service"]
+    assert (unit.uid, unit.gid, unit.mode & 0o7777) == (0, 0, 0o644)
+    wants = seen["etc/systemd/system/multi-user.target.wants/test.service"]
+    assert wants.type == "symlink" and wants.target == "/lib/systemd/system/test.service"
+
+    lock = recipe.with_suffix(".lock").read_text()
+    assert manifest["derivation"]["image"]["manifest"] in lock
+
+
+def test_second_build_is_a_cache_hit_with_the_registry_stopped(tmp_path: Path) -> None:
+    with RegistryServer() as server:
+        push(server, "e2e/offline", [BASE, UPPER])
+        recipe = write_recipe(tmp_path / "r", f"{server.host}/e2e/offline:v1")
+        code, first, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+        assert code == 0, err
+    assert not server.running
+    before = sorted((tmp_path / "home" / "store").iterdir())
+    started = time.monotonic()
+    code, second, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert second == first and elapsed < 1.0
+    assert "cached" in err and "making ext4" not in err
+    assert sorted((tmp_path / "home" / "store").iterdir()) == before
+    assert list((tmp_path / "home" / "tmp").iterdir()) == []
+
+
+def test_same_inputs_give_the_same_store_path_and_bytes(tmp_path: Path, image_ref: str) -> None:
+    paths = []
+    for i in range(2):
+        recipe = write_recipe(tmp_path / f"r{i}", image_ref)
+        code, out, err = run_cli(tmp_path / f"home{i}", str(recipe), "--no-link")
+        assert code == 0, err
+        paths.append(Path(out.strip()))
+    assert paths[0].name == paths[1].name
+    assert sha256_file(paths[0] / "rootfs.ext4") == sha256_file(paths[1] / "rootfs.ext4")
+    assert (paths[0] / "manifest.json").read_bytes() == (paths[1] / "manifest.json").read_bytes()
+
+
+def test_a_changed_input_changes_the_key(tmp_path: Path, image_ref: str) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    code, first, _ = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    (tmp_path / "r" / "hello.txt").write_text("changed\n")
+    code, second, _ = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 0 and first != second
+
+
+def test_mirror_serves_docker_hub_references(tmp_path: Path, registry: RegistryServer) -> None:
+    push(registry, "library/mirrored", [BASE])
+    recipe = write_recipe(tmp_path / "r", "docker.io/library/mirrored:v1")
+    code, out, err = run_cli(
+        tmp_path / "home", str(recipe), "--no-link", "--mirror", f"docker.io={registry.url}"
+    )
+    assert code == 0, err
+    assert Path(out.strip()).name.endswith("-mirrored-v1")
+
+
+def test_hostile_layer_leaves_no_store_entry(tmp_path: Path, registry: RegistryServer) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = [member("evil", "symlink", linkname=str(outside)), member("evil/planted", data=b"x")]
+    pushed = push(registry, "e2e/hostile", [BASE, evil])
+    recipe = write_recipe(tmp_path / "r", f"{registry.host}/e2e/hostile:v1")
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 1 and out == ""
+    assert pushed.layer_digests[1] in err and "evil/planted" in err
+    assert "Traceback" not in err
+    assert list((tmp_path / "home" / "store").iterdir()) == []
+    assert list((tmp_path / "home" / "tmp").iterdir()) == []
+    assert list(outside.iterdir()) == []
+
+
+def test_recipe_typo_names_file_line_col_and_a_hint(tmp_path: Path) -> None:
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text('[image]\nref = "debian:bookworm"\n\n[rootfs]\nsise = "4GiB"\n')
+    code, out, err = run_cli(tmp_path / "home", str(recipe))
+    assert code == 1 and out == ""
+    assert f"{recipe}:5:1: rootfs.sise:" in err and "did you mean 'size'" in err
+    assert "Traceback" not in err
+
+
+def test_too_small_size_names_the_size_needed(tmp_path: Path, registry: RegistryServer) -> None:
+    push(registry, "e2e/big", [[*BASE, Entry.file("big", os.urandom(16 << 20))]])
+    recipe = write_recipe(
+        tmp_path / "r", f"{registry.host}/e2e/big:v1", extra='\n[rootfs]\nsize = "8MiB"\n'
+    )
+    code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 1
+    assert "8MiB is too small" in err and "needs at least" in err and "Traceback" not in err
+    assert list((tmp_path / "home" / "store").iterdir()) == []
+
+
+def test_undefined_template_variable_is_a_clear_error(tmp_path: Path, image_ref: str) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    (tmp_path / "r" / "unit.j2").write_text("line one\n{{ missing_var }}\n")
+    code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 1
+    assert "unit.j2:2" in err and "missing_var" in err and "Traceback" not in err
+
+
+def test_unreachable_registry_is_a_clear_error(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r", "127.0.0.1:9/nothing/here:v1")
+    started = time.monotonic()
+    code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 1 and time.monotonic() - started < 10
+    assert "127.0.0.1:9/nothing/here:v1" in err and "Traceback" not in err
