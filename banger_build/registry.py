@@ -346,6 +346,8 @@ def _request_failure(exc: requests.RequestException, base: str) -> _Failure:
                         requests.exceptions.ContentDecodingError)):
         return _Failure(f"transfer from {base} was interrupted: {_why(exc)}", reason="interrupted")
     if isinstance(exc, requests.exceptions.ConnectionError):
+        if "Read timed out" in str(exc):  # a timeout while streaming a body
+            return _Failure(f"{base} stopped sending (read timed out)", reason="timeout")
         return _Failure(f"cannot connect to {base}: {_why(exc)}", reason="unreachable")
     return _Failure(f"request to {base} failed: {_why(exc)}", reason="protocol")
 
