@@ -851,8 +851,8 @@ def _descriptor(obj: object, what: str) -> Descriptor:
     return Descriptor(media_type, parsed, size, platform if isinstance(platform, dict) else None)
 
 
-def parse_image_manifest(digest: Digest, data: bytes, header: str | None = None) -> ImageManifest:
-    """Parse verified manifest bytes (raises _Failure; see RegistryClient.manifest)."""
+def _parse_image_manifest(digest: Digest, data: bytes, header: str | None = None) -> ImageManifest:
+    """Parse verified manifest bytes; raises _Failure (see RegistryClient.manifest)."""
     media_type, body = _media_type_of(data, header)
     if media_type in INDEX_TYPES:
         raise _Failure(
@@ -1084,7 +1084,7 @@ class RegistryClient:
             try:
                 media_type, body = _media_type_of(data, header)
                 if media_type not in INDEX_TYPES:
-                    parse_image_manifest(digest, data, header)
+                    _parse_image_manifest(digest, data, header)
                     return digest
                 digest = self._select(digest, body, platform)
             except _Failure as exc:
@@ -1124,7 +1124,7 @@ class RegistryClient:
         """The image manifest ``digest`` (from the cache without network when present)."""
         digest, data, header = self._manifest_bytes(ref, digest, None)
         try:
-            return parse_image_manifest(digest, data, header)
+            return _parse_image_manifest(digest, data, header)
         except _Failure as exc:
             self._fail(ref, exc)
 
