@@ -33,24 +33,25 @@ TARGETS = {"flatten_vs_tar": 2.0, "pipeline_vs_tar_mkfs": 3.0, "peak_rss_mib": 2
 
 def make_layer(src: Path, out: Path, limit: int, max_file: int = 1 << 20) -> Path:
     count = 0
-    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for dirpath, dirnames, filenames in os.walk(src):
-                dirnames.sort()
-                for name in sorted(filenames) + dirnames:
-                    path = os.path.join(dirpath, name)
-                    if os.path.isfile(path) and os.path.getsize(path) > max_file:
-                        continue
-                    try:
-                        tar.add(path, arcname=os.path.relpath(path, src.parent), recursive=False)
-                    except OSError:
-                        continue
-                    count += 1
-                if count >= limit:
-                    break
+    with (
+        open(out, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for name in sorted(filenames) + dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.isfile(path) and os.path.getsize(path) > max_file:
+                    continue
+                try:
+                    tar.add(path, arcname=os.path.relpath(path, src.parent), recursive=False)
+                except OSError:
+                    continue
+                count += 1
+            if count >= limit:
+                break
     return out
-
-
 
 
 PEER = """
@@ -121,13 +122,18 @@ def main() -> int:
             for d in ("ours", "peer"):
                 shutil.rmtree(tmp / d, ignore_errors=True)
                 (tmp / d).mkdir()
-            code = OURS.format(repo=str(Path(__file__).resolve().parents[1]), work=str(tmp / "ours"),
-                               layers=[str(p) for p in layers], digests=digests)
+            code = OURS.format(
+                repo=str(Path(__file__).resolve().parents[1]),
+                work=str(tmp / "ours"),
+                layers=[str(p) for p in layers],
+                digests=digests,
+            )
             ours = _child(code)
             peer = _child(PEER.format(work=str(tmp / "peer"), layers=[str(p) for p in layers]))
             t_tar, t_peer, peer_rss = peer["tar"], peer["all"], peer["rss"]
-            rows.append((ours["flatten"], ours["all"], ours["rss"], t_tar, t_peer, ours["tools"],
-                         peer_rss))
+            rows.append(
+                (ours["flatten"], ours["all"], ours["rss"], t_tar, t_peer, ours["tools"], peer_rss)
+            )
         best = [min(r[i] for r in rows) for i in range(7)]
         result = {
             "layers": [str(p) for p in layers],
@@ -142,7 +148,8 @@ def main() -> int:
             "peer_peak_rss_mib": round(best[6] / 1024, 1),
         }
         result["targets_met"] = all(
-            result[k] <= v for k, v in TARGETS.items()  # type: ignore[operator]
+            result[k] <= v
+            for k, v in TARGETS.items()  # type: ignore[operator]
         )
         print(json.dumps(result, indent=2))
         return 0 if result["targets_met"] else 1
