@@ -373,9 +373,6 @@ class _Credentials:
         raw = f"{self.username}:{self._password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    def pair(self) -> tuple[str, str]:
-        return self.username, self._password
-
 
 def _config_key_host(key: str) -> str:
     """A Docker config ``auths`` key (host, URL) -> canonical host[:port]."""
