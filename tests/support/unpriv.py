@@ -331,7 +331,9 @@ class Unpriv:
 
     def copy_in(self, src: str | os.PathLike[str], name: str | None = None) -> Path:
         """Copy a file or directory (e.g. recipes/ or examples/) into the user's
-        home, owned by the user; return the copy's path. Symlinks are kept."""
+        home, owned by the user (so the tool can write the lock file beside a
+        recipe); return the copy's path. Symlinks are kept. Copy what a recipe
+        refers to as well: recipes/debian.toml uses ../templates/."""
         src = Path(src)
         dest = self.home / (name or src.name)
         if src.is_dir():
