@@ -83,12 +83,16 @@ class Store:
         """Make ``built`` read-only and rename it into the store."""
         final = self.path_for(key, name)
         make_read_only(built)
+        # Moving a directory to a new parent rewrites its '..': it must stay
+        # writable until after the rename (for anyone but root).
+        os.chmod(built, 0o755)
         try:
             os.rename(built, final)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and self.lookup(key, name):
                 return final  # someone else published the same key first
             raise StoreError(f"cannot publish {final}: {exc.strerror}") from exc
+        os.chmod(final, 0o555)
         return final
 
 
