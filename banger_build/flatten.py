@@ -45,7 +45,6 @@ from banger_build.reference import Digest
 from banger_build.tree import (
     BLK,
     CHR,
-    DIR,
     FIFO,
     NAME_MAX,
     REG,
@@ -61,6 +60,9 @@ from banger_build.tree import (
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _CHUNK = 1 << 20
+MAX_ID = 0xFFFF_FFFE  # (uid_t)-1 means "no change" to the kernel
+MAX_TIME = 0x7FFF_FFFF
+MAX_TARGET = 4095  # PATH_MAX - 1
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _XATTR_NAMESPACES = ("security.", "trusted.", "user.", "system.posix_acl_")
 
@@ -262,6 +264,8 @@ class Flattener:
             self._set_meta(inode, member)
             parent_node.children[base] = Node(inode)
         elif member.issym():
+            if len(name_bytes(member.linkname)) > MAX_TARGET:
+                raise self._refuse(raw, "symlink target longer than 4095 bytes", "link-too-long")
             if link_escapes(parent, member.linkname) or not member.linkname:
                 raise self._refuse(
                     raw, f"symlink target {member.linkname!r} leaves the image root", "link-escape"
@@ -383,10 +387,14 @@ class Flattener:
             path = path.rpartition("/")[0]
 
     def _set_meta(self, inode: Inode, member: tarfile.TarInfo) -> None:
+        for what, value in (("uid", member.uid), ("gid", member.gid)):
+            if not 0 <= value <= MAX_ID:
+                raise self._refuse(member.name, f"{what} {value} is out of range", "bad-owner")
         inode.uid = member.uid
         inode.gid = member.gid
         inode.perm = member.mode & 0o7777
-        inode.mtime = max(0, min(int(member.mtime), 0x3_FFFF_FFFF))
+        # ext4 keeps 32-bit signed seconds (plus epoch bits we do not set)
+        inode.mtime = max(0, min(int(member.mtime), MAX_TIME))
         xattrs = _xattrs(member)
         for name in xattrs:
             if not name.startswith(_XATTR_NAMESPACES) or any(
@@ -417,5 +425,3 @@ def flatten(layers: Sequence[LayerInput], staging: Path, epoch: int = 0) -> Tree
         flattener.apply(layer)
     return flattener.tree
 
-
-__all__ = ["DIR", "Flattener", "LayerInput", "flatten", "link_escapes", "open_layer"]

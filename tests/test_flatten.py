@@ -206,6 +206,8 @@ HOSTILE = [
         member("evil", "symlink", linkname="/etc"),
         member("evil/.wh.passwd"),
     ], "through-symlink"),
+    ("uid-out-of-range", [member("f", data=b"x", uid=2**32 - 1)], "bad-owner"),
+    ("long-symlink-target", [member("l", "symlink", linkname="a/" * 2048)], "link-too-long"),
     ("bad-xattr-name", [member("f", data=b"x", xattrs={"evil name": b"v"})], "unsafe-xattr"),
 ]
 
@@ -254,3 +256,9 @@ def test_corrupt_or_truncated_layer(tmp_path: Path, cut: int) -> None:
     with pytest.raises(LayerError) as info:
         flatten(tmp_path / "w", [layer])
     assert info.value.reason in ("corrupt", "diff-id-mismatch")
+
+
+def test_times_are_clamped_to_what_ext4_stores(tmp_path: Path) -> None:
+    layer = write_layer(tmp_path, [member("future", data=b"x", mtime=2**33), member("past", mtime=-5)])
+    img = build_image(tmp_path, [layer])
+    assert img["future"].mtime == 0x7FFF_FFFF and img["past"].mtime == 0
