@@ -1,4 +1,4 @@
-"""Write real tar layers (gzip, zstd or plain) from tar member specs, for flatten tests.
+"""Real tar layers on disk (gzip, zstd or plain) as flatten inputs, for unit tests.
 
 Members are built from ``tarfile.TarInfo`` directly, so hostile names
 (``..``, newlines, links out of the tree) are as easy to write as good ones.
@@ -6,16 +6,13 @@ Members are built from ``tarfile.TarInfo`` directly, so hostile names
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import tarfile
 from pathlib import Path
 
-import zstandard
-
 from banger_build.flatten import LayerInput
 from banger_build.reference import Digest
+from tests.support.oci import compress, tar_bytes
 
 MTIME = 1_700_000_000
 _TYPES = {
@@ -54,23 +51,6 @@ def member(
             f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
         }
     return info, data
-
-
-def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in members:
-            tf.addfile(info, io.BytesIO(data) if info.type == tarfile.REGTYPE else None)
-    return buf.getvalue()
-
-
-def compress(raw: bytes, compression: str) -> bytes:
-    if compression == "gzip":
-        return gzip.compress(raw, mtime=0)
-    if compression == "zstd":
-        return zstandard.ZstdCompressor().compress(raw)
-    assert compression == "none", compression
-    return raw
 
 
 def write_layer(
