@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from banger_build.fsutil import fsync_dir, hash_file
 from banger_build.reference import Digest
 
 #: sha256 of zero bytes: the only digest whose blob may be empty.
@@ -51,16 +52,6 @@ class BlobMismatch(Exception):
         else:
             text = f"expected {expected}, got {actual} ({size} bytes)"
         super().__init__(text)
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
 
 
 class BlobCache:
@@ -101,7 +92,7 @@ class BlobCache:
         )
         if good:
             try:
-                actual, n = _hash_file(path)
+                actual, n = hash_file(path)
             except OSError:
                 return None
             good = actual == digest.hex and n == st.st_size
@@ -161,23 +152,10 @@ class BlobCache:
             except FileNotFoundError:
                 pass
             raise
-        self._fsync_dir(final.parent)
+        fsync_dir(final.parent)
         st = final.stat()
         self._verified[digest.hex] = (st.st_size, st.st_mtime_ns, st.st_ino)
         return final
 
     def put_bytes(self, digest: Digest, data: bytes) -> Path:
         return self.put_stream(digest, (data,), len(data))
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)

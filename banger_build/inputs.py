@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from banger_build.errors import InputError
+from banger_build.fsutil import hash_file
 from banger_build.recipe import KernelSpec, Recipe, Where
 from banger_build.templates import render_template
-
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,6 @@ class Staged:
     size: int
 
 
-def _where(where: Where) -> str:
-    pos = f":{where.line}:{where.col}" if where.line is not None else ""
-    return f"{where.file}{pos}: {where.key}"
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
-
-
 def hash_tree(root: Path) -> tuple[str, int]:
     """A digest of a directory: sorted relative paths, types, modes, contents."""
     sha = hashlib.sha256()
@@ -95,9 +79,9 @@ def _read_input(path: Path, where: Where, what: str) -> tuple[str, int]:
             return hash_tree(path)
         return hash_file(path)
     except FileNotFoundError:
-        raise InputError(f"{_where(where)}: {what} {path} does not exist", reason="missing-input") from None
+        raise InputError(f"{where}: {what} {path} does not exist", reason="missing-input") from None
     except OSError as exc:
-        raise InputError(f"{_where(where)}: cannot read {what} {path}: {exc.strerror}", reason="io") from exc
+        raise InputError(f"{where}: cannot read {what} {path}: {exc.strerror}", reason="io") from exc
 
 
 def template_context(recipe: Recipe) -> dict[str, Any]:
@@ -115,10 +99,10 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     for f in recipe.files:
         digest, _ = _read_input(f.src, f.where, "file")
         if f.src.is_dir():
-            raise InputError(f"{_where(f.where)}: {f.src} is a directory, not a file", reason="io")
+            raise InputError(f"{f.where}: {f.src} is a directory, not a file", reason="io")
         if f.sha256 is not None and f.sha256 != digest:
             raise InputError(
-                f"{_where(f.where)}: {f.src} has sha256 {digest}, but the recipe pins {f.sha256}",
+                f"{f.where}: {f.src} has sha256 {digest}, but the recipe pins {f.sha256}",
                 reason="sha256-mismatch",
             )
         out.append(Injected(f.dest, "file", f.mode, f.owner, digest, source=f.src))
@@ -126,7 +110,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     for t in recipe.templates:
         if not t.src.is_file():
             raise InputError(
-                f"{_where(t.where)}: template {t.src} does not exist", reason="missing-input"
+                f"{t.where}: template {t.src} does not exist", reason="missing-input"
             )
         data = render_template(t.src, context, label=str(t.src))
         digest = hashlib.sha256(data).hexdigest()

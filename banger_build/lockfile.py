@@ -28,6 +28,7 @@ from typing import Any
 import tomli_w
 
 from banger_build.errors import RecipeError
+from banger_build.fsutil import fsync_dir
 from banger_build.recipe import (
     ARRAY_OF_TABLES,
     INTEGER,
@@ -174,20 +175,9 @@ class Lock:
             raise RecipeError(
                 f"cannot write lock file: {exc.strerror or exc}", file=str(path), reason="io"
             ) from exc
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = ["HEADER", "LOCK_VERSION", "ImagePin", "Lock", "lock_path_for"]
