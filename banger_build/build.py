@@ -20,30 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, canonical_json, derive
 from banger_build.errors import BangerError, ImageError, InputError
 from banger_build.flatten import Flattener, LayerInput
+from banger_build.fsutil import hash_file
 from banger_build.inject import inject
-from banger_build.inputs import (
-    Injected,
-    Staged,
-    hash_file,
-    hash_tree,
-    resolve_injected,
-    resolve_kernel,
-)
+from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
+from banger_build.oci import ImageManifest, ManifestError, cached_manifest
 from banger_build.progress import Reporter
 from banger_build.recipe import Recipe, load_recipe
 from banger_build.reference import Digest
-from banger_build.registry import ImageManifest, RegistryClient, RegistryOptions
+from banger_build.registry_config import RegistryOptions
 from banger_build.run import tool_version
 from banger_build.store import MANIFEST, Store, set_out_link
 from banger_build.tree import Inode, Tree
+
+if TYPE_CHECKING:  # imported on first use: a cached build needs no HTTP stack
+    from banger_build.registry import RegistryClient
 
 ROOTFS = "rootfs.ext4"
 MANIFEST_FORMAT = 1
@@ -94,7 +92,10 @@ class Context:
 
     @property
     def client(self) -> RegistryClient:
+        """The registry client, created (and oras/requests imported) on first use."""
         if self._client is None:
+            from banger_build.registry import RegistryClient
+
             self._client = RegistryClient(
                 BlobCache(self.store.blobs), self.options.registry, progress=self.reporter.progress
             )
@@ -125,7 +126,8 @@ def read_recipe(ctx: Context) -> None:
 
 
 def resolve_image(ctx: Context) -> None:
-    """Lock pin (no network) or registry resolution; then manifest and config."""
+    """Lock pin (no network) or registry resolution; then manifest and config,
+    from the blob cache when they are there (no registry client at all)."""
     recipe = ctx.recipe
     ctx.lock = Lock.load(lock_path_for(recipe.path))
     digest = ctx.lock.image_digest(recipe.image, recipe.platform)
@@ -134,8 +136,16 @@ def resolve_image(ctx: Context) -> None:
         digest = ctx.client.resolve(recipe.image, recipe.platform)
         ctx.lock = ctx.lock.with_image(recipe.image, recipe.platform, digest)
         ctx.lock_changed = True
-    ctx.manifest = ctx.client.manifest(recipe.image, digest)
-    config_path = ctx.client.blob(recipe.image, ctx.manifest.config)
+    blobs = BlobCache(ctx.store.blobs)
+    try:
+        manifest = cached_manifest(blobs, digest)
+    except ManifestError as exc:
+        raise exc.error_for(str(recipe.image)) from exc
+    if manifest is None:
+        manifest = ctx.client.manifest(recipe.image, digest)
+    ctx.manifest = manifest
+    config = manifest.config
+    config_path = blobs.get(config.digest, config.size) or ctx.client.blob(recipe.image, config)
     try:
         ctx.config = json.loads(config_path.read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:

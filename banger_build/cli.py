@@ -66,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _cmd_build(args: argparse.Namespace) -> int:
     from banger_build.build import BuildOptions, build
     from banger_build.progress import Reporter
-    from banger_build.registry import options_from_env
+    from banger_build.registry_config import options_from_env
     from banger_build.store import default_home
 
     options = BuildOptions(

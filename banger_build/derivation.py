@@ -18,8 +18,8 @@ from typing import Any
 
 from banger_build.ext4 import MKFS
 from banger_build.inputs import Injected, Staged
+from banger_build.oci import ImageManifest
 from banger_build.recipe import Recipe
-from banger_build.registry import ImageManifest
 
 #: Bump when the meaning of a derivation field changes.
 DERIVATION_FORMAT = 1

@@ -9,8 +9,8 @@ per endpoint) and covers the defects of oras 0.2.43 that matter here:
   it is used or cached; manifests are kept as the exact bytes that were
   hashed, never re-serialised;
 - bearer tokens are cached per ``(realm, service, scope)`` and bound per
-  ``(endpoint, repository, pull|push)``, so a second repository or a push
-  after a pull gets its own token instead of a 401;
+  ``(endpoint, repository, pull|push)`` (``registry_auth``), so a second
+  repository or a push after a pull gets its own token instead of a 401;
 - Basic auth works (``auth_backend="basic"``) with credentials from the
   Docker config file, sent from the first challenge on;
 - every request has a timeout (connect 10 s, read ``options.timeout``) and
@@ -20,12 +20,16 @@ per endpoint) and covers the defects of oras 0.2.43 that matter here:
 - Docker Hub is ``https://registry-1.docker.io`` (references are already
   normalised to ``library/...``).
 
-Endpoints: mirrors configured for a registry host are tried in order, then
-the host itself; an error names every attempt. Plain HTTP is allowed only to
-loopback hosts and hosts listed as insecure; a plain-HTTP mirror elsewhere is
-refused (reason ``insecure``).
+Endpoints: mirrors configured for a registry host (``registry_config``) are
+tried in order, then the host itself; an error names every attempt. Plain
+HTTP is allowed only to loopback hosts and hosts listed as insecure; a
+plain-HTTP mirror elsewhere is refused (reason ``insecure``).
 
-Every requests/oras exception is translated here, once, into
+Manifest parsing is ``banger_build.oci`` (no network, no oras): a build
+whose image is pinned and cached never imports this module.
+
+Every requests/oras exception, and every ``oci.ManifestError`` and
+``registry_auth.AuthError``, is translated here, once, into
 ``RegistryError`` (reasons: ``unreachable``, ``timeout``, ``interrupted``,
 ``tls``, ``auth``, ``not-found``, ``http-status``, ``digest-mismatch``,
 ``no-platform``, ``unsupported-media-type``, ``invalid-manifest``,
@@ -34,20 +38,15 @@ Every requests/oras exception is translated here, once, into
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import ipaddress
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any, TypeVar
 
 import oras.container
 import oras.provider
@@ -57,6 +56,17 @@ import requests
 from banger_build import __version__
 from banger_build.blobs import BlobCache, BlobMismatch
 from banger_build.errors import InputError, RegistryError, StoreError
+from banger_build.oci import (
+    ACCEPT,
+    INDEX_TYPES,
+    Descriptor,
+    ImageManifest,
+    ManifestError,
+    cached_manifest,
+    media_type_of,
+    parse_image_manifest,
+    select_platform,
+)
 from banger_build.reference import (
     DOCKER_HUB,
     DOCKER_HUB_API,
@@ -65,36 +75,15 @@ from banger_build.reference import (
     Reference,
     ReferenceSyntaxError,
 )
-
-# -- media types ---------------------------------------------------------------
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_SCHEMA1 = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+from banger_build.registry_auth import (
+    Auth,
+    AuthError,
+    Credentials,
+    ScopeKey,
+    Token,
+    docker_config_path,
 )
-
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
-LAYER_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        "application/vnd.oci.image.layer.v1.tar+zstd",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    }
-)
-ACCEPT = f"{OCI_MANIFEST}, {OCI_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
+from banger_build.registry_config import RegistryOptions, plain_http_allowed
 
 # -- limits --------------------------------------------------------------------
 
@@ -108,158 +97,8 @@ MAX_BACKOFF = 2.0
 MAX_RETRY_AFTER = 10.0
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = f"banger-build/{__version__}"
-DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
-
-ENV_MIRRORS = "BANGER_BUILD_MIRRORS"
-ENV_INSECURE = "BANGER_BUILD_INSECURE_REGISTRIES"
 
 T = TypeVar("T")
-
-
-# -- data ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: Digest
-    size: int
-    platform: dict[str, Any] | None = field(default=None, hash=False)
-
-
-@dataclass(frozen=True)
-class ImageManifest:
-    digest: Digest
-    media_type: str
-    config: Descriptor
-    layers: tuple[Descriptor, ...]
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    #: registry host -> base URLs tried before it, e.g. {"docker.io": ("http://127.0.0.1:5000",)}
-    mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-    #: hosts (``host`` or ``host:port``) where plain HTTP is allowed besides loopback
-    insecure: frozenset[str] = frozenset()
-    timeout: float = 30.0
-    retries: int = 3
-    docker_config: Path | None = None
-
-
-# -- options -------------------------------------------------------------------
-
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?")
-
-
-def _canonical_host(host: str) -> str:
-    host = host.strip().lower()
-    return DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
-
-
-def _check_mirror_url(url: str, spec: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    problem = None
-    if parts.scheme not in ("http", "https"):
-        problem = "the URL must start with http:// or https://"
-    elif not parts.hostname:
-        problem = "the URL has no host"
-    elif parts.username is not None or parts.password is not None:
-        problem = "credentials do not belong in a mirror URL (use the Docker config file)"
-    elif parts.path not in ("", "/") or parts.query or parts.fragment:
-        problem = "a mirror URL is scheme://host[:port], without a path"
-    else:
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError:
-            problem = "the URL has an invalid port"
-    if problem:
-        raise InputError(f"invalid mirror {_redact_url(spec)!r}: {problem}", reason="mirror-invalid")
-    return f"{parts.scheme}://{parts.netloc.lower()}"
-
-
-def _redact_url(text: str) -> str:
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
-
-
-def parse_mirrors(specs: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """``["docker.io=http://127.0.0.1:5000", ...]`` -> ``{"docker.io": ("http://...",)}``.
-
-    Several specs for one host keep their order. Invalid specs raise
-    InputError (reason ``mirror-invalid``).
-    """
-    mirrors: dict[str, list[str]] = {}
-    for raw in specs:
-        spec = raw.strip()
-        if not spec:
-            continue
-        host, sep, url = spec.partition("=")
-        host = host.strip()
-        if not sep or not host or not url.strip():
-            raise InputError(
-                f"invalid mirror {_redact_url(spec)!r}: expected REGISTRY=URL, "
-                "e.g. docker.io=http://127.0.0.1:5000",
-                reason="mirror-invalid",
-            )
-        if not _HOST_RE.fullmatch(host):
-            raise InputError(
-                f"invalid mirror {_redact_url(spec)!r}: {host!r} is not a registry host",
-                reason="mirror-invalid",
-            )
-        base = _check_mirror_url(url.strip(), spec)
-        urls = mirrors.setdefault(_canonical_host(host), [])
-        if base not in urls:
-            urls.append(base)
-    return {host: tuple(urls) for host, urls in mirrors.items()}
-
-
-def _split_env(value: str | None) -> list[str]:
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
-
-
-def options_from_env(
-    mirror_args: Iterable[str] = (),
-    insecure_args: Iterable[str] = (),
-    *,
-    environ: Mapping[str, str] | None = None,
-) -> RegistryOptions:
-    """Options from CLI arguments plus ``$BANGER_BUILD_MIRRORS`` and
-    ``$BANGER_BUILD_INSECURE_REGISTRIES`` (comma-separated). CLI mirrors are
-    tried before the environment's."""
-    env = os.environ if environ is None else environ
-    mirrors = parse_mirrors([*mirror_args, *_split_env(env.get(ENV_MIRRORS))])
-    insecure = set()
-    for host in [*insecure_args, *_split_env(env.get(ENV_INSECURE))]:
-        host = host.strip()
-        if "://" in host:
-            host = urllib.parse.urlsplit(host).netloc
-        if not _HOST_RE.fullmatch(host):
-            raise InputError(
-                f"invalid insecure registry {host!r}: expected HOST or HOST:PORT",
-                reason="insecure-invalid",
-            )
-        insecure.add(_canonical_host(host))
-    return RegistryOptions(mirrors=mirrors, insecure=frozenset(insecure))
-
-
-def _host_only(netloc: str) -> str:
-    if netloc.startswith("["):
-        return netloc[1 : netloc.index("]")] if "]" in netloc else netloc
-    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
-
-
-def is_loopback(netloc: str) -> bool:
-    host = _host_only(netloc).lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def plain_http_allowed(netloc: str, insecure: frozenset[str]) -> bool:
-    netloc = netloc.lower()
-    return is_loopback(netloc) or netloc in insecure or _host_only(netloc) in insecure
 
 
 # -- failures inside the module --------------------------------------------------
@@ -352,309 +191,7 @@ def _request_failure(exc: requests.RequestException, base: str) -> _Failure:
     return _Failure(f"request to {base} failed: {_why(exc)}", reason="protocol")
 
 
-# -- credentials -----------------------------------------------------------------
-
-
-class _Credentials:
-    """A username and password. Never printed."""
-
-    __slots__ = ("_password", "username")
-
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username
-        self._password = password
-
-    def __repr__(self) -> str:
-        return "<credentials redacted>"
-
-    __str__ = __repr__
-
-    def basic(self) -> str:
-        raw = f"{self.username}:{self._password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-
-def _config_key_host(key: str) -> str:
-    """A Docker config ``auths`` key (host, URL) -> canonical host[:port]."""
-    if "://" in key:
-        key = urllib.parse.urlsplit(key).netloc
-    else:
-        key = key.split("/", 1)[0]
-    return _canonical_host(key)
-
-
-def _host_aliases(host: str) -> list[str]:
-    names = [host]
-    if "localhost" in host:
-        names.append(host.replace("localhost", "127.0.0.1"))
-    elif "127.0.0.1" in host:
-        names.append(host.replace("127.0.0.1", "localhost"))
-    return names
-
-
-def docker_config_path(explicit: Path | None = None) -> Path:
-    if explicit is not None:
-        return explicit / "config.json" if explicit.is_dir() else explicit
-    env = os.environ.get("DOCKER_CONFIG")
-    if env:
-        return Path(env) / "config.json"
-    return Path.home() / ".docker" / "config.json"
-
-
-class _CredentialStore:
-    """Credentials from a Docker config file, loaded on first need."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._explicit = path
-        self._loaded = False
-        self._auths: dict[str, _Credentials] = {}
-        self._helpers: dict[str, str] = {}
-        self._store: str | None = None
-        self._cache: dict[str, _Credentials | None] = {}
-
-    def __repr__(self) -> str:
-        return "<credential store>"
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        path = docker_config_path(self._explicit)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            if self._explicit is not None:
-                raise _Failure(f"Docker config {path} does not exist", reason="auth") from None
-            return
-        except OSError as exc:
-            raise _Failure(f"cannot read Docker config {path}: {exc.strerror}",
-                           reason="auth") from None
-        try:
-            config = json.loads(raw)
-        except ValueError:
-            raise _Failure(f"Docker config {path} is not valid JSON", reason="auth") from None
-        if not isinstance(config, dict):
-            raise _Failure(f"Docker config {path} is not a JSON object", reason="auth")
-        auths = config.get("auths")
-        if isinstance(auths, dict):
-            for key, entry in auths.items():
-                creds = self._entry(entry)
-                if creds is not None:
-                    self._auths.setdefault(_config_key_host(str(key)), creds)
-        helpers = config.get("credHelpers")
-        if isinstance(helpers, dict):
-            for key, helper in helpers.items():
-                if isinstance(helper, str) and helper:
-                    self._helpers[_config_key_host(str(key))] = helper
-        store = config.get("credsStore")
-        if isinstance(store, str) and store:
-            self._store = store
-
-    @staticmethod
-    def _entry(entry: object) -> _Credentials | None:
-        if not isinstance(entry, dict):
-            return None
-        auth = entry.get("auth")
-        if isinstance(auth, str) and auth:
-            try:
-                text = base64.b64decode(auth, validate=False).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                return None
-            name, sep, secret = text.partition(":")
-            return _Credentials(name, secret) if sep and name else None
-        user, password = entry.get("username"), entry.get("password")
-        if isinstance(user, str) and user and isinstance(password, str):
-            return _Credentials(user, password)
-        return None
-
-    @staticmethod
-    def _from_helper(helper: str, host: str) -> _Credentials | None:
-        server = DOCKER_HUB_CONFIG_KEY if host == DOCKER_HUB else host
-        try:
-            proc = subprocess.run(
-                [f"docker-credential-{helper}", "get"],
-                input=server.encode(), capture_output=True, timeout=30, check=False,
-            )
-            if proc.returncode != 0:
-                return None
-            data = json.loads(proc.stdout)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return None
-        if isinstance(data, dict):
-            user, secret = data.get("Username"), data.get("Secret")
-            if isinstance(user, str) and user and isinstance(secret, str):
-                return _Credentials(user, secret)
-        return None
-
-    def get(self, host: str) -> _Credentials | None:
-        host = _canonical_host(host)
-        if host in self._cache:
-            return self._cache[host]
-        self._load()
-        found: _Credentials | None = None
-        for name in _host_aliases(host):
-            if name in self._auths:
-                found = self._auths[name]
-                break
-            helper = self._helpers.get(name)
-            if helper:
-                found = self._from_helper(helper, name)
-                if found:
-                    break
-        if found is None and self._store:
-            found = self._from_helper(self._store, host)
-        self._cache[host] = found
-        return found
-
-
-# -- authentication ----------------------------------------------------------------
-
-_PARAM_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="..",service="..",scope=".."`` -> ("bearer", {...})."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {}
-    for key, value in _PARAM_RE.findall(rest):
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        params[key.lower()] = value
-    return scheme.lower(), params
-
-
-def normalise_scope(scope: str) -> str:
-    """Sort the actions of each scope: distribution says ``push,pull`` or
-    ``pull,push`` at random (Go map order); both must hit one cached token."""
-    out = []
-    for item in scope.split():
-        resource, sep, actions = item.rpartition(":")
-        if sep and resource.count(":") >= 1:
-            item = f"{resource}:{','.join(sorted(set(actions.split(','))))}"
-        out.append(item)
-    return " ".join(out)
-
-
-@dataclass
-class _Token:
-    value: str
-    expires: float
-
-    def __repr__(self) -> str:
-        return "<token redacted>"
-
-
-ScopeKey = tuple[str, str]  # (repository, "pull" | "push")
-
-
-class _Auth:
-    """Authentication state shared by every endpoint of one client."""
-
-    def __init__(self, options: RegistryOptions) -> None:
-        self.options = options
-        self.creds = _CredentialStore(options.docker_config)
-        # (realm, service, scope) -> token
-        self.tokens: dict[tuple[str, str, str], _Token] = {}
-        # (netloc, repository, action) -> token key
-        self.bound: dict[tuple[str, str, str], tuple[str, str, str]] = {}
-        self.basic_hosts: set[str] = set()
-
-    def __repr__(self) -> str:
-        return "<registry auth state>"
-
-    def authorization(self, netloc: str, cred_host: str, scope: ScopeKey | None) -> str | None:
-        if scope is not None:
-            key = self.bound.get((netloc, *scope))
-            if key is not None:
-                token = self.tokens.get(key)
-                if token is not None and token.expires > time.monotonic():
-                    return "Bearer " + token.value
-        if netloc in self.basic_hosts:
-            creds = self.creds.get(cred_host)
-            if creds is not None:
-                return creds.basic()
-        return None
-
-    def answer(
-        self,
-        resp: requests.Response,
-        session: requests.Session,
-        netloc: str,
-        cred_host: str,
-        scope: ScopeKey | None,
-        sent: str | None,
-    ) -> bool:
-        """Handle a 401: True if the request should be retried with new credentials."""
-        header = resp.headers.get("WWW-Authenticate", "")
-        scheme, params = parse_challenge(header)
-        if scheme == "basic":
-            if netloc in self.basic_hosts or self.creds.get(cred_host) is None:
-                return False
-            self.basic_hosts.add(netloc)
-            return True
-        if scheme != "bearer" or not params.get("realm"):
-            return False
-        realm = params["realm"]
-        service = params.get("service", "")
-        wanted = normalise_scope(params.get("scope", ""))
-        if not wanted and scope is not None:
-            repo, action = scope
-            wanted = f"repository:{repo}:{'pull' if action == 'pull' else 'pull,push'}"
-        key = (realm, service, wanted)
-        token = self.tokens.get(key)
-        refused = token is not None and sent == "Bearer " + token.value
-        if token is None or refused or token.expires <= time.monotonic():
-            token = self._fetch_token(session, realm, service, wanted, cred_host)
-            self.tokens[key] = token
-        if scope is not None:
-            self.bound[(netloc, *scope)] = key
-        # The same token again would be refused again.
-        return sent != "Bearer " + token.value
-
-    def _fetch_token(
-        self, session: requests.Session, realm: str, service: str, scope: str, cred_host: str
-    ) -> _Token:
-        parts = urllib.parse.urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _Failure(f"the registry named an invalid token realm {realm!r}", reason="auth")
-        if parts.scheme == "http" and not plain_http_allowed(parts.netloc, self.options.insecure):
-            raise _Failure(
-                f"refusing to fetch a token over plain HTTP from {parts.netloc} "
-                f"(add it to the insecure registries to allow this)",
-                reason="insecure",
-            )
-        params: list[tuple[str, str]] = []
-        if service:
-            params.append(("service", service))
-        for s in scope.split():
-            params.append(("scope", s))
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        creds = self.creds.get(cred_host)
-        if creds is not None:
-            headers["Authorization"] = creds.basic()
-        timeout = (min(CONNECT_TIMEOUT, self.options.timeout), self.options.timeout)
-        resp = _send_with_retries(
-            session, "GET", realm, self.options.retries,
-            params=params, headers=headers, timeout=timeout, allow_redirects=True,
-        )
-        if resp.status_code != 200:
-            failure = _status_failure(resp, f"token request to {parts.netloc}")
-            who = "with the configured credentials" if creds else "anonymously"
-            raise _Failure(
-                f"{failure.message} (requested scope {scope!r} {who})",
-                reason="auth", status=failure.status,
-            )
-        try:
-            data = resp.json()
-        except ValueError:
-            raise _Failure(f"token service {parts.netloc} sent invalid JSON",
-                           reason="auth") from None
-        value = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
-        if not isinstance(value, str) or not value:
-            raise _Failure(f"token service {parts.netloc} sent no token", reason="auth")
-        expires_in = data.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, (int, float)) else 60.0
-        return _Token(value, time.monotonic() + max(lifetime, 60.0) - 10.0)
+# -- sending, with bounded retries -------------------------------------------------
 
 
 def _backoff(attempt: int, resp: requests.Response | None = None) -> float:
@@ -713,10 +250,10 @@ class _Endpoint(oras.provider.Registry):  # type: ignore[misc]
 
     ``do_request`` replaces oras' (which has no timeouts, retries for 131 s
     and reuses one token for every scope) with timeouts, bounded retries
-    and per-scope bearer tokens / Basic credentials from ``_Auth``.
+    and per-scope bearer tokens / Basic credentials from ``registry_auth.Auth``.
     """
 
-    def __init__(self, base: str, cred_host: str, auth: _Auth, options: RegistryOptions) -> None:
+    def __init__(self, base: str, cred_host: str, auth: Auth, options: RegistryOptions) -> None:
         parts = urllib.parse.urlsplit(base)
         super().__init__(
             hostname=parts.netloc, insecure=parts.scheme == "http", auth_backend="basic"
@@ -788,105 +325,47 @@ class _Endpoint(oras.provider.Registry):  # type: ignore[misc]
             if resp.status_code != 401:
                 return resp
             retry = self._state.answer(
-                resp, self.session, self.netloc, self.cred_host, scope, sent
+                resp.headers.get("WWW-Authenticate", ""), self.netloc, self.cred_host, scope,
+                sent, self._fetch_token,
             )
             if not retry:
                 return resp
             resp.close()
         return resp
 
+    def _fetch_token(
+        self, realm: str, service: str, scope: str, creds: Credentials | None
+    ) -> Token:
+        """A bearer token from ``realm`` (a ``registry_auth.TokenFetcher``)."""
+        netloc = urllib.parse.urlsplit(realm).netloc
+        params: list[tuple[str, str]] = []
+        if service:
+            params.append(("service", service))
+        for s in scope.split():
+            params.append(("scope", s))
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if creds is not None:
+            headers["Authorization"] = creds.basic()
+        timeout = (min(CONNECT_TIMEOUT, self._options.timeout), self._options.timeout)
+        resp = _send_with_retries(
+            self.session, "GET", realm, self._options.retries,
+            params=params, headers=headers, timeout=timeout, allow_redirects=True,
+        )
+        if resp.status_code != 200:
+            failure = _status_failure(resp, f"token request to {netloc}")
+            who = "with the configured credentials" if creds else "anonymously"
+            raise _Failure(
+                f"{failure.message} (requested scope {scope!r} {who})",
+                reason="auth", status=failure.status,
+            )
+        try:
+            data = resp.json()
+        except ValueError:
+            raise _Failure(f"token service {netloc} sent invalid JSON", reason="auth") from None
+        return Token.from_response(data, netloc)
+
 
 # -- the client ------------------------------------------------------------------
-
-
-def _media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]:
-    try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise _Failure("the manifest is not valid JSON", reason="invalid-manifest") from None
-    if not isinstance(body, dict):
-        raise _Failure("the manifest is not a JSON object", reason="invalid-manifest")
-    if body.get("schemaVersion") == 1:
-        raise _Failure(
-            "Docker image manifest schema 1 is not supported (deprecated since 2017; "
-            "re-push the image with a current Docker)",
-            reason="unsupported-media-type",
-        )
-    declared = body.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return declared, body
-    if header:
-        mt = header.split(";", 1)[0].strip()
-        if mt in DOCKER_SCHEMA1:
-            raise _Failure(f"unsupported manifest media type {mt}",
-                           reason="unsupported-media-type")
-        if mt and mt not in ("application/json", "application/octet-stream", "text/plain"):
-            return mt, body
-    if "manifests" in body:
-        return OCI_INDEX, body
-    if "config" in body and "layers" in body:
-        return OCI_MANIFEST, body
-    raise _Failure("cannot tell what kind of manifest this is (no mediaType)",
-                   reason="unsupported-media-type")
-
-
-def _descriptor(obj: object, what: str) -> Descriptor:
-    if not isinstance(obj, dict):
-        raise _Failure(f"{what} is not a descriptor object", reason="invalid-manifest")
-    media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if not isinstance(media_type, str) or not media_type:
-        raise _Failure(f"{what} has no mediaType", reason="invalid-manifest")
-    if not isinstance(digest, str):
-        raise _Failure(f"{what} has no digest", reason="invalid-manifest")
-    try:
-        parsed = Digest.parse(digest)
-    except ReferenceSyntaxError as exc:
-        raise _Failure(f"{what}: {exc}", reason="invalid-manifest") from None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _Failure(f"{what} has an invalid size {size!r}", reason="invalid-manifest")
-    platform = obj.get("platform")
-    return Descriptor(media_type, parsed, size, platform if isinstance(platform, dict) else None)
-
-
-def _parse_image_manifest(digest: Digest, data: bytes, header: str | None = None) -> ImageManifest:
-    """Parse verified manifest bytes; raises _Failure (see RegistryClient.manifest)."""
-    media_type, body = _media_type_of(data, header)
-    if media_type in INDEX_TYPES:
-        raise _Failure(
-            f"{digest} is an image index, not an image manifest (resolve it for a platform)",
-            reason="unsupported-media-type",
-        )
-    if media_type not in MANIFEST_TYPES:
-        raise _Failure(f"unsupported manifest media type {media_type}",
-                       reason="unsupported-media-type")
-    if body.get("schemaVersion") != 2:
-        raise _Failure(f"unsupported schemaVersion {body.get('schemaVersion')!r}",
-                       reason="invalid-manifest")
-    config = _descriptor(body.get("config"), "config")
-    if config.media_type not in CONFIG_TYPES:
-        raise _Failure(
-            f"config media type {config.media_type} is not an image config "
-            "(is this an artifact rather than a container image?)",
-            reason="unsupported-media-type",
-        )
-    raw_layers = body.get("layers")
-    if not isinstance(raw_layers, list):
-        raise _Failure("the manifest has no layers list", reason="invalid-manifest")
-    layers = tuple(_descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
-    for i, layer in enumerate(layers):
-        if layer.media_type not in LAYER_TYPES:
-            raise _Failure(
-                f"layer {i} ({layer.digest}) has unsupported media type {layer.media_type}",
-                reason="unsupported-media-type",
-            )
-    return ImageManifest(digest, media_type, config, layers)
-
-
-def _platform_text(spec: Mapping[str, object]) -> str:
-    parts = [str(spec.get("os", "?")), str(spec.get("architecture", "?"))]
-    if spec.get("variant"):
-        parts.append(str(spec["variant"]))
-    return "/".join(parts)
 
 
 class _ProgressReader:
@@ -936,7 +415,7 @@ class RegistryClient:
         self.cache = cache
         self.options = options or RegistryOptions()
         self.progress = progress
-        self._auth = _Auth(self.options)
+        self._auth = Auth(self.options)
         self._endpoints: dict[tuple[str, str], _Endpoint] = {}
 
     def __repr__(self) -> str:
@@ -981,7 +460,7 @@ class RegistryClient:
         """Run ``op`` on one endpoint, translating every foreign exception."""
         try:
             return op(self._endpoint(base, ref))
-        except _Failure as exc:
+        except (_Failure, AuthError) as exc:
             raise RegistryError(exc.message, reference=str(ref), status=exc.status,
                                 reason=exc.reason) from exc
         except BlobMismatch as exc:
@@ -1064,11 +543,12 @@ class RegistryClient:
         else:
             assert tag is not None
             target = tag
-        return self._each(ref, lambda ep: self._fetch_manifest(ep, ref, target, digest))
+        return self._download_manifest(ref, target, digest)
 
-    def _fail(self, ref: Reference, exc: _Failure) -> NoReturn:
-        raise RegistryError(exc.message, reference=str(ref), status=exc.status,
-                            reason=exc.reason) from exc
+    def _download_manifest(
+        self, ref: Reference, target: str, expect: Digest | None
+    ) -> tuple[Digest, bytes, str | None]:
+        return self._each(ref, lambda ep: self._fetch_manifest(ep, ref, target, expect))
 
     def resolve(self, ref: Reference, platform: Platform) -> Digest:
         """The digest of ``ref``'s image manifest for ``platform``.
@@ -1079,51 +559,27 @@ class RegistryClient:
         digest, data, header = self._manifest_bytes(ref, ref.digest, ref.tag)
         for _ in range(MAX_INDEX_DEPTH):
             try:
-                media_type, body = _media_type_of(data, header)
+                media_type, body = media_type_of(data, header)
                 if media_type not in INDEX_TYPES:
-                    _parse_image_manifest(digest, data, header)
+                    parse_image_manifest(digest, data, header)
                     return digest
-                digest = self._select(digest, body, platform)
-            except _Failure as exc:
-                self._fail(ref, exc)
+                digest = select_platform(digest, body, platform)
+            except ManifestError as exc:
+                raise exc.error_for(str(ref)) from exc
             digest, data, header = self._manifest_bytes(ref, digest, None)
         raise RegistryError("image indexes nest too deeply", reference=str(ref),
                             reason="invalid-manifest")
 
-    @staticmethod
-    def _select(index_digest: Digest, body: Mapping[str, Any], platform: Platform) -> Digest:
-        entries = body.get("manifests")
-        if not isinstance(entries, list):
-            raise _Failure(f"image index {index_digest} has no manifests list",
-                           reason="invalid-manifest")
-        available: list[str] = []
-        for i, entry in enumerate(entries):
-            desc = _descriptor(entry, f"index entry {i}")
-            spec = desc.platform or {}
-            if desc.platform is not None:
-                text = _platform_text(spec)
-                if text not in available:
-                    available.append(text)
-            if desc.platform is not None and platform.matches(spec):
-                if desc.media_type not in MANIFEST_TYPES | INDEX_TYPES:
-                    raise _Failure(
-                        f"index entry for {platform} has unsupported media type "
-                        f"{desc.media_type}",
-                        reason="unsupported-media-type",
-                    )
-                return desc.digest
-        listed = ", ".join(available) if available else "none"
-        raise _Failure(
-            f"no image for platform {platform} (available: {listed})", reason="no-platform"
-        )
-
     def manifest(self, ref: Reference, digest: Digest) -> ImageManifest:
         """The image manifest ``digest`` (from the cache without network when present)."""
-        digest, data, header = self._manifest_bytes(ref, digest, None)
         try:
-            return _parse_image_manifest(digest, data, header)
-        except _Failure as exc:
-            self._fail(ref, exc)
+            cached = cached_manifest(self.cache, digest)
+            if cached is not None:
+                return cached
+            digest, data, header = self._download_manifest(ref, str(digest), digest)
+            return parse_image_manifest(digest, data, header)
+        except ManifestError as exc:
+            raise exc.error_for(str(ref)) from exc
 
     # -- blobs
     def _report(self, name: str, done: int, total: int | None) -> None:

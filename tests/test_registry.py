@@ -26,17 +26,11 @@ import requests
 
 from banger_build.blobs import BlobCache
 from banger_build.errors import BangerError, InputError, RegistryError
+from banger_build.oci import Descriptor, ImageManifest
 from banger_build.reference import Digest, Platform, Reference
-from banger_build.registry import (
-    Descriptor,
-    ImageManifest,
-    RegistryClient,
-    RegistryOptions,
-    normalise_scope,
-    options_from_env,
-    parse_challenge,
-    parse_mirrors,
-)
+from banger_build.registry import RegistryClient
+from banger_build.registry_auth import normalise_scope, parse_challenge
+from banger_build.registry_config import RegistryOptions, options_from_env, parse_mirrors
 from tests.support.oci import (
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,

@@ -1,0 +1,143 @@
+"""A warm build needs no network, so it must not pay for the HTTP stack.
+
+``banger_build.registry`` is the only module importing oras and requests
+(and, through oras, jsonschema): ~0.25 s of a ~0.65 s cached build. The
+build imports it only when it needs the registry client; a pinned image
+whose manifest and config are in the blob cache is resolved by
+``banger_build.oci`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from banger_build.blobs import BlobCache
+from banger_build.build import BuildOptions, build
+from banger_build.errors import RegistryError
+from banger_build.lockfile import Lock, lock_path_for
+from banger_build.oci import OCI_CONFIG, OCI_MANIFEST, Descriptor
+from banger_build.reference import Digest, Platform, Reference
+from banger_build.registry_config import RegistryOptions
+from banger_build.store import Store
+from tests.support.oci import Entry, make_layer, push_image
+from tests.support.registry import RegistryServer, free_port
+
+HEAVY = ("oras", "requests", "jsonschema", "urllib3")
+
+#: runs the CLI, then reports which of HEAVY were imported, on stderr
+CLI_SCRIPT = f"""
+import sys
+from banger_build.cli import main
+code = main(sys.argv[1:])
+loaded = [m for m in {HEAVY!r} if m in sys.modules]
+print("LOADED=" + ",".join(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def loaded_modules(stderr: str) -> list[str]:
+    line = [x for x in stderr.splitlines() if x.startswith("LOADED=")][-1]
+    return [m for m in line.removeprefix("LOADED=").split(",") if m]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CLI_SCRIPT, *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_importing_the_build_and_cli_loads_no_http_stack() -> None:
+    code = (
+        "import sys, banger_build.build, banger_build.cli, banger_build.derivation, "
+        "banger_build.oci, banger_build.registry_config\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_warm_build_loads_no_http_stack(tmp_path: Path, registry: RegistryServer) -> None:
+    layer = make_layer([Entry.dir("etc"), Entry.file("etc/hostname", b"warm\n")])
+    push_image(registry.url, "imports/warm", "v1", [layer])
+    recipe = tmp_path / "r" / "recipe.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(f'[image]\nref = "{registry.host}/imports/warm:v1"\n')
+    args = (str(recipe), "--no-link", "--home", str(tmp_path / "home"))
+
+    cold = run_cli(*args)
+    assert cold.returncode == 0, cold.stderr
+    assert "oras" in loaded_modules(cold.stderr)  # the check can see it
+    warm = run_cli(*args)
+    assert warm.returncode == 0, warm.stderr
+    assert "cached" in warm.stderr
+    assert warm.stdout == cold.stdout
+    assert loaded_modules(warm.stderr) == []
+
+
+def _pin(tmp_path: Path, manifest: bytes, config: bytes | None) -> tuple[Path, BuildOptions]:
+    """A recipe for a registry that is not there, its image pinned by the lock
+    to ``manifest``, which (with ``config``, if given) is in the blob cache."""
+    home = tmp_path / "home"
+    ref = Reference.parse(f"127.0.0.1:{free_port()}/imports/pinned:v1")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[image]\nref = "{ref}"\n')
+    cache = BlobCache(Store(home).blobs)
+    digest = Digest(hashlib.sha256(manifest).hexdigest())
+    cache.put_bytes(digest, manifest)
+    if config is not None:
+        cache.put_bytes(Digest(hashlib.sha256(config).hexdigest()), config)
+    Lock().with_image(ref, Platform("linux", "amd64"), digest).save(lock_path_for(recipe))
+    return recipe, BuildOptions(home=home, registry=RegistryOptions(retries=0), out_link=None)
+
+
+def _manifest(config: bytes, media_type: str = OCI_CONFIG) -> bytes:
+    return json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": media_type, "size": len(config),
+                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+        "layers": [],
+    }).encode()
+
+
+def test_cached_pinned_manifest_that_is_not_an_image(tmp_path: Path) -> None:
+    """A cached manifest is checked like a downloaded one, and named by reference."""
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    recipe, options = _pin(tmp_path, _manifest(config, "application/vnd.example.artifact"),
+                           config)
+    with pytest.raises(RegistryError) as info:
+        build(recipe, options)
+    assert info.value.reason == "unsupported-media-type"  # not "unreachable": no request
+    assert info.value.reference.endswith("/imports/pinned:v1")
+    assert "is not an image config" in str(info.value)
+
+
+def test_missing_config_falls_back_to_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifest cached, config not: only the config is asked of the registry."""
+    from banger_build import registry
+
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    recipe, options = _pin(tmp_path, _manifest(config), None)
+    asked: list[str] = []
+
+    def blob(self: registry.RegistryClient, ref: Reference, desc: Descriptor) -> Path:
+        asked.append(str(desc.digest))
+        raise RegistryError("not here", reference=str(ref), reason="test-stop")
+
+    monkeypatch.setattr(registry.RegistryClient, "blob", blob)
+    monkeypatch.setattr(registry.RegistryClient, "manifest",
+                        lambda *a: pytest.fail("the cached manifest was fetched"))
+    with pytest.raises(RegistryError) as info:
+        build(recipe, options)
+    assert info.value.reason == "test-stop"
+    assert asked == ["sha256:" + hashlib.sha256(config).hexdigest()]
