@@ -150,13 +150,13 @@ def test_verification_is_memoised(cache: BlobCache, monkeypatch: pytest.MonkeyPa
     cache.put_bytes(d, data)
     fresh = BlobCache(cache.root)
     calls: list[Path] = []
-    real = blobs._hash_file
+    real = blobs.hash_file
 
     def counting(path: Path) -> tuple[str, int]:
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(blobs, "_hash_file", counting)
+    monkeypatch.setattr(blobs, "hash_file", counting)
     for _ in range(5):
         assert fresh.get(d) is not None
     assert len(calls) == 1
@@ -173,7 +173,7 @@ def test_put_is_memoised_too(cache: BlobCache, monkeypatch: pytest.MonkeyPatch) 
     data = b"just written"
     d = digest_of(data)
     cache.put_bytes(d, data)
-    monkeypatch.setattr(blobs, "_hash_file", lambda path: pytest.fail("re-hashed"))
+    monkeypatch.setattr(blobs, "hash_file", lambda path: pytest.fail("re-hashed"))
     assert cache.get(d) == cache.path(d)
 
 
