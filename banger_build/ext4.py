@@ -158,22 +158,34 @@ def _inode_count(inodes: int, size: int) -> int:
     return max(inodes + inodes // 4 + 256, size // MKFS.inode_ratio)
 
 
+def _fits(data: int, inodes: int, size: int) -> bool:
+    """Does a filesystem of ``size`` bytes hold ``data`` blocks and ``inodes``?
+
+    Overhead is computed for this very size: mke2fs's journal grows in steps
+    (none below 8 MiB, 4 MiB below 128 MiB, 16 MiB below 1 GiB, ...), so an
+    estimate made for a smaller size can be short once rounded up.
+    """
+    blocks = size // BLOCK
+    used = data + _overhead_blocks(blocks, _inode_count(inodes, size))
+    return used + used // 50 + 256 <= blocks  # slack for allocator fragmentation
+
+
+def _smallest_fitting(data: int, inodes: int, start: int) -> int:
+    size = _round_mib(max(start, MiB))
+    while not _fits(data, inodes, size):
+        size += max(MiB, _round_mib(size // 128))
+    return size
+
+
 def plan_size(tree: Tree, *, auto: bool, size: int) -> SizePlan:
     """Size the image from the tree; ``size`` is the fixed size, or auto's headroom."""
     data, inodes = tree_usage(tree)
-    needed_blocks = data
-    for _ in range(8):  # the overhead depends on the size it is part of
-        total = data + _overhead_blocks(needed_blocks, _inode_count(inodes, needed_blocks * BLOCK))
-        if total <= needed_blocks:
-            break
-        needed_blocks = total
-    # slack for allocator fragmentation and directory growth
-    needed = _round_mib((needed_blocks + needed_blocks // 50 + 256) * BLOCK)
+    needed = _smallest_fitting(data, inodes, data * BLOCK)
     if auto:
-        final = _round_mib(needed + needed // 10 + size)
+        final = _smallest_fitting(data, inodes, needed + needed // 10 + size)
     else:
         final = size
-        if final < needed:
+        if not _fits(data, inodes, final):
             raise ImageError(
                 f"the size {_human(final)} is too small: the image needs at least "
                 f"{_human(needed)} ({needed} bytes); use size = \"auto\" or a larger size",

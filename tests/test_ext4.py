@@ -67,3 +67,18 @@ def test_derived_uuid_is_stable_valid_and_nonzero() -> None:
     u = ext4.derived_uuid("e" * 32, "fs-uuid")
     assert u == ext4.derived_uuid("e" * 32, "fs-uuid") != ext4.derived_uuid("e" * 32, "hash-seed")
     assert u[14] == "4" and u != "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.mark.parametrize("mib", [0, 5, 6, 7, 115, 120, 125])
+def test_auto_and_needed_sizes_build_across_journal_thresholds(tmp_path: Path, mib: int) -> None:
+    """mke2fs's journal jumps at 8 MiB and 128 MiB: sizes near them must still fit."""
+    layer = write_layer(tmp_path, [member("f", data=bytes(mib << 20))], "none")
+    f = Flattener(tmp_path / "staging", 1)
+    f.apply(layer)
+    (tmp_path / "w").mkdir()
+    auto = ext4.plan_size(f.tree, auto=True, size=0)
+    for i, plan in enumerate((auto, ext4.plan_size(f.tree, auto=False, size=auto.needed))):
+        image = tmp_path / f"img{i}"
+        ext4.make_filesystem(image, tmp_path / "staging", plan, key="f" * 32, epoch=5,
+                             workdir=tmp_path / "w")
+        ext4.check_filesystem(image)
