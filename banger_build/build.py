@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
-from banger_build.derivation import Derivation, canonical_json, derive
-from banger_build.errors import BangerError, ImageError, InputError
+from banger_build.derivation import Derivation, derive
+from banger_build.errors import InputError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject
@@ -351,5 +351,3 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
     reporter.done()
     return BuildResult(path, key, cached, ctx.derivation)
 
-
-__all__ = ["BangerError", "BuildOptions", "BuildResult", "ImageError", "build", "canonical_json", "resolve"]
