@@ -1,4 +1,4 @@
-"""Command line: ``banger-build [build] RECIPE`` and friends.
+"""Command line: ``banger-build [build] RECIPE`` and the other subcommands.
 
 Errors are printed as ``banger-build: error: ...`` with exit status 1; usage
 errors exit 2. No traceback reaches a user unless BANGER_BUILD_DEBUG is set.
@@ -10,82 +10,35 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from types import ModuleType
 
 from banger_build import __version__
+from banger_build.commands import build as build_command
 from banger_build.errors import BangerError
 
-COMMANDS = ("build",)
-
-
-def _add_build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", type=Path, help="the recipe (TOML), e.g. recipes/debian.toml")
-    link = p.add_mutually_exclusive_group()
-    link.add_argument(
-        "-o", "--out-link", type=Path, default=Path("result"), metavar="PATH",
-        help="symlink to the store path (default: ./result)",
-    )
-    link.add_argument("--no-link", action="store_true", help="do not create an out-link")
-    p.add_argument(
-        "--print-out-paths", action="store_true",
-        help="print only the store path on stdout, and no progress",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--home", type=Path, default=None,
-        help="state directory (default: $BANGER_BUILD_HOME or $XDG_CACHE_HOME/banger-build)",
-    )
-    p.add_argument(
-        "--mirror", action="append", default=[], metavar="REGISTRY=URL",
-        help="pull REGISTRY's images from URL, e.g. docker.io=http://127.0.0.1:5000 "
-        "(repeatable; also $BANGER_BUILD_MIRRORS, comma-separated)",
-    )
-    p.add_argument(
-        "--insecure-registry", action="append", default=[], metavar="HOST",
-        help="allow plain HTTP to HOST (loopback is always allowed)",
-    )
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMANDS: tuple[ModuleType, ...] = (build_command,)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="banger-build",
         description="Build a bootable microVM root filesystem from a recipe, "
-        "into a content-addressed store.",
+        "into a content-addressed store. `banger-build RECIPE` is `banger-build build RECIPE`.",
     )
     parser.add_argument("--version", action="version", version=f"banger-build {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    build = sub.add_parser("build", help="build a recipe (the default command)")
-    _add_build_args(build)
-    _add_common(build)
+    for module in COMMANDS:
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
     return parser
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    from banger_build.build import BuildOptions, build
-    from banger_build.progress import Reporter
-    from banger_build.registry_config import options_from_env
-    from banger_build.store import default_home
-
-    options = BuildOptions(
-        home=args.home or default_home(),
-        registry=options_from_env(args.mirror, args.insecure_registry),
-        out_link=None if args.no_link else args.out_link,
-    )
-    reporter = Reporter(quiet=args.quiet or args.print_out_paths)
-    result = build(args.recipe, options, reporter)
-    if not (args.quiet or args.print_out_paths):
-        state = "cached" if result.cached else "built"
-        reporter.step(f"{state} {result.derivation.name} (key {result.key})")
-    print(result.path)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+    names = {m.NAME for m in COMMANDS}
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in names:
         args_list.insert(0, "build")  # `banger-build recipes/debian.toml`
     parser = make_parser()
     args = parser.parse_args(args_list)
@@ -93,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _cmd_build(args)
+        return int(args.handler(args))
     except BangerError as exc:
         if os.environ.get("BANGER_BUILD_DEBUG"):
             raise

@@ -1,0 +1,46 @@
+"""``banger-build [build] RECIPE``: build a recipe into the store and link the result."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from banger_build.commands import common
+
+NAME = "build"
+HELP = "build a recipe (the default command)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="the recipe (TOML), e.g. recipes/debian.toml")
+    link = p.add_mutually_exclusive_group()
+    link.add_argument(
+        "-o", "--out-link", type=Path, default=Path("result"), metavar="PATH",
+        help="symlink to the store path (default: ./result)",
+    )  # fmt: skip
+    link.add_argument("--no-link", action="store_true", help="do not create an out-link")
+    p.add_argument(
+        "--print-out-paths", action="store_true",
+        help="print only the store path on stdout, and no progress",
+    )  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    common.add_home(p)
+    common.add_registry(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from banger_build.build import BuildOptions, build
+    from banger_build.progress import Reporter
+
+    options = BuildOptions(
+        home=common.home(args),
+        registry=common.registry_options(args),
+        out_link=None if args.no_link else args.out_link,
+    )
+    reporter = Reporter(quiet=args.quiet or args.print_out_paths)
+    result = build(args.recipe, options, reporter)
+    if not (args.quiet or args.print_out_paths):
+        state = "cached" if result.cached else "built"
+        reporter.step(f"{state} {result.derivation.name} (key {result.key})")
+    print(result.path)
+    return 0
