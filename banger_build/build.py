@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
-from banger_build.errors import InputError
+from banger_build.errors import InputError, RecipeError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject
@@ -52,6 +52,12 @@ class BuildOptions:
     home: Path
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     out_link: Path | None = Path("result")
+    #: "auto": use pins, add missing ones (and say so); "locked": every input must be
+    #: pinned already; "update": re-resolve (``update_input``, or everything) and re-pin.
+    lock_mode: str = "auto"
+    update_input: str | None = None
+    #: resolve with this lock file instead of the one beside the recipe (read-only)
+    lock_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Context:
         self.recipe: Recipe
         self.lock: Lock
         self.lock_changed = False
+        self.lock_notes: list[str] = []
         self.manifest: ImageManifest
         self.config: dict[str, Any]
         self.epoch = 1
@@ -129,13 +136,30 @@ def resolve_image(ctx: Context) -> None:
     """Lock pin (no network) or registry resolution; then manifest and config,
     from the blob cache when they are there (no registry client at all)."""
     recipe = ctx.recipe
-    ctx.lock = Lock.load(lock_path_for(recipe.path))
-    digest = ctx.lock.image_digest(recipe.image, recipe.platform)
-    if digest is None:
+    lock_path = ctx.options.lock_path or lock_path_for(recipe.path)
+    ctx.lock = Lock.load(lock_path)
+    pinned = ctx.lock.image_digest(recipe.image, recipe.platform)
+    mode = ctx.options.lock_mode
+    if pinned is None and mode == "locked":
+        what = "does not exist" if not lock_path.exists() else "has no pin for it"
+        raise RecipeError(
+            f"{recipe.image} ({recipe.platform}) is not locked: {lock_path} {what}; "
+            f"run `banger-build lock {recipe.path}`",
+            file=str(recipe.path),
+            line=recipe.image_where.line if recipe.image_where else None,
+            col=recipe.image_where.col if recipe.image_where else None,
+            key="image.ref",
+            reason="not-locked",
+        )
+    digest = pinned
+    if digest is None or (mode == "update" and ctx.options.update_input in (None, "image")):
         ctx.reporter.step(f"resolving {recipe.image} for {recipe.platform}")
         digest = ctx.client.resolve(recipe.image, recipe.platform)
-        ctx.lock = ctx.lock.with_image(recipe.image, recipe.platform, digest)
-        ctx.lock_changed = True
+        if digest != pinned:
+            ctx.lock = ctx.lock.with_image(recipe.image, recipe.platform, digest)
+            ctx.lock_changed = True
+            old = f" (was {pinned})" if pinned else ""
+            ctx.lock_notes.append(f"pinned {recipe.image} ({recipe.platform}) to {digest}{old}")
     blobs = BlobCache(ctx.store.blobs)
     try:
         manifest = cached_manifest(blobs, digest)
@@ -320,6 +344,17 @@ BUILD: tuple[Callable[[Context], None], ...] = (
 )
 
 
+def save_lock(ctx: Context) -> None:
+    """Write the lock file when pins changed; a change is always reported, never silent."""
+    if not ctx.lock_changed or ctx.options.lock_path is not None:
+        return
+    path = lock_path_for(ctx.recipe.path)
+    existed = path.exists()
+    ctx.lock.save(path)
+    for note in ctx.lock_notes:
+        ctx.reporter.step(f"{'updated' if existed else 'wrote'} {path}: {note}")
+
+
 def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:
     ctx = Context(recipe_path, options, reporter)
     for step in RESOLVE:
@@ -343,9 +378,7 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
                     for step in BUILD:
                         step(ctx)
                     path = ctx.store.publish(ctx.out, key, name)
-    if ctx.lock_changed:
-        ctx.lock.save(lock_path_for(ctx.recipe.path))
-        reporter.step(f"wrote {lock_path_for(ctx.recipe.path)}")
+    save_lock(ctx)
     if options.out_link is not None:
         set_out_link(options.out_link, path)
     reporter.done()

@@ -14,10 +14,11 @@ from types import ModuleType
 
 from banger_build import __version__
 from banger_build.commands import build as build_command
+from banger_build.commands import lock, show, update, why
 from banger_build.errors import BangerError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (build_command,)
+COMMANDS: tuple[ModuleType, ...] = (build_command, show, why, lock, update)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -24,19 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print only the store path on stdout, and no progress",
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    common.add_lock_options(p)
     common.add_home(p)
     common.add_registry(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.build import BuildOptions, build
+    from banger_build.build import build
     from banger_build.progress import Reporter
 
-    options = BuildOptions(
-        home=common.home(args),
-        registry=common.registry_options(args),
-        out_link=None if args.no_link else args.out_link,
-    )
+    options = common.build_options(args, out_link=None if args.no_link else args.out_link)
     reporter = Reporter(quiet=args.quiet or args.print_out_paths)
     result = build(args.recipe, options, reporter)
     if not (args.quiet or args.print_out_paths):

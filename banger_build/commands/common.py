@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from banger_build.build import BuildOptions, Context
     from banger_build.registry_config import RegistryOptions
 
 
@@ -40,3 +41,62 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
     from banger_build.registry_config import options_from_env
 
     return options_from_env(args.mirror, args.insecure_registry)
+
+
+def add_lock_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--locked", action="store_true",
+        help="fail, naming the input, unless every input is pinned by the lock file",
+    )  # fmt: skip
+
+
+def build_options(
+    args: argparse.Namespace,
+    *,
+    lock_mode: str | None = None,
+    lock_path: Path | None = None,
+    update_input: str | None = None,
+    out_link: Path | None = None,
+) -> BuildOptions:
+    from banger_build.build import BuildOptions
+
+    if lock_mode is None:
+        lock_mode = "locked" if getattr(args, "locked", False) else "auto"
+    return BuildOptions(
+        home=home(args),
+        registry=registry_options(args),
+        out_link=out_link,
+        lock_mode=lock_mode,
+        lock_path=lock_path,
+        update_input=update_input,
+    )
+
+
+def resolve_recipe(
+    args: argparse.Namespace,
+    recipe: Path,
+    *,
+    lock_mode: str | None = None,
+    lock_path: Path | None = None,
+) -> Context:
+    """Resolve a recipe to its derivation without building (or writing the lock)."""
+    from banger_build.build import resolve
+    from banger_build.progress import Reporter
+
+    options = build_options(args, lock_mode=lock_mode, lock_path=lock_path)
+    return resolve(recipe, options, Reporter(quiet=True))
+
+
+def write_lock(
+    args: argparse.Namespace, recipe: Path, *, lock_mode: str, update_input: str | None = None
+) -> int:
+    from banger_build.build import resolve, save_lock
+    from banger_build.lockfile import lock_path_for
+    from banger_build.progress import Reporter
+
+    options = build_options(args, lock_mode=lock_mode, update_input=update_input)
+    ctx = resolve(recipe, options, Reporter())
+    save_lock(ctx)
+    if not ctx.lock_changed:
+        print(f"{lock_path_for(ctx.recipe.path)}: up to date")
+    return 0

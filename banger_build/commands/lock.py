@@ -1,0 +1,21 @@
+"""``banger-build lock RECIPE``: resolve what is not pinned yet and write the lock file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from banger_build.commands import common
+
+NAME = "lock"
+HELP = "resolve the recipe's inputs and write the missing pins to its lock file"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="the recipe (TOML)")
+    common.add_home(p)
+    common.add_registry(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return common.write_lock(args, args.recipe, lock_mode="auto")

@@ -1,0 +1,22 @@
+"""``banger-build update RECIPE [INPUT]``: re-resolve pins (all, or one input) and rewrite the lock."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from banger_build.commands import common
+
+NAME = "update"
+HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: image)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="the recipe (TOML)")
+    p.add_argument("input", nargs="?", choices=["image"], help="only this input")
+    common.add_home(p)
+    common.add_registry(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return common.write_lock(args, args.recipe, lock_mode="update", update_input=args.input)
