@@ -378,9 +378,11 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
                     for step in BUILD:
                         step(ctx)
                     path = ctx.store.publish(ctx.out, key, name)
+                    ctx.store.record(path, ctx.recipe.path)
     save_lock(ctx)
     if options.out_link is not None:
         set_out_link(options.out_link, path)
+        ctx.store.add_root(options.out_link)
     reporter.done()
     return BuildResult(path, key, cached, ctx.derivation)
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +43,10 @@ class Store:
         self.tmp = self.home / "tmp"
         self.locks = self.home / "locks"
         self.blobs = self.home / "blobs"
+        self.roots = self.home / "gcroots"
+        self.meta = self.home / "meta"
         try:
-            for d in (self.store, self.tmp, self.locks, self.blobs):
+            for d in (self.store, self.tmp, self.locks, self.blobs, self.roots, self.meta):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.home}: {exc.strerror}") from exc
@@ -52,6 +57,36 @@ class Store:
     def lookup(self, key: str, name: str) -> Path | None:
         path = self.path_for(key, name)
         return path if (path / MANIFEST).is_file() else None
+
+    def in_use(self, key: str) -> bool:
+        """Is a build of ``key`` running (its lock held) right now?"""
+        path = self.locks / f"{key}.lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def add_root(self, link: Path) -> None:
+        """Register an out-link as a gc root (``gcroots/<hash> -> link``)."""
+        link = link.absolute()
+        name = hashlib.sha256(os.fsencode(link)).hexdigest()[:32]
+        entry = self.roots / name
+        if entry.is_symlink() and os.readlink(entry) == str(link):
+            return
+        set_out_link(entry, link)
+
+    def record(self, path: Path, recipe: Path) -> None:
+        """Remember which recipe produced a store path, for ``ls`` (not an input)."""
+        info = {"recipe": str(recipe.absolute()), "time": int(time.time())}
+        tmp = self.meta / f".{path.name}.{os.getpid()}"
+        tmp.write_text(json.dumps(info) + "\n")
+        os.replace(tmp, self.meta / f"{path.name}.json")
 
     @contextmanager
     def lock(self, key: str, on_wait: object = None) -> Iterator[None]:
@@ -73,7 +108,7 @@ class Store:
     @contextmanager
     def build_dir(self, key: str) -> Iterator[Path]:
         """A private temp dir for one build; always removed afterwards."""
-        path = Path(tempfile.mkdtemp(prefix=f"build-{key[:12]}-", dir=self.tmp))
+        path = Path(tempfile.mkdtemp(prefix=f"build-{key}-", dir=self.tmp))
         try:
             yield path
         finally:
