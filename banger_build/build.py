@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
-from banger_build.errors import InputError, RecipeError
+from banger_build.errors import InputError, RecipeError, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject
@@ -386,3 +386,57 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
     reporter.done()
     return BuildResult(path, key, cached, ctx.derivation)
 
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    path: Path
+    key: str
+    differences: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def compare_outputs(stored: Path, rebuilt: Path) -> list[str]:
+    """What differs between a store path and a rebuild of it (empty: bit for bit)."""
+    from banger_build import imagediff
+
+    lines: list[str] = []
+    names = sorted({p.name for p in stored.iterdir()} | {p.name for p in rebuilt.iterdir()})
+    for name in names:
+        a, b = stored / name, rebuilt / name
+        if not a.exists() or not b.exists():
+            lines.append(f"{name}: only in the {'rebuild' if b.exists() else 'store path'}")
+            continue
+        digest_a = hash_tree(a)[0] if a.is_dir() else hash_file(a)[0]
+        digest_b = hash_tree(b)[0] if b.is_dir() else hash_file(b)[0]
+        if digest_a == digest_b:
+            continue
+        lines.append(f"{name}: sha256 {digest_a} in the store, {digest_b} rebuilt")
+        if name == ROOTFS:
+            lines += [f"  {line}" for line in imagediff.explain(a, b)]
+    return lines
+
+
+def check(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None) -> CheckResult:
+    """Rebuild an existing store path from scratch in a temp dir and compare; change nothing."""
+    reporter = reporter or Reporter()
+    ctx = resolve(recipe_path, options, reporter)
+    name, key = ctx.derivation.name, ctx.key
+    path = ctx.store.lookup(key, name)
+    if path is None:
+        raise StoreError(
+            f"{name} (key {key}) is not in the store: build it before checking it",
+            reason="not-built",
+        )
+    waiting = lambda: reporter.step("waiting for a build of this key")
+    with ctx.store.lock(key, on_wait=waiting), ctx.store.build_dir(key) as work:
+        ctx.work = work
+        for step in BUILD:
+            step(ctx)
+        reporter.step(f"comparing the rebuild with {path}")
+        differences = compare_outputs(path, ctx.out)
+    reporter.done()
+    return CheckResult(path, key, tuple(differences))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from banger_build.store import Store
+from tests.support.e2e import BASE, run_cli, write_recipe
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer
-from tests.test_build import BASE, run_cli, write_recipe
 
 
 def _build(tmp: Path, home: Path, registry: RegistryServer, tag: str, *link: str) -> Path:

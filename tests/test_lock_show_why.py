@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+from tests.support.e2e import BASE, run_cli, write_recipe
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer
-from tests.test_build import BASE, run_cli, write_recipe
 
 
 def _push(registry: RegistryServer, repo: str, marker: bytes) -> str:

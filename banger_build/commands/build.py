@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print only the store path on stdout, and no progress",
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--check", action="store_true",
+        help="rebuild the existing store path from scratch and compare (see `check`)",
+    )  # fmt: skip
     common.add_lock_options(p)
     common.add_home(p)
     common.add_registry(p)
@@ -31,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.build import build
+    from banger_build.commands.check import run_check
     from banger_build.progress import Reporter
+
+    if args.check:
+        return run_check(args, args.recipe)
 
     options = common.build_options(args, out_link=None if args.no_link else args.out_link)
     reporter = Reporter(quiet=args.quiet or args.print_out_paths)
