@@ -1,12 +1,15 @@
 """Resolve the recipe's local inputs: files read and hashed, templates rendered.
 
 The result, ``Injected`` entries and the kernel's ``Staged`` files, is frozen
-data; the derivation hashes it and the build writes exactly it.
+data; the derivation hashes it and the build writes exactly it. The built-in
+guest set (``banger_build.guest``), when the recipe's ``[guest]`` enables it,
+is part of ``resolve_injected``: its files are entries like the recipe's own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import stat
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from typing import Any
 
 from banger_build.errors import InputError
 from banger_build.fsutil import hash_file
+from banger_build.guest import resolve_guest
 from banger_build.recipe import KernelSpec, Recipe, Where
 from banger_build.templates import render_template
 
@@ -118,7 +122,13 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     for s in recipe.symlinks:
         digest = hashlib.sha256(s.target.encode()).hexdigest()
         out.append(Injected(s.dest, "symlink", 0o777, s.owner, digest, target=s.target))
-    return tuple(sorted(out, key=lambda i: i.dest.encode()))
+    if recipe.guest is not None:
+        out.extend(resolve_guest(recipe.guest, context))
+    out.sort(key=lambda i: i.dest.encode())
+    for a, b in itertools.pairwise(out):
+        if a.dest == b.dest:  # load_recipe refuses this; a Recipe built by hand may not
+            raise InputError(f"{a.dest}: written twice", reason="duplicate-dest")
+    return tuple(out)
 
 
 def resolve_kernel(kernel: KernelSpec | None) -> tuple[Staged, ...]:

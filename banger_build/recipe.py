@@ -12,11 +12,22 @@ can assert on:
     type          a value of the wrong TOML type
     value         a value of the right type that is invalid (bad size, ref...)
     missing-key   a required key is absent (at its table's header)
-    duplicate-dest two files/templates/symlinks write the same guest path
+    duplicate-dest two files/templates/symlinks write the same guest path, or
+                  one of them writes a path of the built-in guest set
 
 The lock file (``lockfile.py``) is checked with the same machinery. A new
-section such as ``[guest]`` is one more entry in ``RECIPE_SCHEMA`` and a few
-lines in ``load_recipe``.
+section is one more entry in ``RECIPE_SCHEMA`` and a few lines in ``_build``,
+as ``[guest]`` shows:
+
+    [guest]                       # the built-in guest asset set (banger_build.guest)
+    agents = true                 # default true; false: none of it is injected
+    agent = "bin/banger-vsock-agent"   # required when agents = true
+    agent_sha256 = "<64 hex>"     # optional pin of the agent's bytes
+    [guest.templates]             # replace built-in templates by name
+    "banger-network-bootstrap" = "my-network.j2"
+
+A recipe without a ``[guest]`` table gets no guest set (``Recipe.guest`` is
+None), exactly as one with ``agents = false``.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from banger_build import guest as guest_set
 from banger_build.errors import RecipeError
 from banger_build.reference import Platform, Reference, ReferenceSyntaxError
 from banger_build.tomlpos import KeyPath, PositionIndex, format_key_path, read_toml
@@ -99,6 +111,25 @@ class KernelSpec:
 
 
 @dataclass(frozen=True)
+class TemplateOverride:
+    """``[guest.templates]``: a recipe template replacing the built-in one ``name``."""
+
+    name: str
+    src: Path
+    where: Where  # the override's key
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """``[guest]`` with ``agents = true``: inject the built-in set (``banger_build.guest``)."""
+
+    agent: Path  # the banger-vsock-agent binary
+    agent_sha256: str | None
+    templates: tuple[TemplateOverride, ...]  # in file order
+    where: Where  # the guest.agent key
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     name: str
@@ -111,6 +142,7 @@ class Recipe:
     symlinks: tuple[SymlinkSpec, ...]
     vars: Mapping[str, Any] = field(default_factory=dict)
     image_where: Where | None = None  # the image.ref key
+    guest: GuestSpec | None = None  # None: no [guest] table, or agents = false
 
 
 # -- the schema machinery -------------------------------------------------------
@@ -487,6 +519,7 @@ _DEST = Key((STRING,), required=True, convert=convert_dest)
 _MODE = Key((STRING, INTEGER), convert=convert_mode, int_prefix="0o")
 _OWNER = Key((STRING,), convert=convert_owner)
 _SRC = Key((STRING,), required=True, convert=convert_src)
+_SRC_OPT = Key((STRING,), convert=convert_src)
 
 TEMPLATE_SCHEMA: Schema = {"src": _SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
 FILE_SCHEMA: Schema = {**TEMPLATE_SCHEMA, "sha256": Key((STRING,), convert=convert_sha256)}
@@ -494,6 +527,14 @@ SYMLINK_SCHEMA: Schema = {
     "dest": _DEST,
     "target": Key((STRING,), required=True, convert=convert_target),
     "owner": _OWNER,
+}
+
+GUEST_SCHEMA: Schema = {
+    "agents": Key((BOOLEAN,)),
+    "agent": Key((STRING,), convert=convert_src),
+    "agent_sha256": Key((STRING,), convert=convert_sha256),
+    # built-in template name -> the recipe's replacement
+    "templates": Key((TABLE,), table={n: _SRC_OPT for n in guest_set.TEMPLATE_NAMES}),
 }
 
 RECIPE_SCHEMA: Schema = {
@@ -520,6 +561,7 @@ RECIPE_SCHEMA: Schema = {
     "files": Key((ARRAY_OF_TABLES,), table=FILE_SCHEMA),
     "templates": Key((ARRAY_OF_TABLES,), table=TEMPLATE_SCHEMA),
     "symlinks": Key((ARRAY_OF_TABLES,), table=SYMLINK_SCHEMA),
+    "guest": Key((TABLE,), table=GUEST_SCHEMA),
 }
 
 DEFAULT_PLATFORM = Platform("linux", "amd64")
@@ -589,6 +631,10 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
         for i, e in enumerate(v.get("symlinks", ()))
     )
     _check_unique_dests(doc, v)
+    guest = _guest(doc, v.get("guest"))
+    if guest is not None:
+        _check_guest_dests(doc, v)
+        _check_guest_vars(doc, v.get("vars", {}))
 
     return Recipe(
         path=path,
@@ -602,7 +648,57 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
         symlinks=symlinks,
         vars=v.get("vars", {}),
         image_where=doc.where(("image", "ref")),
+        guest=guest,
     )
+
+
+def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
+    """``[guest]`` -> GuestSpec, or None when absent or switched off."""
+    if g is None or not g.get("agents", True):
+        return None
+    if "agent" not in g:
+        raise doc.error(
+            ("guest", "agent"),
+            "missing required key 'agent' (the banger-vsock-agent binary, relative to the "
+            "recipe), or set agents = false to build without the guest set",
+            "missing-key",
+            at=("guest",),
+        )
+    overrides = tuple(
+        TemplateOverride(name, src, doc.where(("guest", "templates", name)))
+        for name, src in g.get("templates", {}).items()
+    )
+    return GuestSpec(g["agent"], g.get("agent_sha256"), overrides, doc.where(("guest", "agent")))
+
+
+def _check_guest_dests(doc: Doc, v: dict[str, Any]) -> None:
+    """The recipe's own entries may not write a path of the built-in set (nor above/below one)."""
+    for section in ("files", "templates", "symlinks"):
+        for i, entry in enumerate(v.get(section, ())):
+            dest: str = entry["dest"]
+            builtin = guest_set.conflicting_dest(dest)
+            if builtin is None:
+                continue
+            if builtin == dest:
+                clash = f"dest {_show(dest)} is written by the built-in guest set"
+            elif builtin.startswith(dest + "/"):
+                clash = f"dest {_show(dest)} holds {_show(builtin)} of the built-in guest set"
+            else:
+                clash = f"dest {_show(dest)} is inside {_show(builtin)} of the built-in guest set"
+            hint = guest_set.replacement_hint(builtin)
+            raise doc.error(
+                (section, i, "dest"),
+                f"{clash} ({hint}; or set guest.agents = false)",
+                "duplicate-dest",
+            )
+
+
+def _check_guest_vars(doc: Doc, variables: Mapping[str, Any]) -> None:
+    """The [vars] the built-in templates read must have values they can use."""
+    for name, check in guest_set.VARS.items():
+        problem = check(variables[name]) if name in variables else None
+        if problem is not None:
+            raise doc.error(("vars", name), problem, "value")
 
 
 def _default_name(ref: Reference) -> str:

@@ -1,0 +1,212 @@
+"""The built-in guest asset set: what makes an image a banger microVM.
+
+    /usr/local/bin/banger-vsock-agent              the agent binary (recipe input), 0755
+    /usr/local/libexec/banger-network-bootstrap    script, 0755
+    /usr/local/libexec/banger-first-boot           script, 0755
+    /etc/systemd/system/banger-network.service     unit, 0644
+    /etc/systemd/system/banger-vsock-agent.service unit, 0644
+    /etc/systemd/system/banger-first-boot.service  unit, 0644
+    /etc/systemd/system/multi-user.target.wants/<unit>  enable symlinks -> ../<unit>
+    /etc/modules-load.d/banger-vsock.conf          vsock modules, 0644
+    /var/lib/banger/first-boot-pending             marker, 0644
+
+All root-owned (0:0). Every file but the agent is a Jinja template under
+``templates/guest/<name>.j2`` (package data ``banger_build/templates/guest``
+once installed), rendered like the recipe's own ``[[templates]]``: from
+``[vars]`` with StrictUndefined. A recipe replaces one by name under
+``[guest.templates]``; only that file's bytes, and so its sha256 and the
+store key, change.
+
+This module is the definition (``AGENT``, ``TEMPLATES``, ``ENABLE_LINKS``,
+``DESTS``) and the resolution into ``Injected`` entries (``resolve_guest``).
+It imports neither ``recipe`` nor ``inputs`` at import time: ``recipe``
+builds the ``[guest]`` schema from ``TEMPLATE_NAMES`` and checks ``VARS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger_build.errors import InputError
+from banger_build.fsutil import hash_file
+from banger_build.templates import render_template
+
+if TYPE_CHECKING:
+    from banger_build.inputs import Injected
+    from banger_build.recipe import GuestSpec
+
+OWNER = "0:0"
+AGENT_DEST = "/usr/local/bin/banger-vsock-agent"
+AGENT_MODE = 0o755
+UNIT_DIR = "/etc/systemd/system"
+WANTS_DIR = f"{UNIT_DIR}/multi-user.target.wants"
+MARKER = "/var/lib/banger/first-boot-pending"
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate:
+    """One built-in template: ``templates/guest/<name>.j2`` rendered to ``dest``."""
+
+    name: str
+    dest: str
+    mode: int
+
+
+TEMPLATES: tuple[BuiltinTemplate, ...] = (
+    BuiltinTemplate(
+        "banger-network-bootstrap", "/usr/local/libexec/banger-network-bootstrap", 0o755
+    ),
+    BuiltinTemplate("banger-first-boot", "/usr/local/libexec/banger-first-boot", 0o755),
+    BuiltinTemplate("banger-network.service", f"{UNIT_DIR}/banger-network.service", 0o644),
+    BuiltinTemplate("banger-vsock-agent.service", f"{UNIT_DIR}/banger-vsock-agent.service", 0o644),
+    BuiltinTemplate("banger-first-boot.service", f"{UNIT_DIR}/banger-first-boot.service", 0o644),
+    BuiltinTemplate("banger-vsock.conf", "/etc/modules-load.d/banger-vsock.conf", 0o644),
+    BuiltinTemplate("first-boot-pending", MARKER, 0o644),
+)
+TEMPLATE_NAMES: tuple[str, ...] = tuple(t.name for t in TEMPLATES)
+
+#: The units enabled for multi-user.target, as (link, relative target) pairs.
+UNITS: tuple[str, ...] = (
+    "banger-network.service",
+    "banger-vsock-agent.service",
+    "banger-first-boot.service",
+)
+ENABLE_LINKS: tuple[tuple[str, str], ...] = tuple((f"{WANTS_DIR}/{u}", f"../{u}") for u in UNITS)
+
+#: Every path the set writes, in byte order.
+DESTS: tuple[str, ...] = tuple(
+    sorted(
+        [AGENT_DEST, *(t.dest for t in TEMPLATES), *(link for link, _ in ENABLE_LINKS)],
+        key=str.encode,
+    )
+)
+
+
+def conflicting_dest(dest: str) -> str | None:
+    """The built-in path ``dest`` collides with: the same path, one under it, or its parent."""
+    for builtin in DESTS:
+        if dest == builtin or builtin.startswith(dest + "/") or dest.startswith(builtin + "/"):
+            return builtin
+    return None
+
+
+def replacement_hint(dest: str) -> str:
+    """How a recipe changes the built-in path ``dest`` instead of writing it itself."""
+    if dest == AGENT_DEST:
+        return "set guest.agent to the binary you want there"
+    for t in TEMPLATES:
+        if t.dest == dest:
+            return f'replace it under [guest.templates] as "{t.name}"'
+    return "it enables a unit of the set"
+
+
+# -- template variables the built-in templates read (all optional) -----------------
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+
+
+def _check_port(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 0xFFFFFFFE:
+        return f"expected a vsock port, an integer from 1 to 4294967294, got {value!r}"
+    return None
+
+
+def _check_interface(value: Any) -> str | None:
+    if not isinstance(value, str) or not (value == "" or _IFNAME.fullmatch(value)):
+        return (
+            "expected a network interface name (up to 15 of A-Z a-z 0-9 _ . : @ -) "
+            f'or "" for eth0 or else the first one that is not lo, got {value!r}'
+        )
+    return None
+
+
+def _check_bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected a boolean, got {value!r}"
+
+
+#: ``[vars]`` the built-in templates read, each with a check of its value (the
+#: problem, or None). Each template gives its default with ``| default(...)``;
+#: nothing else is defaulted, so a typo in a template still fails (StrictUndefined).
+VARS: Mapping[str, Callable[[Any], str | None]] = {
+    "vsock_port": _check_port,  # default 1024
+    "network_interface": _check_interface,  # default "": eth0, else the first non-lo
+    "regenerate_ssh_host_keys": _check_bool,  # default true
+}
+
+
+# -- resolution -----------------------------------------------------------------
+
+
+def template_dir() -> Path:
+    """Where the built-in templates are: the installed package data, or the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates" / "guest", here.parent / "templates" / "guest"):
+        if candidate.is_dir():
+            return candidate
+    raise InputError(
+        f"the built-in guest templates are missing (looked in {here / 'templates' / 'guest'} "
+        f"and {here.parent / 'templates' / 'guest'}): the installation is incomplete",
+        reason="guest-templates-missing",
+    )
+
+
+def builtin_template(name: str) -> Path:
+    return template_dir() / f"{name}.j2"
+
+
+def resolve_guest(spec: GuestSpec, context: Mapping[str, Any]) -> tuple[Injected, ...]:
+    """The built-in set as ``Injected`` entries: agent, rendered templates, enable links."""
+    from banger_build.inputs import Injected  # inputs imports this module
+
+    out: list[Injected] = []
+    try:
+        digest, _ = hash_file(spec.agent)
+    except FileNotFoundError:
+        raise InputError(
+            f"{spec.where}: the guest agent {spec.agent} does not exist "
+            "(build it, or set guest.agents = false)",
+            reason="missing-input",
+        ) from None
+    except IsADirectoryError:
+        raise InputError(
+            f"{spec.where}: the guest agent {spec.agent} is a directory, not a file", reason="io"
+        ) from None
+    except OSError as exc:
+        raise InputError(
+            f"{spec.where}: cannot read the guest agent {spec.agent}: {exc.strerror}", reason="io"
+        ) from exc
+    if spec.agent_sha256 is not None and spec.agent_sha256 != digest:
+        raise InputError(
+            f"{spec.where}: {spec.agent} has sha256 {digest}, but the recipe pins "
+            f"{spec.agent_sha256} (guest.agent_sha256)",
+            reason="sha256-mismatch",
+        )
+    out.append(Injected(AGENT_DEST, "file", AGENT_MODE, OWNER, digest, source=spec.agent))
+
+    overrides = {o.name: o for o in spec.templates}
+    for t in TEMPLATES:
+        override = overrides.get(t.name)
+        if override is None:
+            src, label = builtin_template(t.name), f"built-in template {t.name}"
+            if not src.is_file():
+                raise InputError(f"{label}: {src} is missing", reason="guest-templates-missing")
+        else:
+            src, label = override.src, str(override.src)
+            if not src.is_file():
+                raise InputError(
+                    f"{override.where}: template {src} does not exist", reason="missing-input"
+                )
+        data = render_template(src, context, label=label)
+        out.append(
+            Injected(t.dest, "template", t.mode, OWNER, hashlib.sha256(data).hexdigest(), data=data)
+        )
+
+    for link, target in ENABLE_LINKS:
+        digest = hashlib.sha256(target.encode()).hexdigest()
+        out.append(Injected(link, "symlink", 0o777, OWNER, digest, target=target))
+    return tuple(sorted(out, key=lambda i: i.dest.encode()))
