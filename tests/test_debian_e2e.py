@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from banger_build.guest import DESTS
 from tests.support.debian import SPECIAL, expected_tree, group_id
 from tests.support.ext4read import fsck, read_image, sha256_file
 from tests.support.oci import push_layout
@@ -22,7 +23,10 @@ from tests.support.registry import RegistryServer
 from tests.support.unpriv import Unpriv
 
 REPO = Path(__file__).resolve().parents[1]
-INJECTED = {"etc/hostname", "etc/hosts", "etc/fstab"}
+RECIPE_FILES = {"etc/hostname", "etc/hosts", "etc/fstab"}
+GUEST_FILES = {d.lstrip("/") for d in DESTS}
+INJECTED = RECIPE_FILES | GUEST_FILES
+NEW_DIRS = {"usr/local/libexec", "var/lib/banger"}  # parents the guest set creates
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +37,7 @@ def built(debian_oci_layout: Path, unpriv_venv: object, tmp_path_factory: pytest
     user: Unpriv = unpriv_venv.user()  # type: ignore[attr-defined]
     user.copy_in(REPO / "recipes", "recipes")
     user.copy_in(REPO / "templates", "templates")
+    user.copy_in(REPO / "agents", "agents")
     recipe = user.home / "recipes" / "debian.toml"
     args = [str(recipe), "--mirror"]
     with RegistryServer() as server:
@@ -96,7 +101,7 @@ def test_every_path_matches_the_tar_headers(built: dict) -> None:  # type: ignor
             mismatches.append(f"{path}: {got.links} links, want {exp.nlink}")
     assert mismatches == [], "\n".join(mismatches[:30])
     extra = set(seen) - set(expected) - INJECTED
-    assert extra <= {"", "lost+found"}, sorted(extra)[:20]
+    assert extra <= {"", "lost+found"} | NEW_DIRS, sorted(extra)[:20]
     root = seen[""]
     assert (root.type, root.uid, root.gid, root.mode & 0o7777) == ("dir", 0, 0, 0o755)
     assert not any(s.uid == 65534 for p, s in seen.items() if expected.get(p, s).uid != 65534)
@@ -118,5 +123,7 @@ def test_the_facts_users_rely_on(built: dict) -> None:  # type: ignore[type-arg]
     assert seen[SPECIAL.setuid].mode & 0o7777 == 0o4755
     assert (seen[SPECIAL.owned].uid, seen[SPECIAL.owned].gid) == SPECIAL.owned_ids
     assert "security.capability" in seen[SPECIAL.capability].xattrs
-    for path in INJECTED:
+    for path in RECIPE_FILES:
         assert (seen[path].uid, seen[path].gid, seen[path].mode & 0o7777) == (0, 0, 0o644)
+    for path in GUEST_FILES:
+        assert (seen[path].uid, seen[path].gid) == (0, 0), path

@@ -8,6 +8,7 @@ Update deliberately with ``scripts/test tests/test_snapshots.py --snapshot-updat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,22 @@ from banger_build.tree import DIR, REG, SYMLINK, Inode
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-RECIPES = sorted([*REPO.glob("recipes/*.toml"), *REPO.glob("examples/*.toml")])
+RECIPE_NAMES = sorted(
+    str(p.relative_to(REPO)) for p in [*REPO.glob("recipes/*.toml"), *REPO.glob("examples/*.toml")]
+)
+#: The agent binary is built by gcc on each machine; keys must not depend on its bytes.
+STAND_IN_AGENT = b"\x7fELF stand-in for agents/out/banger-vsock-agent\n"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of recipes/, examples/ and templates/ with a fixed stand-in agent."""
+    top = tmp_path_factory.mktemp("repo")
+    for name in ("recipes", "examples", "templates"):
+        shutil.copytree(REPO / name, top / name, ignore=shutil.ignore_patterns("*.lock"))
+    (top / "agents" / "out").mkdir(parents=True)
+    (top / "agents" / "out" / "banger-vsock-agent").write_bytes(STAND_IN_AGENT)
+    return top
 
 #: A fixed stand-in for the registry's answer, so keys depend only on the recipe.
 IMAGE = ImageManifest(
@@ -51,22 +67,24 @@ def _derivation(recipe_path: Path) -> dict:  # type: ignore[type-arg]
     ).data
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
-def test_derivation(snapshot, recipe: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_derivation(snapshot, tree: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    recipe = tree / name
     snapshot.snapshot_dir = SNAPSHOTS / "derivations"
     text = json.dumps(_derivation(recipe), indent=2, sort_keys=True) + "\n"
     snapshot.assert_match(text, f"{recipe.parent.name}-{recipe.stem}.json")
 
 
-def test_golden_keys(snapshot) -> None:  # type: ignore[no-untyped-def]
-    """The store key of every shipped recipe, given the same image."""
+def test_golden_keys(snapshot, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    """The store key of every shipped recipe, given the same image and agent."""
     snapshot.snapshot_dir = SNAPSHOTS
     lines = []
-    for recipe_path in RECIPES:
+    for name in RECIPE_NAMES:
+        recipe_path = tree / name
         recipe = load_recipe(recipe_path)
         d = derive(recipe, IMAGE, injected=resolve_injected(recipe),
                    kernel=resolve_kernel(recipe.kernel), epoch=EPOCH, tools=TOOLS)
-        lines.append(f"{recipe_path.relative_to(REPO)} {d.key}-{d.name}")
+        lines.append(f"{name} {d.key}-{d.name}")
     snapshot.assert_match("\n".join(lines) + "\n", "golden-keys.txt")
 
 
