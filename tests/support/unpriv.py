@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -176,18 +177,89 @@ def _install(root: Path, repo: Path) -> None:
     ):
         if key in os.environ:
             env[key] = os.environ[key]
-    steps = [
-        [str(SYSTEM_PYTHON), "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(src)],
-    ]
-    for cmd in steps:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=root)
-        if proc.returncode != 0:
-            raise UnprivError(
-                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                f"{proc.stderr[-3000:]}"
-            )
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    _run_step([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], env, root)
+    if _copy_dependencies(venv):
+        _place_project(src, venv)  # offline: no index, no build backend needed
+    else:
+        _run_step([*pip, str(src)], env, root)
     shutil.rmtree(src)
+    _make_world_readable(venv)
+
+
+#: Lists the files of banger-build's runtime dependency closure, as installed.
+_CLOSURE = r"""
+import json, re
+from importlib import metadata
+todo, seen, files = ["banger-build"], set(), []
+while todo:
+    name = todo.pop()
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        continue
+    seen.add(key)
+    dist = metadata.distribution(name)
+    if key != "banger-build":
+        files += [str(dist.locate_file(f)) for f in dist.files or []]
+    todo += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or []
+             if "extra ==" not in r]
+print(json.dumps(files))
+"""
+
+
+def _copy_dependencies(venv: Path) -> bool:
+    """Copy the installed dependencies of banger-build from the setup venv (.venv,
+    made from the same /usr/bin/python3 by scripts/setup) into ``venv``, so the
+    unprivileged venv needs no package index. False when there is no such venv."""
+    source = REPO_ROOT / ".venv" / "bin" / "python"
+    if not source.exists():
+        return False
+    proc = subprocess.run([str(source), "-c", _CLOSURE], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        return False
+    sites = list((REPO_ROOT / ".venv" / "lib").glob("python3.*/site-packages"))
+    dests = list((venv / "lib").glob("python3.*/site-packages"))
+    if len(sites) != 1 or len(dests) != 1 or sites[0].parent.name != dests[0].parent.name:
+        return False
+    for name in json.loads(proc.stdout):
+        path = Path(name)
+        try:
+            rel = path.resolve().relative_to(sites[0].resolve())
+        except ValueError:
+            continue  # console scripts and the like, outside site-packages
+        if "__pycache__" in rel.parts or not path.is_file():
+            continue
+        target = dests[0] / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return True
+
+
+def _place_project(src: Path, venv: Path) -> None:
+    """Install the project as pyproject.toml lays it out (templates/ becomes
+    banger_build/templates), with its ``banger-build`` console script."""
+    (site,) = (venv / "lib").glob("python3.*/site-packages")
+    shutil.copytree(src / "banger_build", site / "banger_build", ignore=_COPY_IGNORE)
+    shutil.copytree(src / "templates", site / "banger_build" / "templates", ignore=_COPY_IGNORE)
+    script = venv / "bin" / "banger-build"
+    script.write_text(
+        f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom banger_build.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    script.chmod(0o755)
+
+
+def _run_step(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=cwd)
+    if proc.returncode != 0:
+        raise UnprivError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
+
+
+def _make_world_readable(venv: Path) -> None:
     # Everything readable and traversable by 65534, nothing writable by it.
     for dirpath, dirs, files in os.walk(venv):
         os.chmod(dirpath, 0o755)
