@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.support.registry",
     "tests.support.e2e",
     "tests.support.debian",
+    "tests.support.kernel",
     "tests.support.unpriv",
 ]
