@@ -107,7 +107,7 @@ def test_debian_boots_with_the_guest_set_running(
     log = tmp_path / "console.log"
     started = time.monotonic()
     code, out, err = run_cli(
-        home, "boot", str(store_path), "--expect", "BANGER-CHECK-DONE",
+        home, "boot", str(store_path), "--accel", "tcg", "--expect", "BANGER-CHECK-DONE",
         "--timeout", "600", "--console-log", str(log),
     )  # fmt: skip
     boot_s = time.monotonic() - started
@@ -139,8 +139,8 @@ def test_boot_recipe_with_user_supplied_kernel(
     for name in ("recipes", "templates", "agents"):
         shutil.copytree(REPO / name, tmp_path / name, symlinks=True,
                         ignore=shutil.ignore_patterns("*.lock"))
-    code, out, err = run_cli(
-        tmp_path / "home", "boot", str(tmp_path / "recipes" / "debian.toml"),
+    code, _, err = run_cli(
+        tmp_path / "home", "boot", str(tmp_path / "recipes" / "debian.toml"), "--accel", "tcg",
         "--mirror", debian_image.mirror,
         "--kernel", str(debian_kernel_files.vmlinuz), "--initrd", str(debian_kernel_files.initrd),
         "--expect", "Multi-User System", "--timeout", "600",
