@@ -28,7 +28,7 @@ from banger_build.derivation import Derivation, derive
 from banger_build.errors import InputError, RecipeError, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
-from banger_build.inject import inject
+from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci import ImageManifest, ManifestError, cached_manifest
@@ -255,6 +255,10 @@ def inject_files(ctx: Context) -> None:
     if ctx.injected:
         ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
         inject(ctx.tree, ctx.staging, ctx.injected, epoch=ctx.epoch)
+    kernel = ctx.recipe.kernel
+    if kernel is not None and kernel.install_modules and kernel.modules is not None:
+        where = install_modules(ctx.tree, ctx.staging, kernel.modules, epoch=ctx.epoch)
+        ctx.reporter.step(f"installed the kernel modules at {where}")
 
 
 def size_image(ctx: Context) -> None:

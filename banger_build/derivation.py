@@ -77,6 +77,7 @@ def derive(
                 ],
             },
             "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
+            **_modules_install(recipe),
             "files": [i.as_dict() for i in injected],
             "size": recipe.size.text,
             "epoch": epoch,
@@ -84,3 +85,11 @@ def derive(
             "tools": dict(sorted(tools.items())),
         }
     )
+
+
+def _modules_install(recipe: Recipe) -> dict[str, str]:
+    """Where the kernel's modules go in the image, when the recipe installs them."""
+    k = recipe.kernel
+    if k is None or not k.install_modules or k.modules is None:
+        return {}
+    return {"modules_install": f"/lib/modules/{k.modules.name}"}

@@ -127,3 +127,46 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
             os.chmod(stage_path, 0o644)
             inode = Inode(REG, uid, gid, item.mode, epoch, size=stage_path.stat().st_size)
         dir_node.children[name] = Node(inode)
+
+
+def install_modules(tree: Tree, staging: Path, modules: Path, *, epoch: int) -> str:
+    """Copy a kernel's ``lib/modules/<version>`` directory into the image.
+
+    Returns the guest path. Everything is root-owned, directories 0755 and
+    files 0644 whatever the source's modes (so the bytes do not depend on who
+    unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
+    """
+    version = modules.name
+    real, parent = _resolve_dir(tree, staging, "lib/modules", epoch)
+    assert parent.children is not None
+    if version in parent.children:  # the image's own modules for this version: replaced
+        del parent.children[version]
+        shutil.rmtree(staging / real / version)
+    top = new_dir(mtime=epoch)
+    parent.children[version] = top
+    os.mkdir(staging / real / version, 0o755)
+    stack: list[tuple[Path, Path, Node]] = [(modules, staging / real / version, top)]
+    while stack:
+        src, dst, node = stack.pop()
+        assert node.children is not None
+        for entry in sorted(os.scandir(src), key=lambda e: e.name):
+            target = dst / entry.name
+            if entry.is_symlink():
+                link = os.readlink(entry.path)
+                os.symlink(link, target)
+                node.children[entry.name] = Node(
+                    Inode(SYMLINK, 0, 0, 0o777, epoch, size=len(name_bytes(link)), target=link)
+                )
+            elif entry.is_dir():
+                os.mkdir(target, 0o755)
+                child = new_dir(mtime=epoch)
+                node.children[entry.name] = child
+                stack.append((Path(entry.path), target, child))
+            elif entry.is_file():
+                shutil.copyfile(entry.path, target)
+                os.chmod(target, 0o644)
+                size = target.stat().st_size
+                node.children[entry.name] = Node(Inode(REG, 0, 0, 0o644, epoch, size=size))
+            else:
+                raise InputError(f"{entry.path}: not a file, directory or symlink")
+    return f"/{real}/{version}"

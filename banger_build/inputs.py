@@ -140,6 +140,12 @@ def resolve_kernel(kernel: KernelSpec | None) -> tuple[Staged, ...]:
             continue
         digest, size = _read_input(path, kernel.where, f"kernel {name}")
         if name == "modules" and not path.is_dir():
+            if kernel.install_modules:
+                raise InputError(
+                    f"{kernel.where}: install_modules needs kernel.modules to be a "
+                    f"lib/modules/<version> directory, not {path.name}",
+                    reason="modules-not-a-directory",
+                )
             name = _tarball_name(path)
         out.append(Staged(name, path, digest, size))
     return tuple(out)

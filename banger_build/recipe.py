@@ -106,8 +106,9 @@ class SymlinkSpec:
 class KernelSpec:
     path: Path
     initrd: Path | None
-    modules: Path | None
+    modules: Path | None  # a lib/modules/<version> directory (or a tarball, staged only)
     where: Where  # the [kernel] table
+    install_modules: bool = False  # also copy ``modules`` into the image at /lib/modules/<version>
 
 
 @dataclass(frozen=True)
@@ -555,6 +556,7 @@ RECIPE_SCHEMA: Schema = {
             "path": Key((STRING,), required=True, convert=convert_src),
             "initrd": Key((STRING,), convert=convert_src),
             "modules": Key((STRING,), convert=convert_src),
+            "install_modules": Key((BOOLEAN,)),
         },
     ),
     "vars": Key((TABLE,)),  # free-form template variables
@@ -598,7 +600,15 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
     kernel = None
     if "kernel" in v:
         k = v["kernel"]
-        kernel = KernelSpec(k["path"], k.get("initrd"), k.get("modules"), doc.where(("kernel",)))
+        install = bool(k.get("install_modules", False))
+        if install and "modules" not in k:
+            raise doc.error(
+                ("kernel", "install_modules"), "needs kernel.modules (the modules directory)",
+                "missing-key",
+            )
+        kernel = KernelSpec(
+            k["path"], k.get("initrd"), k.get("modules"), doc.where(("kernel",)), install
+        )
 
     files = tuple(
         FileSpec(

@@ -150,3 +150,32 @@ def test_unreachable_registry_is_a_clear_error(tmp_path: Path) -> None:
     code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
     assert code == 1 and time.monotonic() - started < 10
     assert "127.0.0.1:9/nothing/here:v1" in err and "Traceback" not in err
+
+
+def test_kernel_is_staged_and_modules_installed(tmp_path: Path, image_ref: str) -> None:
+    kdir = tmp_path / "k"
+    mods = kdir / "6.1.0-test-amd64"
+    (mods / "kernel" / "net").mkdir(parents=True)
+    (mods / "kernel" / "net" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (mods / "modules.order").write_text("kernel/net/vsock.ko\n")
+    (mods / "build").symlink_to("/usr/src/linux-headers-6.1.0-test-amd64")
+    os.chmod(mods / "modules.order", 0o600)  # source modes do not leak into the image
+    (kdir / "vmlinuz").write_bytes(b"kernel")
+    recipe = write_recipe(tmp_path / "r", image_ref, extra=f"""
+[kernel]
+path = "{kdir / 'vmlinuz'}"
+modules = "{mods}"
+install_modules = true
+""")
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 0, err
+    path = Path(out.strip())
+    assert (path / "vmlinux").read_bytes() == b"kernel" and (path / "modules").is_dir()
+    seen = read_image(path / "rootfs.ext4")
+    base = "usr/lib/modules/6.1.0-test-amd64"  # through the image's /lib -> usr/lib
+    ko = seen[f"{base}/kernel/net/vsock.ko"]
+    assert (ko.uid, ko.gid, ko.mode & 0o7777, ko.size) == (0, 0, 0o644, 10)
+    assert seen[f"{base}/modules.order"].mode & 0o7777 == 0o644
+    assert seen[f"{base}/build"].target == "/usr/src/linux-headers-6.1.0-test-amd64"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["derivation"]["modules_install"] == "/lib/modules/6.1.0-test-amd64"

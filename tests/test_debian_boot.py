@@ -52,6 +52,7 @@ say "machine-id $(cat /etc/machine-id)"
 say "su $(stat -c '%a %u %g' /usr/bin/su)"
 say "shadow $(stat -c '%a %U %G' /etc/shadow)"
 say "agent $(stat -c '%a %u %g' /usr/local/bin/banger-vsock-agent)"
+if [ -d "/lib/modules/$(uname -r)/kernel" ]; then say "modules present"; else say "modules missing"; fi
 echo BANGER-CHECK-DONE > /dev/console
 """
 
@@ -71,6 +72,8 @@ def _recipe(top: Path, kernel: KernelFiles) -> Path:
 [kernel]
 path = "{kernel.vmlinuz}"
 initrd = "{kernel.initrd}"
+modules = "{kernel.modules_dir}"
+install_modules = true
 
 [[files]]
 src = "machine-id"
@@ -129,6 +132,7 @@ def test_debian_boots_with_the_guest_set_running(
     assert facts["su"].strip() == "4755 0 0"
     assert facts["shadow"].strip() == "640 root shadow"
     assert facts["agent"].strip() == "755 0 0"
+    assert facts["modules"].strip() == "present"
 
 
 def test_boot_recipe_with_user_supplied_kernel(
