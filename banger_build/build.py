@@ -256,8 +256,10 @@ def inject_files(ctx: Context) -> None:
         ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
         inject(ctx.tree, ctx.staging, ctx.injected, epoch=ctx.epoch)
     kernel = ctx.recipe.kernel
-    if kernel is not None and kernel.install_modules and kernel.modules is not None:
-        where = install_modules(ctx.tree, ctx.staging, kernel.modules, epoch=ctx.epoch)
+    guest_path = ctx.derivation.data.get("modules_install")
+    if kernel is not None and kernel.modules is not None and guest_path:
+        version = Path(guest_path).name
+        where = install_modules(ctx.tree, ctx.staging, kernel.modules, version, epoch=ctx.epoch)
         ctx.reporter.step(f"installed the kernel modules at {where}")
 
 

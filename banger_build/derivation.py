@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from banger_build.ext4 import MKFS
-from banger_build.inputs import Injected, Staged
+from banger_build.inputs import Injected, Staged, modules_version
 from banger_build.oci import ImageManifest
 from banger_build.recipe import Recipe
 
@@ -92,4 +92,4 @@ def _modules_install(recipe: Recipe) -> dict[str, str]:
     k = recipe.kernel
     if k is None or not k.install_modules or k.modules is None:
         return {}
-    return {"modules_install": f"/lib/modules/{k.modules.name}"}
+    return {"modules_install": f"/lib/modules/{modules_version(k.modules)}"}

@@ -129,14 +129,15 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
         dir_node.children[name] = Node(inode)
 
 
-def install_modules(tree: Tree, staging: Path, modules: Path, *, epoch: int) -> str:
+def install_modules(
+    tree: Tree, staging: Path, modules: Path, version: str, *, epoch: int
+) -> str:
     """Copy a kernel's ``lib/modules/<version>`` directory into the image.
 
     Returns the guest path. Everything is root-owned, directories 0755 and
     files 0644 whatever the source's modes (so the bytes do not depend on who
     unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
     """
-    version = modules.name
     real, parent = _resolve_dir(tree, staging, "lib/modules", epoch)
     assert parent.children is not None
     if version in parent.children:  # the image's own modules for this version: replaced

@@ -8,13 +8,18 @@ is part of ``resolve_injected``: its files are entries like the recipe's own.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
+import lzma
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 from banger_build.errors import InputError
 from banger_build.fsutil import hash_file
@@ -159,3 +164,29 @@ def _tarball_name(path: Path) -> str:
         if path.name.endswith(suffix):
             return "modules" + suffix
     return "modules.tar"
+
+
+_VERSION_NAME = re.compile(r"\d+\.\d+[\w.+~-]*")
+
+
+def modules_version(modules: Path) -> str:
+    """The kernel version a ``lib/modules/<version>`` tree is for: its name when
+    that looks like a version, else the ``vermagic=`` of one of its modules."""
+    if _VERSION_NAME.fullmatch(modules.name):
+        return modules.name
+    for ko in sorted(modules.rglob("*.ko*")):
+        data = ko.read_bytes()
+        if ko.suffix == ".xz":
+            data = lzma.decompress(data)
+        elif ko.suffix == ".zst":
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        elif ko.suffix == ".gz":
+            data = gzip.decompress(data)
+        found = re.search(rb"vermagic=(\S+)", data)
+        if found:
+            return found.group(1).decode("ascii", "replace")
+    raise InputError(
+        f"{modules}: cannot tell the kernel version (name the directory after it, "
+        "e.g. lib/modules/6.1.0-13-amd64)",
+        reason="modules-version",
+    )
