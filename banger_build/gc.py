@@ -76,20 +76,19 @@ def entries(store: Store) -> Iterator[Entry]:
     yield from sorted(found, key=lambda e: (e.time, e.path.name))
 
 
-def rooted(store: Store) -> set[str]:
-    """Names of store paths some live out-link points at; stale roots are dropped."""
+def rooted(store: Store, *, prune: bool = False) -> set[str]:
+    """Names of store paths some live out-link points at. With ``prune``, root
+    entries whose out-link is gone or points elsewhere now are deleted."""
     live: set[str] = set()
     for entry in store.roots.iterdir():
         try:
-            link = Path(os.readlink(entry))
-            target = Path(os.readlink(link))
+            target = Path(os.readlink(Path(os.readlink(entry))))
         except OSError:
-            entry.unlink(missing_ok=True)  # the out-link is gone
-            continue
-        if target.parent == store.store:
+            target = None  # the out-link is gone
+        if target is not None and target.parent == store.store:
             live.add(target.name)
-        else:
-            entry.unlink(missing_ok=True)  # it points elsewhere now
+        elif prune:
+            entry.unlink(missing_ok=True)
     return live
 
 
@@ -118,7 +117,7 @@ def collect(
     max_size: int | None = None,
 ) -> GcReport:
     report = GcReport()
-    roots = rooted(store)
+    roots = rooted(store, prune=not dry_run)
     now = time.time()
     candidates: list[Entry] = []
     all_entries = list(entries(store))
@@ -153,9 +152,9 @@ def collect(
         report.deleted.append(entry)
 
     busy = any(store.in_use(p.name.removesuffix(".lock")) for p in store.locks.glob("*.lock"))
-    for tmp in store.tmp.iterdir():
+    for tmp in store.tmp.iterdir():  # build dirs are build-<key>-<random>
         key = tmp.name.split("-")[1] if tmp.name.startswith("build-") else ""
-        if not store.in_use(key) and tmp.name != "blobs-tmp":
+        if not (key and store.in_use(key)):
             if not dry_run:
                 remove_tree(tmp)
             report.tmp_deleted += 1

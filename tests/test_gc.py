@@ -51,10 +51,13 @@ def test_gc_keeps_roots_and_frees_the_rest(tmp_path: Path, three: tuple[Path, li
     manifest = json.loads((rooted / "manifest.json").read_text())
     for layer in manifest["derivation"]["image"]["layers"]:
         assert (home / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
-    # removing the out-link makes it garbage
+    # removing the out-link makes it garbage; a dry run changes nothing, roots included
     os.unlink(tmp_path / "result")
+    roots = sorted((home / "gcroots").iterdir())
+    run_cli(home, "gc", "--dry-run")
+    assert rooted.exists() and sorted((home / "gcroots").iterdir()) == roots
     run_cli(home, "gc")
-    assert not rooted.exists()
+    assert not rooted.exists() and list((home / "gcroots").iterdir()) == []
 
 
 def test_gc_never_touches_a_path_whose_build_holds_the_lock(three: tuple[Path, list[Path]]) -> None:
