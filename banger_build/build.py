@@ -30,6 +30,7 @@ from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
+from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest, read_version
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci import ImageManifest, ManifestError, cached_manifest
 from banger_build.progress import Reporter
@@ -87,6 +88,7 @@ class Context:
         self.epoch = 1
         self.injected: tuple[Injected, ...] = ()
         self.kernel: tuple[Staged, ...] = ()
+        self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
         self.tools: dict[str, str] = {}
         self.derivation: Derivation
         # filled by the build steps
@@ -204,9 +206,63 @@ def choose_epoch(ctx: Context) -> None:
         ctx.epoch = max(1, int(when.timestamp()))
 
 
+def resolve_kernel_artifact(ctx: Context) -> None:
+    """``[kernel] ref``: the lock pin (no network when the manifest and blobs are
+    cached) or the registry's answer for the tag (pinned then); its blobs become
+    the staged kernel files, so the derivation looks like a local kernel's."""
+    spec = ctx.recipe.kernel
+    if spec is None or spec.ref is None:
+        return
+    ref, where = spec.ref, spec.ref_where or spec.where
+    lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
+    pinned = ref.digest or ctx.lock.kernel_digest(ref)
+    mode = ctx.options.lock_mode
+    if pinned is None and mode == "locked":
+        what = "does not exist" if not lock_path.exists() else "has no pin for it"
+        raise RecipeError(
+            f"kernel {ref} is not locked: {lock_path} {what}; "
+            f"run `banger-build lock {ctx.recipe.path}`",
+            file=str(ctx.recipe.path), line=where.line, col=where.col,
+            key="kernel.ref", reason="not-locked",
+        )  # fmt: skip
+    digest = pinned
+    refresh = mode == "update" and ctx.options.update_input in (None, "kernel")
+    if digest is None or (refresh and ref.digest is None):
+        ctx.reporter.step(f"resolving kernel {ref}")
+        digest, _ = ctx.client.raw_manifest(ref)
+        if digest != pinned:
+            ctx.lock = ctx.lock.with_kernel(ref, digest)
+            ctx.lock_changed = True
+            old = f" (was {pinned})" if pinned else ""
+            ctx.lock_notes.append(f"pinned kernel {ref} to {digest}{old}")
+    blobs = BlobCache(ctx.store.blobs)
+    cached = blobs.get(digest)
+    data = cached.read_bytes() if cached is not None else ctx.client.raw_manifest(ref, digest)[1]
+    try:
+        artifact = parse_kernel_manifest(digest, data)
+    except ManifestError as exc:
+        raise exc.error_for(str(ref)) from exc
+    config = artifact.config
+    config_path = blobs.get(config.digest, config.size) or ctx.client.blob(ref, config)
+    version = read_version(config_path.read_bytes(), f"{ref}@{digest}")
+    if spec.install_modules and ("modules.tar" not in artifact.files or not version):
+        raise RecipeError(
+            f"install_modules: kernel {ref}@{digest} has no modules (push it with --modules)",
+            file=str(ctx.recipe.path), line=where.line, col=where.col,
+            key="kernel.install_modules", reason="no-modules",
+        )  # fmt: skip
+    staged = []
+    for name, desc in artifact.files.items():
+        path = blobs.get(desc.digest, desc.size) or ctx.client.blob(ref, desc)
+        staged.append(Staged(name, path, desc.digest.hex, desc.size))
+    ctx.kernel = tuple(staged)
+    ctx.kernel_version = version
+
+
 def resolve_inputs(ctx: Context) -> None:
     ctx.injected = resolve_injected(ctx.recipe)
-    ctx.kernel = resolve_kernel(ctx.recipe.kernel)
+    if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
+        ctx.kernel = resolve_kernel(ctx.recipe.kernel)
 
 
 def read_tool_versions(ctx: Context) -> None:
@@ -221,6 +277,7 @@ def make_derivation(ctx: Context) -> None:
         kernel=ctx.kernel,
         epoch=ctx.epoch,
         tools=ctx.tools,
+        kernel_version=ctx.kernel_version,
     )
 
 
@@ -257,9 +314,18 @@ def inject_files(ctx: Context) -> None:
         inject(ctx.tree, ctx.staging, ctx.injected, epoch=ctx.epoch)
     kernel = ctx.recipe.kernel
     guest_path = ctx.derivation.data.get("modules_install")
-    if kernel is not None and kernel.modules is not None and guest_path:
+    if kernel is None or not guest_path:
+        return
+    modules = kernel.modules
+    if kernel.ref is not None:
+        tar = next((k.source for k in ctx.kernel if k.name == "modules.tar"), None)
+        if tar is None:
+            return
+        modules = ctx.work / "kernel-modules"
+        extract_modules(tar, modules)
+    if modules is not None:
         version = Path(guest_path).name
-        where = install_modules(ctx.tree, ctx.staging, kernel.modules, version, epoch=ctx.epoch)
+        where = install_modules(ctx.tree, ctx.staging, modules, version, epoch=ctx.epoch)
         ctx.reporter.step(f"installed the kernel modules at {where}")
 
 
@@ -332,6 +398,7 @@ RESOLVE: tuple[Callable[[Context], None], ...] = (
     read_recipe,
     resolve_image,
     choose_epoch,
+    resolve_kernel_artifact,
     resolve_inputs,
     read_tool_versions,
     make_derivation,

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from banger_build import __version__
-from banger_build.commands import boot, check, gc, lock, ls, show, update, why
+from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
 from banger_build.commands import build as build_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
-    build_command, check, show, why, lock, update, ls, gc, boot, render_command
+    build_command, check, show, why, lock, update, ls, gc, boot, render_command, kernel
 )
 
 

@@ -61,7 +61,9 @@ def derive(
     kernel: tuple[Staged, ...],
     epoch: int,
     tools: dict[str, str],
+    kernel_version: str | None = None,
 ) -> Derivation:
+    """``kernel_version``: the modules version a ``[kernel] ref`` artifact declares."""
     return Derivation(
         {
             "format": DERIVATION_FORMAT,
@@ -77,7 +79,7 @@ def derive(
                 ],
             },
             "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
-            **_modules_install(recipe),
+            **_modules_install(recipe, kernel_version),
             "files": [i.as_dict() for i in injected],
             "size": recipe.size.text,
             "epoch": epoch,
@@ -87,9 +89,15 @@ def derive(
     )
 
 
-def _modules_install(recipe: Recipe) -> dict[str, str]:
+def _modules_install(recipe: Recipe, artifact_version: str | None) -> dict[str, str]:
     """Where the kernel's modules go in the image, when the recipe installs them."""
     k = recipe.kernel
-    if k is None or not k.install_modules or k.modules is None:
+    if k is None or not k.install_modules:
+        return {}
+    if k.ref is not None:
+        if not artifact_version:
+            return {}  # resolve_kernel_artifact refuses this before deriving
+        return {"modules_install": f"/lib/modules/{artifact_version}"}
+    if k.modules is None:
         return {}
     return {"modules_install": f"/lib/modules/{modules_version(k.modules)}"}

@@ -11,6 +11,10 @@ no network and gives the same bytes::
     platform = "linux/amd64"
     digest = "sha256:..."   # the platform image manifest digest
 
+    [[kernel]]
+    ref = "registry.example/kernels/vmlinux:6.1"
+    digest = "sha256:..."   # the kernel artifact's manifest digest
+
 A ``Lock`` is frozen; ``with_image`` returns a new one. Entries are kept sorted
 so the file's bytes depend only on its content. Another kind of pin (say
 ``[[kernel]]``) is one more pin class, one more schema entry and one more field.
@@ -71,6 +75,17 @@ class ImagePin:
         return {"ref": self.ref, "platform": self.platform, "digest": str(self.digest)}
 
 
+@dataclass(frozen=True, order=True)
+class KernelPin:
+    """One ``[[kernel]]`` entry: a kernel artifact reference resolved to a manifest digest."""
+
+    ref: str  # str(Reference), normalised
+    digest: Digest
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "digest": str(self.digest)}
+
+
 def _convert_digest(value: str, doc: Doc) -> Digest:
     try:
         return Digest.parse(value)
@@ -96,6 +111,13 @@ LOCK_SCHEMA: Schema = {
             "digest": Key((STRING,), required=True, convert=_convert_digest),
         },
     ),
+    "kernel": Key(
+        (ARRAY_OF_TABLES,),
+        table={
+            "ref": Key((STRING,), required=True, convert=convert_reference),
+            "digest": Key((STRING,), required=True, convert=_convert_digest),
+        },
+    ),
 }
 
 
@@ -104,6 +126,7 @@ class Lock:
     """The pins of one recipe. Compare with ``==``; ``save`` writes deterministic bytes."""
 
     images: tuple[ImagePin, ...] = ()
+    kernels: tuple[KernelPin, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Lock:
@@ -130,7 +153,13 @@ class Lock:
                     "value",
                 )
             pins[pin.ref, pin.platform] = pin
-        return cls(tuple(sorted(pins.values())))
+        kernels: dict[str, KernelPin] = {}
+        for i, entry in enumerate(checked.get("kernel", ())):
+            kpin = KernelPin(str(entry["ref"]), entry["digest"])
+            if kpin.ref in kernels:
+                raise doc.error(("kernel", i), f"kernel {kpin.ref} is pinned twice", "value")
+            kernels[kpin.ref] = kpin
+        return cls(tuple(sorted(pins.values())), tuple(sorted(kernels.values())))
 
     def image_digest(self, ref: Reference, platform: Platform) -> Digest | None:
         """The pinned manifest digest of ``ref`` on ``platform``, if any."""
@@ -146,10 +175,25 @@ class Lock:
         kept = [p for p in self.images if (p.ref, p.platform) != (new.ref, new.platform)]
         return replace(self, images=tuple(sorted([*kept, new])))
 
+    def kernel_digest(self, ref: Reference) -> Digest | None:
+        """The pinned manifest digest of kernel artifact ``ref``, if any."""
+        for pin in self.kernels:
+            if pin.ref == str(ref):
+                return pin.digest
+        return None
+
+    def with_kernel(self, ref: Reference, digest: Digest) -> Lock:
+        """A new Lock with kernel artifact ``ref`` pinned to ``digest`` (replacing any pin)."""
+        new = KernelPin(str(ref), digest)
+        kept = [p for p in self.kernels if p.ref != new.ref]
+        return replace(self, kernels=tuple(sorted([*kept, new])))
+
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {"version": LOCK_VERSION}
         if self.images:
             data["image"] = [pin.as_dict() for pin in sorted(self.images)]
+        if self.kernels:
+            data["kernel"] = [pin.as_dict() for pin in sorted(self.kernels)]
         return (HEADER + tomli_w.dumps(data)).encode("utf-8")
 
     def save(self, path: Path) -> None:
@@ -180,4 +224,4 @@ class Lock:
 
 
 
-__all__ = ["HEADER", "LOCK_VERSION", "ImagePin", "Lock", "lock_path_for"]
+__all__ = ["HEADER", "LOCK_VERSION", "ImagePin", "KernelPin", "Lock", "lock_path_for"]

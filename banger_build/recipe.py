@@ -104,11 +104,14 @@ class SymlinkSpec:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    path: Path
+    path: Path | None  # a local kernel image; None when ``ref`` names an OCI artifact
     initrd: Path | None
     modules: Path | None  # a lib/modules/<version> directory (or a tarball, staged only)
     where: Where  # the [kernel] table
     install_modules: bool = False  # also copy ``modules`` into the image at /lib/modules/<version>
+    #: ``[kernel] ref``: a kernel artifact pushed by ``banger-build kernel push``
+    ref: Reference | None = None
+    ref_where: Where | None = None  # the kernel.ref key
 
 
 @dataclass(frozen=True)
@@ -553,7 +556,8 @@ RECIPE_SCHEMA: Schema = {
     "kernel": Key(
         (TABLE,),
         table={
-            "path": Key((STRING,), required=True, convert=convert_src),
+            "path": Key((STRING,), convert=convert_src),
+            "ref": Key((STRING,), convert=convert_reference),
             "initrd": Key((STRING,), convert=convert_src),
             "modules": Key((STRING,), convert=convert_src),
             "install_modules": Key((BOOLEAN,)),
@@ -601,13 +605,38 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
     if "kernel" in v:
         k = v["kernel"]
         install = bool(k.get("install_modules", False))
-        if install and "modules" not in k:
+        if "path" in k and "ref" in k:
+            raise doc.error(
+                ("kernel",),
+                "needs exactly one of kernel.path (a local kernel) or kernel.ref "
+                "(a kernel artifact in a registry), not both",
+                "conflicting-keys",
+                at=("kernel", "ref"),
+            )
+        if "path" not in k and "ref" not in k:
+            raise doc.error(
+                ("kernel", "path"),
+                "missing required key 'path' (a local kernel) or 'ref' (a kernel artifact)",
+                "missing-key",
+                at=("kernel",),
+            )
+        if "ref" in k:
+            for local in ("initrd", "modules"):
+                if local in k:
+                    raise doc.error(
+                        ("kernel", local),
+                        "cannot be combined with kernel.ref (the artifact carries its own)",
+                        "conflicting-keys",
+                    )
+        elif install and "modules" not in k:
             raise doc.error(
                 ("kernel", "install_modules"), "needs kernel.modules (the modules directory)",
                 "missing-key",
             )
         kernel = KernelSpec(
-            k["path"], k.get("initrd"), k.get("modules"), doc.where(("kernel",)), install
+            k.get("path"), k.get("initrd"), k.get("modules"), doc.where(("kernel",)), install,
+            ref=k.get("ref"),
+            ref_where=doc.where(("kernel", "ref")) if "ref" in k else None,
         )
 
     files = tuple(

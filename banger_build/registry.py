@@ -570,6 +570,13 @@ class RegistryClient:
         raise RegistryError("image indexes nest too deeply", reference=str(ref),
                             reason="invalid-manifest")
 
+    def raw_manifest(self, ref: Reference, digest: Digest | None = None) -> tuple[Digest, bytes]:
+        """Any manifest's verified bytes: by ``digest`` (cache first, no network),
+        else by ``ref``'s digest or tag. No parsing: the caller knows what it expects."""
+        wanted = digest or ref.digest
+        digest, data, _ = self._manifest_bytes(ref, wanted, None if wanted else ref.tag)
+        return digest, data
+
     def manifest(self, ref: Reference, digest: Digest) -> ImageManifest:
         """The image manifest ``digest`` (from the cache without network when present)."""
         try:

@@ -8,12 +8,12 @@ from pathlib import Path
 from banger_build.commands import common
 
 NAME = "update"
-HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: image)"
+HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: image or kernel)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
-    p.add_argument("input", nargs="?", choices=["image"], help="only this input")
+    p.add_argument("input", nargs="?", choices=["image", "kernel"], help="only this input")
     common.add_home(p)
     common.add_registry(p)
 

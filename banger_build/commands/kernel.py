@@ -1,0 +1,87 @@
+"""``banger-build kernel push REF --kernel VMLINUZ [--initrd INITRD] [--modules DIR]``:
+publish a kernel as an OCI artifact that a recipe's ``[kernel] ref`` names.
+
+One layer per file (vmlinux, initrd.img, and modules.tar: a deterministic tar
+of the lib/modules/<version> directory); the config records the modules
+version. Files are streamed, never read into memory. Prints the manifest
+digest; the same inputs always give the same digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from banger_build.commands import common
+from banger_build.errors import InputError
+
+NAME = "kernel"
+HELP = "publish a kernel (and its initrd and modules) to a registry as an OCI artifact"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
+    push = sub.add_parser("push", help="push a kernel artifact to REF and print its digest")
+    push.add_argument("ref", help="where to push it, e.g. registry.example/kernels/vmlinux:6.1")
+    push.add_argument("--kernel", type=Path, required=True, metavar="VMLINUZ",
+                      help="the kernel image")  # fmt: skip
+    push.add_argument("--initrd", type=Path, metavar="INITRD", help="an initramfs")
+    push.add_argument("--modules", type=Path, metavar="DIR",
+                      help="the kernel's lib/modules/<version> directory")  # fmt: skip
+    common.add_home(push)
+    common.add_registry(push)
+
+
+def run(args: argparse.Namespace) -> int:
+    from banger_build.blobs import BlobCache
+    from banger_build.fsutil import hash_file
+    from banger_build.inputs import modules_version
+    from banger_build.kernel_artifact import (
+        CONFIG_TYPE,
+        LAYERS,
+        config_bytes,
+        manifest_bytes,
+        write_modules_tar,
+    )
+    from banger_build.oci import OCI_MANIFEST, Descriptor
+    from banger_build.reference import Digest, Reference, ReferenceSyntaxError
+    from banger_build.registry import RegistryClient
+    from banger_build.store import Store
+
+    try:
+        ref = Reference.parse(args.ref)
+    except ReferenceSyntaxError as exc:
+        raise InputError(f"{args.ref}: {exc}", reason="invalid-reference") from None
+    for what, path in (("--kernel", args.kernel), ("--initrd", args.initrd)):
+        if path is not None and not path.is_file():
+            raise InputError(f"{what} {path}: not a file", reason="missing-input")
+    if args.modules is not None and not args.modules.is_dir():
+        raise InputError(f"--modules {args.modules}: not a directory", reason="missing-input")
+
+    store = Store(common.home(args))
+    client = RegistryClient(BlobCache(store.blobs), common.registry_options(args))
+
+    def push(path: Path, media_type: str) -> Descriptor:
+        hexdigest, size = hash_file(path)
+        digest = Digest(hexdigest)
+        client.push_blob(ref, path, digest, size)
+        return Descriptor(media_type, digest, size)
+
+    with tempfile.TemporaryDirectory(dir=store.tmp, prefix="kernel-push.") as tmp:
+        files: list[tuple[str, Descriptor]] = [("vmlinux", push(args.kernel, LAYERS["vmlinux"]))]
+        if args.initrd is not None:
+            files.append(("initrd.img", push(args.initrd, LAYERS["initrd.img"])))
+        version = ""
+        if args.modules is not None:
+            version = modules_version(args.modules)
+            tar = Path(tmp) / "modules.tar"
+            with open(tar, "wb") as out:
+                write_modules_tar(args.modules, out)
+            files.append(("modules.tar", push(tar, LAYERS["modules.tar"])))
+        config_path = Path(tmp) / "config.json"
+        config_path.write_bytes(config_bytes(version))
+        config = push(config_path, CONFIG_TYPE)
+        digest = client.push_manifest(ref, manifest_bytes(config, files), OCI_MANIFEST)
+    print(digest)
+    return 0
