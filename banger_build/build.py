@@ -89,6 +89,8 @@ class Context:
         self.injected: tuple[Injected, ...] = ()
         self.kernel: tuple[Staged, ...] = ()
         self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
+        #: a [kernel] ref artifact's manifest and config digests (for manifest.json and gc)
+        self.kernel_artifact: dict[str, str] = {}
         self.tools: dict[str, str] = {}
         self.derivation: Derivation
         # filled by the build steps
@@ -257,6 +259,9 @@ def resolve_kernel_artifact(ctx: Context) -> None:
         staged.append(Staged(name, path, desc.digest.hex, desc.size))
     ctx.kernel = tuple(staged)
     ctx.kernel_version = version
+    ctx.kernel_artifact = {
+        "reference": str(ref), "manifest": str(digest), "config": str(config.digest)
+    }
 
 
 def resolve_inputs(ctx: Context) -> None:
@@ -390,6 +395,8 @@ def write_manifest(ctx: Context) -> None:
         },
         "tools": {"banger-build": __version__, **ctx.tools},
     }
+    if ctx.kernel_artifact:  # not in the derivation: a store path is about the kernel's bytes
+        manifest["kernel_artifact"] = ctx.kernel_artifact
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     (ctx.out / MANIFEST).write_text(text, encoding="utf-8")
 

@@ -96,8 +96,9 @@ def _referenced_blobs(paths: list[Path]) -> set[str]:
     refs: set[str] = set()
     for path in paths:
         try:
-            derivation = json.loads((path / MANIFEST).read_text())["derivation"]
-        except (OSError, ValueError, KeyError):
+            manifest = json.loads((path / MANIFEST).read_text())
+            derivation = manifest["derivation"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         image = derivation.get("image", {})
         for digest in (image.get("manifest"), image.get("config")):
@@ -105,6 +106,15 @@ def _referenced_blobs(paths: list[Path]) -> set[str]:
                 refs.add(digest)
         for layer in image.get("layers", []):
             refs.add(layer.get("digest", ""))
+        # a [kernel] ref artifact: its manifest, config and file blobs
+        artifact = manifest.get("kernel_artifact") or {}
+        for digest in (artifact.get("manifest"), artifact.get("config")):
+            if isinstance(digest, str):
+                refs.add(digest)
+        if artifact:
+            for item in (derivation.get("kernel") or {}).values():
+                if isinstance(item, dict) and isinstance(item.get("sha256"), str):
+                    refs.add(f"sha256:{item['sha256']}")
     return {d.partition(":")[2] for d in refs if d.startswith("sha256:")}
 
 

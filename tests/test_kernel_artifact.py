@@ -240,3 +240,25 @@ def test_lock_kernel_pins_round_trip(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as info:
         Lock.load(path)
     assert "pinned twice" in str(info.value)
+
+
+def test_gc_keeps_a_rooted_paths_kernel_artifact_blobs(
+    tmp_path: Path, image_ref: str, registry: RegistryServer
+) -> None:
+    home = tmp_path / "home"
+    kref = f"{registry.host}/kernels/gc:1"
+    digest = push_kernel(home, kref, tmp_path / "k", modules=make_modules(tmp_path / "m"))
+    recipe = kernel_recipe(tmp_path / "r", image_ref, kref)
+    code, _, err = run_cli(home, str(recipe), "-o", str(tmp_path / "result"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "result" / "manifest.json").read_text())
+    artifact = manifest["kernel_artifact"]
+    assert artifact["manifest"] == digest and artifact["reference"] == kref
+    code, _, err = run_cli(home, "gc")
+    assert code == 0, err
+    cache = BlobCache(home / "blobs")
+    wanted = [artifact["manifest"], artifact["config"]] + [
+        f"sha256:{k['sha256']}" for k in manifest["derivation"]["kernel"].values()
+    ]
+    assert len(wanted) == 5
+    assert all(cache.get(Digest.parse(d)) is not None for d in wanted)
