@@ -34,7 +34,7 @@ from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest,
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci import ImageManifest, ManifestError, cached_manifest
 from banger_build.progress import Reporter
-from banger_build.recipe import Recipe, load_recipe
+from banger_build.recipe import Recipe, Where, load_recipe
 from banger_build.reference import Digest
 from banger_build.registry_config import RegistryOptions
 from banger_build.run import tool_version
@@ -136,34 +136,60 @@ def read_recipe(ctx: Context) -> None:
     ctx.recipe = load_recipe(ctx.recipe_path)
 
 
+def pin(
+    ctx: Context,
+    *,
+    input_name: str,
+    what: str,
+    key: str,
+    where: Where | None,
+    pinned: Digest | None,
+    resolve: Callable[[], Digest],
+    record: Callable[[Digest], Lock],
+) -> Digest:
+    """The digest an input is pinned to, by the lock mode: use the pin; "locked"
+    fails without one (at the recipe's ``key``); a missing pin, or "update" of
+    this input, asks the registry and records the new pin (reported, never silent)."""
+    mode = ctx.options.lock_mode
+    if pinned is None and mode == "locked":
+        lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
+        state = "does not exist" if not lock_path.exists() else "has no pin for it"
+        raise RecipeError(
+            f"{what} is not locked: {lock_path} {state}; run `banger-build lock {ctx.recipe.path}`",
+            file=str(ctx.recipe.path),
+            line=where.line if where else None,
+            col=where.col if where else None,
+            key=key,
+            reason="not-locked",
+        )
+    refresh = mode == "update" and ctx.options.update_input in (None, input_name)
+    if pinned is not None and not refresh:
+        return pinned
+    ctx.reporter.step(f"resolving {what}")
+    digest = resolve()
+    if digest != pinned:
+        ctx.lock = record(digest)
+        ctx.lock_changed = True
+        old = f" (was {pinned})" if pinned else ""
+        ctx.lock_notes.append(f"pinned {what} to {digest}{old}")
+    return digest
+
+
 def resolve_image(ctx: Context) -> None:
     """Lock pin (no network) or registry resolution; then manifest and config,
     from the blob cache when they are there (no registry client at all)."""
     recipe = ctx.recipe
-    lock_path = ctx.options.lock_path or lock_path_for(recipe.path)
-    ctx.lock = Lock.load(lock_path)
-    pinned = ctx.lock.image_digest(recipe.image, recipe.platform)
-    mode = ctx.options.lock_mode
-    if pinned is None and mode == "locked":
-        what = "does not exist" if not lock_path.exists() else "has no pin for it"
-        raise RecipeError(
-            f"{recipe.image} ({recipe.platform}) is not locked: {lock_path} {what}; "
-            f"run `banger-build lock {recipe.path}`",
-            file=str(recipe.path),
-            line=recipe.image_where.line if recipe.image_where else None,
-            col=recipe.image_where.col if recipe.image_where else None,
-            key="image.ref",
-            reason="not-locked",
-        )
-    digest = pinned
-    if digest is None or (mode == "update" and ctx.options.update_input in (None, "image")):
-        ctx.reporter.step(f"resolving {recipe.image} for {recipe.platform}")
-        digest = ctx.client.resolve(recipe.image, recipe.platform)
-        if digest != pinned:
-            ctx.lock = ctx.lock.with_image(recipe.image, recipe.platform, digest)
-            ctx.lock_changed = True
-            old = f" (was {pinned})" if pinned else ""
-            ctx.lock_notes.append(f"pinned {recipe.image} ({recipe.platform}) to {digest}{old}")
+    ctx.lock = Lock.load(ctx.options.lock_path or lock_path_for(recipe.path))
+    digest = pin(
+        ctx,
+        input_name="image",
+        what=f"{recipe.image} ({recipe.platform})",
+        key="image.ref",
+        where=recipe.image_where,
+        pinned=ctx.lock.image_digest(recipe.image, recipe.platform),
+        resolve=lambda: ctx.client.resolve(recipe.image, recipe.platform),
+        record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
+    )
     blobs = BlobCache(ctx.store.blobs)
     try:
         manifest = cached_manifest(blobs, digest)
@@ -216,27 +242,17 @@ def resolve_kernel_artifact(ctx: Context) -> None:
     if spec is None or spec.ref is None:
         return
     ref, where = spec.ref, spec.ref_where or spec.where
-    lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
-    pinned = ref.digest or ctx.lock.kernel_digest(ref)
-    mode = ctx.options.lock_mode
-    if pinned is None and mode == "locked":
-        what = "does not exist" if not lock_path.exists() else "has no pin for it"
-        raise RecipeError(
-            f"kernel {ref} is not locked: {lock_path} {what}; "
-            f"run `banger-build lock {ctx.recipe.path}`",
-            file=str(ctx.recipe.path), line=where.line, col=where.col,
-            key="kernel.ref", reason="not-locked",
-        )  # fmt: skip
-    digest = pinned
-    refresh = mode == "update" and ctx.options.update_input in (None, "kernel")
-    if digest is None or (refresh and ref.digest is None):
-        ctx.reporter.step(f"resolving kernel {ref}")
-        digest, _ = ctx.client.raw_manifest(ref)
-        if digest != pinned:
-            ctx.lock = ctx.lock.with_kernel(ref, digest)
-            ctx.lock_changed = True
-            old = f" (was {pinned})" if pinned else ""
-            ctx.lock_notes.append(f"pinned kernel {ref} to {digest}{old}")
+    # a reference by digest is pinned by itself and never re-resolved
+    digest = ref.digest or pin(
+        ctx,
+        input_name="kernel",
+        what=f"kernel {ref}",
+        key="kernel.ref",
+        where=where,
+        pinned=ctx.lock.kernel_digest(ref),
+        resolve=lambda: ctx.client.raw_manifest(ref)[0],
+        record=lambda d: ctx.lock.with_kernel(ref, d),
+    )
     blobs = BlobCache(ctx.store.blobs)
     cached = blobs.get(digest)
     data = cached.read_bytes() if cached is not None else ctx.client.raw_manifest(ref, digest)[1]
