@@ -100,6 +100,7 @@ class Context:
         self.plan: ext4.SizePlan
         self.extra_inodes: list[Inode] = []
         self.inode_count = 0
+        self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
 
     @property
     def client(self) -> RegistryClient:
@@ -389,11 +390,15 @@ def stage_kernel(ctx: Context) -> None:
             digest = hash_file(dest)[0]
         if digest != item.sha256:
             raise InputError(f"{item.source} changed while it was being staged", reason="io")
+        ctx.outputs[item.name] = {"sha256": item.sha256, "size": item.size}  # verified above
 
 
 def write_manifest(ctx: Context) -> None:
     outputs: dict[str, dict[str, object]] = {}
     for path in sorted(ctx.out.iterdir()):
+        if path.name in ctx.outputs:  # staged and hashed already
+            outputs[path.name] = ctx.outputs[path.name]
+            continue
         digest, size = hash_tree(path) if path.is_dir() else hash_file(path)
         outputs[path.name] = {"sha256": digest, "size": size}
     manifest = {

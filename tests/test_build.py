@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from banger_build.inputs import hash_tree
 from tests.support.e2e import BASE, CAP, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import fsck, read_image, sha256_file
 from tests.support.oci import Entry
@@ -179,3 +180,5 @@ install_modules = true
     assert seen[f"{base}/build"].target == "/usr/src/linux-headers-6.1.0-test-amd64"
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["derivation"]["modules_install"] == "/lib/modules/6.1.0-test-amd64"
+    assert manifest["outputs"]["vmlinux"] == {"sha256": sha256_file(path / "vmlinux"), "size": 6}
+    assert manifest["outputs"]["modules"]["sha256"] == hash_tree(path / "modules")[0]
