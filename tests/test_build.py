@@ -181,4 +181,4 @@ install_modules = true
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["derivation"]["modules_install"] == "/lib/modules/6.1.0-test-amd64"
     assert manifest["outputs"]["vmlinux"] == {"sha256": sha256_file(path / "vmlinux"), "size": 6}
-    assert manifest["outputs"]["modules"]["sha256"] == hash_tree(path / "modules")[0]
+    assert manifest["outputs"]["modules"]["sha256"] == hash_tree(mods)[0]  # as staged
