@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from banger_build.errors import InputError
+from banger_build.flatten import check_name
 from banger_build.inputs import Injected
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
 
@@ -151,6 +152,12 @@ def install_modules(
         src, dst, node = stack.pop()
         assert node.children is not None
         for entry in sorted(os.scandir(src), key=lambda e: e.name):
+            if check_name(entry.name, entry.name) is not None:  # the rule every layer obeys
+                raise InputError(
+                    f"{entry.path}: a name debugfs cannot carry safely (NUL, CR, LF or over "
+                    "255 bytes)",
+                    reason="unsafe-name",
+                )
             target = dst / entry.name
             if entry.is_symlink():
                 link = os.readlink(entry.path)

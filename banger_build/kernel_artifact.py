@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from banger_build.errors import InputError
+from banger_build.flatten import check_name
 from banger_build.oci import OCI_MANIFEST, Descriptor, ManifestError, _descriptor, media_type_of
 from banger_build.reference import Digest
 
@@ -175,7 +176,12 @@ def extract_modules(tar_path: Path, dest: Path) -> None:
     with tarfile.open(tar_path, mode="r:") as tar:
         for member in tar:
             name = PurePosixPath(member.name)
-            if name.is_absolute() or ".." in name.parts or not name.parts or name.parts == (".",):
+            if (
+                name.is_absolute()
+                or not name.parts
+                or name.parts == (".",)
+                or check_name(name.as_posix(), member.name) is not None
+            ):
                 raise InputError(f"{tar_path}: unsafe entry {member.name!r}", reason="invalid-modules")
             if any(parent in links for parent in name.parents):
                 raise InputError(

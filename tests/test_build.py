@@ -182,3 +182,19 @@ install_modules = true
     assert manifest["derivation"]["modules_install"] == "/lib/modules/6.1.0-test-amd64"
     assert manifest["outputs"]["vmlinux"] == {"sha256": sha256_file(path / "vmlinux"), "size": 6}
     assert manifest["outputs"]["modules"]["sha256"] == hash_tree(mods)[0]  # as staged
+
+
+def test_modules_with_a_name_debugfs_cannot_carry_are_refused(tmp_path: Path, image_ref: str) -> None:
+    mods = tmp_path / "k" / "6.1.0-test-amd64"
+    mods.mkdir(parents=True)
+    (mods / "evil\nname.ko").write_bytes(b"x")
+    (tmp_path / "k" / "vmlinuz").write_bytes(b"kernel")
+    recipe = write_recipe(tmp_path / "r", image_ref, extra=f"""
+[kernel]
+path = "{tmp_path / 'k' / 'vmlinuz'}"
+modules = "{mods}"
+install_modules = true
+""")
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 1 and out == "" and "debugfs cannot carry" in err and "Traceback" not in err
+    assert list((tmp_path / "home" / "store").iterdir()) == []
