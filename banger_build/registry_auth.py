@@ -20,15 +20,16 @@ import binascii
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger_build.errors import ToolError
 from banger_build.reference import DOCKER_HUB
 from banger_build.registry_config import RegistryOptions, canonical_host, plain_http_allowed
+from banger_build.run import run
 
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 
@@ -163,14 +164,13 @@ class CredentialStore:
     def _from_helper(helper: str, host: str) -> Credentials | None:
         server = DOCKER_HUB_CONFIG_KEY if host == DOCKER_HUB else host
         try:
-            proc = subprocess.run(
-                [f"docker-credential-{helper}", "get"],
-                input=server.encode(), capture_output=True, timeout=30, check=False,
-            )
+            # the helper may need the user's environment (keyrings, D-Bus): pass it on
+            proc = run([f"docker-credential-{helper}", "get"], input=server.encode(),
+                       env=os.environ, check=False, timeout=30)  # fmt: skip
             if proc.returncode != 0:
                 return None
             data = json.loads(proc.stdout)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
+        except (ToolError, ValueError):
             return None
         if isinstance(data, dict):
             user, secret = data.get("Username"), data.get("Secret")

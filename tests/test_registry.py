@@ -9,6 +9,7 @@ HTTP server.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -879,3 +880,30 @@ def test_stalled_blob_times_out(scripted: tuple[str, Script], tmp_path: Path) ->
     assert time.monotonic() - start < 2.5
     assert info.value.reason == "timeout", str(info.value)
     assert not client.cache.path(digest).exists()
+
+
+def test_credentials_from_a_docker_credential_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from banger_build.registry_auth import CredentialStore
+    from banger_build.run import find_tool
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-testhelper"
+    helper.write_text(
+        '#!/bin/sh\nread server\n[ "$server" = "registry.example:5000" ] || exit 1\n'
+        'printf \'{"Username": "alice", "Secret": "s3cret"}\'\n'
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    find_tool.cache_clear()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {"registry.example:5000": "testhelper"},
+                                  "credsStore": "absent-helper"}))
+    store = CredentialStore(config)
+    creds = store.get("registry.example:5000")
+    assert creds is not None and creds.username == "alice"
+    assert creds.basic() == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert "s3cret" not in repr(creds)
+    assert store.get("other.example") is None  # credsStore's helper is not installed
