@@ -453,7 +453,7 @@ def save_lock(ctx: Context) -> None:
     existed = path.exists()
     ctx.lock.save(path)
     for note in ctx.lock_notes:
-        ctx.reporter.step(f"{'updated' if existed else 'wrote'} {path}: {note}")
+        ctx.reporter.always(f"{'updated' if existed else 'wrote'} {path}: {note}")
 
 
 def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:

@@ -30,6 +30,12 @@ class Reporter:
         self.stream.write(f"[{elapsed:6.1f}s] {message}\n")
         self.stream.flush()
 
+    def always(self, message: str) -> None:
+        """Something the user must hear even with --quiet (e.g. a changed lock file)."""
+        self._clear()
+        self.stream.write(f"banger-build: {message}\n")
+        self.stream.flush()
+
     def note(self, message: str) -> None:
         if self.quiet:
             return

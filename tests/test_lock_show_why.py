@@ -54,8 +54,9 @@ def test_a_build_adding_a_pin_to_an_existing_lock_says_so(tmp_path: Path, regist
     recipe = write_recipe(tmp_path / "r", f"{registry.host}/lock/a:v1")
     assert run_cli(tmp_path / "home", "lock", str(recipe))[0] == 0
     recipe.write_text(recipe.read_text().replace("lock/a:v1", "lock/b:v1"))
-    code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
-    assert code == 0 and "updated" in err and digest_b in err
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link", "--print-out-paths")
+    assert code == 0 and "updated" in err and digest_b in err  # even with progress off
+    assert out.count("\n") == 1  # stdout is still just the store path
     assert digest_b in recipe.with_suffix(".lock").read_text()
 
 
