@@ -15,6 +15,7 @@ asking twice costs one ``stat``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -104,14 +105,11 @@ class BlobCache:
 
     def _discard(self, path: Path, digest: Digest) -> None:
         self._verified.pop(digest.hex, None)
-        try:
+        # a read-only shared cache: leave the file, but never hand it out
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass  # a read-only shared cache: leave it, but never hand it out
 
-    def put_stream(
-        self, digest: Digest, chunks: Iterable[bytes], size: int | None = None
-    ) -> Path:
+    def put_stream(self, digest: Digest, chunks: Iterable[bytes], size: int | None = None) -> Path:
         """Write ``chunks`` to the cache as ``digest``, verifying digest and size.
 
         Raises BlobMismatch (and leaves nothing behind) when the content
@@ -135,9 +133,7 @@ class BlobCache:
                     if size is not None and n > size:
                         # Too much already: stop before filling the disk.
                         h.update(chunk)
-                        raise BlobMismatch(
-                            digest, Digest(h.hexdigest()), n, expected_size=size
-                        )
+                        raise BlobMismatch(digest, Digest(h.hexdigest()), n, expected_size=size)
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -147,10 +143,8 @@ class BlobCache:
                 raise BlobMismatch(digest, actual, n, expected_size=size)
             os.replace(tmp, final)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            except FileNotFoundError:
-                pass
             raise
         fsync_dir(final.parent)
         st = final.stat()

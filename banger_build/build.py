@@ -277,7 +277,9 @@ def resolve_kernel_artifact(ctx: Context) -> None:
     ctx.kernel = tuple(staged)
     ctx.kernel_version = version
     ctx.kernel_artifact = {
-        "reference": str(ref), "manifest": str(digest), "config": str(config.digest)
+        "reference": str(ref),
+        "manifest": str(digest),
+        "config": str(config.digest),
     }
 
 
@@ -316,7 +318,7 @@ def pull_layers(ctx: Context) -> None:
             reason="config-mismatch",
         )
     ctx.reporter.step(f"pulling {len(layers)} layers of {ctx.recipe.image}")
-    for desc, diff_id in zip(layers, diff_ids):
+    for desc, diff_id in zip(layers, diff_ids, strict=True):
         path = ctx.client.blob(ctx.recipe.image, desc)
         ctx.layers.append(LayerInput(desc.digest, path, Digest.parse(str(diff_id))))
 
@@ -326,7 +328,9 @@ def flatten_layers(ctx: Context) -> None:
     flattener = Flattener(ctx.staging, ctx.epoch)
     for layer in ctx.layers:
         stats = flattener.apply(layer)
-        ctx.reporter.note(f"{layer.digest.short}: {stats.entries} entries, {stats.bytes / 1e6:.1f} MB")
+        ctx.reporter.note(
+            f"{layer.digest.short}: {stats.entries} entries, {stats.bytes / 1e6:.1f} MB"
+        )
     ctx.tree = flattener.tree
 
 
@@ -463,14 +467,18 @@ def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Con
     return ctx
 
 
-def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
+def build(
+    recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None
+) -> BuildResult:
     reporter = reporter or Reporter()
     ctx = resolve(recipe_path, options, reporter)
     name, key = ctx.derivation.name, ctx.key
     path = ctx.store.lookup(key, name)
     cached = path is not None
     if path is None:
-        with ctx.store.lock(key, on_wait=lambda: reporter.step("waiting for another build of this key")):
+        with ctx.store.lock(
+            key, on_wait=lambda: reporter.step("waiting for another build of this key")
+        ):
             path = ctx.store.lookup(key, name)
             cached = path is not None
             if path is None:
@@ -486,7 +494,6 @@ def build(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
         ctx.store.add_root(options.out_link)
     reporter.done()
     return BuildResult(path, key, cached, ctx.derivation)
-
 
 
 @dataclass(frozen=True)
@@ -521,7 +528,9 @@ def compare_outputs(stored: Path, rebuilt: Path) -> list[str]:
     return lines
 
 
-def check(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None) -> CheckResult:
+def check(
+    recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None
+) -> CheckResult:
     """Rebuild an existing store path from scratch in a temp dir and compare; change nothing."""
     reporter = reporter or Reporter()
     ctx = resolve(recipe_path, options, reporter)
@@ -532,7 +541,10 @@ def check(recipe_path: Path, options: BuildOptions, reporter: Reporter | None = 
             f"{name} (key {key}) is not in the store: build it before checking it",
             reason="not-built",
         )
-    waiting = lambda: reporter.step("waiting for a build of this key")
+
+    def waiting() -> None:
+        reporter.step("waiting for a build of this key")
+
     with ctx.store.lock(key, on_wait=waiting), ctx.store.build_dir(key) as work:
         ctx.work = work
         for step in BUILD:

@@ -20,7 +20,17 @@ from banger_build.errors import BangerError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
-    build_command, check, show, why, lock, update, ls, gc, boot, render_command, kernel
+    build_command,
+    check,
+    show,
+    why,
+    lock,
+    update,
+    ls,
+    gc,
+    boot,
+    render_command,
+    kernel,
 )
 
 

@@ -66,9 +66,7 @@ def run_script(
     script = b"".join(check_line(line) + b"\n" for line in lines)
     argv = ["debugfs", *(["-w"] if write else []), "-f", "-", os.path.abspath(image)]
     proc = run(argv, input=script, env=fake_time_env(epoch), cwd=cwd)
-    errors = [
-        line for line in proc.stderr.splitlines() if line.strip() and not _BANNER.match(line)
-    ]
+    errors = [line for line in proc.stderr.splitlines() if line.strip() and not _BANNER.match(line)]
     if errors:
         text = b"\n".join(errors[:20]).decode("utf-8", "replace")
         raise ToolError(

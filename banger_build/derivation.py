@@ -74,7 +74,11 @@ def derive(
                 "manifest": str(manifest.digest),
                 "config": str(manifest.config.digest),
                 "layers": [
-                    {"digest": str(layer.digest), "media_type": layer.media_type, "size": layer.size}
+                    {
+                        "digest": str(layer.digest),
+                        "media_type": layer.media_type,
+                        "size": layer.size,
+                    }
                     for layer in manifest.layers
                 ],
             },

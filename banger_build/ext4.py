@@ -24,9 +24,7 @@ from banger_build.tree import DIR, REG, SPECIAL, SYMLINK, Inode, Node, Tree, nam
 BLOCK = 4096
 INODE_SIZE = 256
 MiB = 1 << 20
-FEATURES = (
-    "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
-)
+FEATURES = "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 _GROUP_BLOCKS = 8 * BLOCK  # blocks per group = bits in one bitmap block
 _LOST_FOUND_INO = 11
 
@@ -188,7 +186,7 @@ def plan_size(tree: Tree, *, auto: bool, size: int) -> SizePlan:
         if not _fits(data, inodes, final):
             raise ImageError(
                 f"the size {_human(final)} is too small: the image needs at least "
-                f"{_human(needed)} ({needed} bytes); use size = \"auto\" or a larger size",
+                f'{_human(needed)} ({needed} bytes); use size = "auto" or a larger size',
                 reason="size-too-small",
             )
     return SizePlan(size=final, inodes=_inode_count(inodes, final), needed=needed)
@@ -282,9 +280,7 @@ def assign_inodes(image: Path, tree: Tree, *, epoch: int) -> list[Inode]:
                 child = by_name.pop(entry.name, None)
                 if child is None:
                     if node is tree.root and entry.name == b"lost+found":
-                        extra.append(
-                            Inode(DIR, perm=0o700, mtime=epoch, ino=entry.ino)
-                        )
+                        extra.append(Inode(DIR, perm=0o700, mtime=epoch, ino=entry.ino))
                         continue
                     raise ImageError(f"mkfs produced an unexpected entry {entry.name!r}")
                 if child.inode.ino not in (0, entry.ino):
@@ -324,7 +320,7 @@ def make_special_nodes(image: Path, tree: Tree, *, epoch: int) -> None:
     allocated = debugfs.parse_allocated(debugfs.run_script(image, script, epoch=epoch, write=True))
     if len(allocated) != len(made):
         raise ImageError("debugfs mknod did not allocate every special node")
-    for (_, _, inode), number in zip(made, allocated):
+    for (_, _, inode), number in zip(made, allocated, strict=True):
         inode.ino = number
     script = []
     for dir_node, name, inode in linked:
@@ -380,7 +376,9 @@ def ownership_script(inodes: list[Inode], *, epoch: int, xattr_dir: Path) -> lis
     return lines
 
 
-def apply_metadata(image: Path, tree: Tree, extra: list[Inode], *, epoch: int, workdir: Path) -> int:
+def apply_metadata(
+    image: Path, tree: Tree, extra: list[Inode], *, epoch: int, workdir: Path
+) -> int:
     """Restore owner, mode, times and xattrs of every inode in one debugfs run."""
     xattr_dir = workdir / "xattrs"
     xattr_dir.mkdir(exist_ok=True)

@@ -202,7 +202,9 @@ class Flattener:
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise LayerError(f"corrupt layer: {exc}", layer=self._layer, reason="corrupt") from exc
         except zstandard.ZstdError as exc:
-            raise LayerError(f"corrupt zstd stream: {exc}", layer=self._layer, reason="corrupt") from exc
+            raise LayerError(
+                f"corrupt zstd stream: {exc}", layer=self._layer, reason="corrupt"
+            ) from exc
         if layer.diff_id is not None and hashing.sha.hexdigest() != layer.diff_id.hex:
             raise LayerError(
                 f"uncompressed content has digest sha256:{hashing.sha.hexdigest()}, "
@@ -285,7 +287,9 @@ class Flattener:
             self._set_meta(inode, member)
             parent_node.children[base] = Node(inode)
         else:
-            raise self._refuse(raw, f"unsupported tar entry type {member.type!r}", "unsupported-type")
+            raise self._refuse(
+                raw, f"unsupported tar entry type {member.type!r}", "unsupported-type"
+            )
         self._mark_created(path)
 
     def _hardlink(
@@ -397,9 +401,7 @@ class Flattener:
         inode.mtime = max(0, min(int(member.mtime), MAX_TIME))
         xattrs = _xattrs(member)
         for name in xattrs:
-            if not name.startswith(_XATTR_NAMESPACES) or any(
-                c in name for c in "\x00\r\n \"'\\"
-            ):
+            if not name.startswith(_XATTR_NAMESPACES) or any(c in name for c in "\x00\r\n \"'\\"):
                 raise self._refuse(member.name, f"unsupported xattr name {name!r}", "unsafe-xattr")
         inode.xattrs = xattrs
 
@@ -424,4 +426,3 @@ def flatten(layers: Sequence[LayerInput], staging: Path, epoch: int = 0) -> Tree
     for layer in layers:
         flattener.apply(layer)
     return flattener.tree
-

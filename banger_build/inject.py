@@ -82,7 +82,9 @@ class OwnerResolver:
 
     def resolve(self, owner: str, dest: str) -> tuple[int, int]:
         user, _, group = owner.partition(":")
-        return self._one(user, self._users, "user", dest), self._one(group, self._groups, "group", dest)
+        return self._one(user, self._users, "user", dest), self._one(
+            group, self._groups, "group", dest
+        )
 
     @staticmethod
     def _one(name: str, table: dict[str, int], what: str, dest: str) -> int:
@@ -117,8 +119,15 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
             existing.inode.nlink -= 1
         if item.kind == "symlink":
             os.symlink(item.target, stage_path)
-            inode = Inode(SYMLINK, uid, gid, 0o777, epoch, size=len(name_bytes(item.target)),
-                          target=item.target)
+            inode = Inode(
+                SYMLINK,
+                uid,
+                gid,
+                0o777,
+                epoch,
+                size=len(name_bytes(item.target)),
+                target=item.target,
+            )
         else:
             if item.source is not None:
                 shutil.copyfile(item.source, stage_path)
@@ -130,9 +139,7 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
         dir_node.children[name] = Node(inode)
 
 
-def install_modules(
-    tree: Tree, staging: Path, modules: Path, version: str, *, epoch: int
-) -> str:
+def install_modules(tree: Tree, staging: Path, modules: Path, version: str, *, epoch: int) -> str:
     """Copy a kernel's ``lib/modules/<version>`` directory into the image.
 
     Returns the guest path. Everything is root-owned, directories 0755 and

@@ -90,7 +90,9 @@ def _read_input(path: Path, where: Where, what: str) -> tuple[str, int]:
     except FileNotFoundError:
         raise InputError(f"{where}: {what} {path} does not exist", reason="missing-input") from None
     except OSError as exc:
-        raise InputError(f"{where}: cannot read {what} {path}: {exc.strerror}", reason="io") from exc
+        raise InputError(
+            f"{where}: cannot read {what} {path}: {exc.strerror}", reason="io"
+        ) from exc
 
 
 def template_context(recipe: Recipe) -> dict[str, Any]:
@@ -118,9 +120,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     context = template_context(recipe)
     for t in recipe.templates:
         if not t.src.is_file():
-            raise InputError(
-                f"{t.where}: template {t.src} does not exist", reason="missing-input"
-            )
+            raise InputError(f"{t.where}: template {t.src} does not exist", reason="missing-input")
         data = render_template(t.src, context, label=str(t.src))
         digest = hashlib.sha256(data).hexdigest()
         out.append(Injected(t.dest, "template", t.mode, t.owner, digest, data=data))
@@ -140,7 +140,11 @@ def resolve_kernel(kernel: KernelSpec | None) -> tuple[Staged, ...]:
     if kernel is None:
         return ()
     out = []
-    for name, path in (("vmlinux", kernel.path), ("initrd.img", kernel.initrd), ("modules", kernel.modules)):
+    for name, path in (
+        ("vmlinux", kernel.path),
+        ("initrd.img", kernel.initrd),
+        ("modules", kernel.modules),
+    ):
         if path is None:
             continue
         digest, size = _read_input(path, kernel.where, f"kernel {name}")

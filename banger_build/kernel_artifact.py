@@ -102,7 +102,11 @@ def manifest_bytes(config: Descriptor, files: list[tuple[str, Descriptor]]) -> b
     """The artifact's OCI image manifest, canonical JSON (same inputs, same digest)."""
 
     def desc(d: Descriptor, title: str | None = None) -> dict[str, object]:
-        out: dict[str, object] = {"mediaType": d.media_type, "digest": str(d.digest), "size": d.size}
+        out: dict[str, object] = {
+            "mediaType": d.media_type,
+            "digest": str(d.digest),
+            "size": d.size,
+        }
         if title is not None:
             out["annotations"] = {TITLE: title}
         return out
@@ -182,7 +186,9 @@ def extract_modules(tar_path: Path, dest: Path) -> None:
                 or name.parts == (".",)
                 or check_name(name.as_posix(), member.name) is not None
             ):
-                raise InputError(f"{tar_path}: unsafe entry {member.name!r}", reason="invalid-modules")
+                raise InputError(
+                    f"{tar_path}: unsafe entry {member.name!r}", reason="invalid-modules"
+                )
             if any(parent in links for parent in name.parents):
                 raise InputError(
                     f"{tar_path}: {member.name!r} lies under a symlink", reason="invalid-modules"

@@ -222,6 +222,4 @@ class Lock:
         fsync_dir(path.parent)
 
 
-
-
 __all__ = ["HEADER", "LOCK_VERSION", "ImagePin", "KernelPin", "Lock", "lock_path_for"]

@@ -113,16 +113,18 @@ def media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]
     if header:
         mt = header.split(";", 1)[0].strip()
         if mt in DOCKER_SCHEMA1:
-            raise ManifestError(f"unsupported manifest media type {mt}",
-                                reason="unsupported-media-type")
+            raise ManifestError(
+                f"unsupported manifest media type {mt}", reason="unsupported-media-type"
+            )
         if mt and mt not in ("application/json", "application/octet-stream", "text/plain"):
             return mt, body
     if "manifests" in body:
         return OCI_INDEX, body
     if "config" in body and "layers" in body:
         return OCI_MANIFEST, body
-    raise ManifestError("cannot tell what kind of manifest this is (no mediaType)",
-                        reason="unsupported-media-type")
+    raise ManifestError(
+        "cannot tell what kind of manifest this is (no mediaType)", reason="unsupported-media-type"
+    )
 
 
 def _descriptor(obj: object, what: str) -> Descriptor:
@@ -156,11 +158,13 @@ def parse_image_manifest(digest: Digest, data: bytes, header: str | None = None)
             reason="unsupported-media-type",
         )
     if media_type not in MANIFEST_TYPES:
-        raise ManifestError(f"unsupported manifest media type {media_type}",
-                            reason="unsupported-media-type")
+        raise ManifestError(
+            f"unsupported manifest media type {media_type}", reason="unsupported-media-type"
+        )
     if body.get("schemaVersion") != 2:
-        raise ManifestError(f"unsupported schemaVersion {body.get('schemaVersion')!r}",
-                            reason="invalid-manifest")
+        raise ManifestError(
+            f"unsupported schemaVersion {body.get('schemaVersion')!r}", reason="invalid-manifest"
+        )
     config = _descriptor(body.get("config"), "config")
     if config.media_type not in CONFIG_TYPES:
         raise ManifestError(
@@ -193,8 +197,9 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
     """The digest of the first entry of image index ``body`` that matches ``platform``."""
     entries = body.get("manifests")
     if not isinstance(entries, list):
-        raise ManifestError(f"image index {index_digest} has no manifests list",
-                            reason="invalid-manifest")
+        raise ManifestError(
+            f"image index {index_digest} has no manifests list", reason="invalid-manifest"
+        )
     available: list[str] = []
     for i, entry in enumerate(entries):
         desc = _descriptor(entry, f"index entry {i}")
@@ -206,8 +211,7 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
         if desc.platform is not None and platform.matches(spec):
             if desc.media_type not in MANIFEST_TYPES | INDEX_TYPES:
                 raise ManifestError(
-                    f"index entry for {platform} has unsupported media type "
-                    f"{desc.media_type}",
+                    f"index entry for {platform} has unsupported media type {desc.media_type}",
                     reason="unsupported-media-type",
                 )
             return desc.digest

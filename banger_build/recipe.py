@@ -325,7 +325,7 @@ def check_value(doc: Doc, value: Any, key: Key, path: KeyPath) -> Any:
     ):
         raise doc.error(
             path,
-            f"integer {value} is decimal; write the mode as a string such as \"0644\" "
+            f'integer {value} is decimal; write the mode as a string such as "0644" '
             f"or as an octal literal such as {key.int_prefix}644",
             "value",
         )
@@ -630,11 +630,16 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
                     )
         elif install and "modules" not in k:
             raise doc.error(
-                ("kernel", "install_modules"), "needs kernel.modules (the modules directory)",
+                ("kernel", "install_modules"),
+                "needs kernel.modules (the modules directory)",
                 "missing-key",
             )
         kernel = KernelSpec(
-            k.get("path"), k.get("initrd"), k.get("modules"), doc.where(("kernel",)), install,
+            k.get("path"),
+            k.get("initrd"),
+            k.get("modules"),
+            doc.where(("kernel",)),
+            install,
             ref=k.get("ref"),
             ref_where=doc.where(("kernel", "ref")) if "ref" in k else None,
         )

@@ -38,6 +38,7 @@ Every requests/oras exception, and every ``oci.ManifestError`` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -121,7 +122,7 @@ def _summarise_body(resp: requests.Response) -> str:
             raw = resp.content[:MAX_ERROR_BODY]
         else:
             raw = resp.raw.read(MAX_ERROR_BODY, decode_content=True) if resp.raw else b""
-    except Exception:  # noqa: BLE001 - the body is only a hint
+    except Exception:
         raw = b""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
     try:
@@ -150,8 +151,9 @@ def _status_failure(resp: requests.Response, what: str, hint: str = "") -> _Fail
     resp.close()
     suffix = f": {summary}" if summary else ""
     if status == 401:
-        return _Failure(f"{what}: authentication failed or required{suffix}{hint}",
-                        reason="auth", status=status)
+        return _Failure(
+            f"{what}: authentication failed or required{suffix}{hint}", reason="auth", status=status
+        )
     if status == 403:
         return _Failure(f"{what}: access denied{suffix}{hint}", reason="auth", status=status)
     if status == 404:
@@ -167,8 +169,15 @@ def _why(exc: BaseException) -> str:
     found = _ERRNO_RE.findall(text)
     if found:
         return str(found[-1]).strip().rstrip(".")
-    for hint in ("Connection refused", "Name or service not known", "timed out",
-                 "Connection reset", "Connection aborted", "IncompleteRead", "Read timed out"):
+    for hint in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "Connection reset",
+        "Connection aborted",
+        "IncompleteRead",
+        "Read timed out",
+    ):
         if hint in text:
             return hint
     return type(exc).__name__
@@ -181,8 +190,9 @@ def _request_failure(exc: requests.RequestException, base: str) -> _Failure:
         return _Failure(f"cannot connect to {base}: timed out", reason="unreachable")
     if isinstance(exc, requests.exceptions.ReadTimeout):
         return _Failure(f"{base} stopped responding (read timed out)", reason="timeout")
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ContentDecodingError)):
+    if isinstance(
+        exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
+    ):
         return _Failure(f"transfer from {base} was interrupted: {_why(exc)}", reason="interrupted")
     if isinstance(exc, requests.exceptions.ConnectionError):
         if "Read timed out" in str(exc):  # a timeout while streaming a body
@@ -318,15 +328,27 @@ class _Endpoint(oras.provider.Registry):  # type: ignore[misc]
             if sent is not None:
                 request_headers["Authorization"] = sent
             resp = _send_with_retries(
-                self.session, method, url, self._options.retries,
-                data=data, json=json, headers=request_headers, stream=stream,
-                timeout=timeout, verify=self._tls_verify, allow_redirects=True,
+                self.session,
+                method,
+                url,
+                self._options.retries,
+                data=data,
+                json=json,
+                headers=request_headers,
+                stream=stream,
+                timeout=timeout,
+                verify=self._tls_verify,
+                allow_redirects=True,
             )
             if resp.status_code != 401:
                 return resp
             retry = self._state.answer(
-                resp.headers.get("WWW-Authenticate", ""), self.netloc, self.cred_host, scope,
-                sent, self._fetch_token,
+                resp.headers.get("WWW-Authenticate", ""),
+                self.netloc,
+                self.cred_host,
+                scope,
+                sent,
+                self._fetch_token,
             )
             if not retry:
                 return resp
@@ -348,15 +370,22 @@ class _Endpoint(oras.provider.Registry):  # type: ignore[misc]
             headers["Authorization"] = creds.basic()
         timeout = (min(CONNECT_TIMEOUT, self._options.timeout), self._options.timeout)
         resp = _send_with_retries(
-            self.session, "GET", realm, self._options.retries,
-            params=params, headers=headers, timeout=timeout, allow_redirects=True,
+            self.session,
+            "GET",
+            realm,
+            self._options.retries,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=True,
         )
         if resp.status_code != 200:
             failure = _status_failure(resp, f"token request to {netloc}")
             who = "with the configured credentials" if creds else "anonymously"
             raise _Failure(
                 f"{failure.message} (requested scope {scope!r} {who})",
-                reason="auth", status=failure.status,
+                reason="auth",
+                status=failure.status,
             )
         try:
             data = resp.json()
@@ -461,20 +490,24 @@ class RegistryClient:
         try:
             return op(self._endpoint(base, ref))
         except (_Failure, AuthError) as exc:
-            raise RegistryError(exc.message, reference=str(ref), status=exc.status,
-                                reason=exc.reason) from exc
+            raise RegistryError(
+                exc.message, reference=str(ref), status=exc.status, reason=exc.reason
+            ) from exc
         except BlobMismatch as exc:
-            raise RegistryError(f"{base} served content that does not match its digest: {exc}",
-                                reference=str(ref), reason="digest-mismatch") from exc
+            raise RegistryError(
+                f"{base} served content that does not match its digest: {exc}",
+                reference=str(ref),
+                reason="digest-mismatch",
+            ) from exc
         except requests.RequestException as exc:
             failure = _request_failure(exc, base)
-            raise RegistryError(failure.message, reference=str(ref),
-                                reason=failure.reason) from exc
+            raise RegistryError(failure.message, reference=str(ref), reason=failure.reason) from exc
         except OSError as exc:  # the local cache, not the network
             raise StoreError(f"blob cache {self.cache.root}: {exc}", reason="blob-cache") from exc
         except (ValueError, KeyError, TypeError) as exc:  # from inside oras
-            raise RegistryError(f"unexpected response from {base}: {exc}", reference=str(ref),
-                                reason="protocol") from exc
+            raise RegistryError(
+                f"unexpected response from {base}: {exc}", reference=str(ref), reason="protocol"
+            ) from exc
 
     def _each(self, ref: Reference, op: Callable[[_Endpoint], T], *, push: bool = False) -> T:
         """Try ``op`` on each endpoint in order; an error names every attempt."""
@@ -493,7 +526,9 @@ class RegistryClient:
         last = errors[-1][1]
         raise RegistryError(
             f"every endpoint failed ({len(errors)} tried):\n" + "\n".join(lines),
-            reference=str(ref), status=last.status, reason=last.reason,
+            reference=str(ref),
+            status=last.status,
+            reason=last.reason,
         ) from last
 
     # -- manifests
@@ -507,14 +542,17 @@ class RegistryClient:
                 raise ep.fail(resp, f"GET manifest {target} from {ep.base}")
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > MAX_MANIFEST:
-                raise _Failure(f"manifest {target} is too large ({length} bytes)",
-                               reason="invalid-manifest")
+                raise _Failure(
+                    f"manifest {target} is too large ({length} bytes)", reason="invalid-manifest"
+                )
             buf = bytearray()
             for chunk in resp.iter_content(64 << 10):
                 buf += chunk
                 if len(buf) > MAX_MANIFEST:
-                    raise _Failure(f"manifest {target} is larger than {MAX_MANIFEST} bytes",
-                                   reason="invalid-manifest")
+                    raise _Failure(
+                        f"manifest {target} is larger than {MAX_MANIFEST} bytes",
+                        reason="invalid-manifest",
+                    )
             data = bytes(buf)
             header_digest = resp.headers.get("Docker-Content-Digest", "").strip()
             content_type = resp.headers.get("Content-Type")
@@ -524,8 +562,9 @@ class RegistryClient:
             try:
                 wanted = Digest.parse(header_digest)
             except ReferenceSyntaxError:
-                raise _Failure(f"invalid Docker-Content-Digest header {header_digest!r}",
-                               reason="protocol") from None
+                raise _Failure(
+                    f"invalid Docker-Content-Digest header {header_digest!r}", reason="protocol"
+                ) from None
         if wanted is not None and actual != wanted:
             raise BlobMismatch(wanted, actual, len(data))
         self.cache.put_bytes(actual, data)
@@ -567,8 +606,9 @@ class RegistryClient:
             except ManifestError as exc:
                 raise exc.error_for(str(ref)) from exc
             digest, data, header = self._manifest_bytes(ref, digest, None)
-        raise RegistryError("image indexes nest too deeply", reference=str(ref),
-                            reason="invalid-manifest")
+        raise RegistryError(
+            "image indexes nest too deeply", reference=str(ref), reason="invalid-manifest"
+        )
 
     def raw_manifest(self, ref: Reference, digest: Digest | None = None) -> tuple[Digest, bytes]:
         """Any manifest's verified bytes: by ``digest`` (cache first, no network),
@@ -599,9 +639,11 @@ class RegistryClient:
         while True:
             try:
                 return self._download_once(ep, ref, desc, name)
-            except (requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ConnectionError,
-                    requests.exceptions.ReadTimeout):
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ConnectionError,
+                requests.exceptions.ReadTimeout,
+            ):
                 if attempt >= self.options.retries:
                     raise
                 time.sleep(_backoff(attempt))
@@ -647,7 +689,8 @@ class RegistryClient:
             if ep.blob_exists({"digest": str(digest), "size": size}, container):
                 return
             resp = ep.do_request(
-                ep.url(container.upload_blob_url()), "POST",
+                ep.url(container.upload_blob_url()),
+                "POST",
                 headers={"Content-Length": "0"},
             )
             with resp:
@@ -655,16 +698,19 @@ class RegistryClient:
                     raise ep.fail(resp, f"starting an upload to {ep.base}")
                 location = ep._get_location(resp, container)
             if not location:
-                raise _Failure(f"{ep.base} started an upload without a Location",
-                               reason="protocol")
+                raise _Failure(f"{ep.base} started an upload without a Location", reason="protocol")
             put_url = oras.utils.append_url_params(location, {"digest": str(digest)})
             name = digest.short
             with open(path, "rb") as f:
                 reader = _ProgressReader(f, size, lambda done: self._report(name, done, size))
                 resp = ep.do_request(
-                    put_url, "PUT", data=reader,
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Length": str(size)},
+                    put_url,
+                    "PUT",
+                    data=reader,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(size),
+                    },
                 )
             with resp:
                 if resp.status_code not in (200, 201, 202):
@@ -675,16 +721,20 @@ class RegistryClient:
         except OSError as exc:
             raise InputError(f"cannot push {path}: {exc.strerror}", reason="input-missing") from exc
         if actual != size:
-            raise InputError(f"cannot push {path}: it has {actual} bytes, expected {size}",
-                             reason="blob-size")
+            raise InputError(
+                f"cannot push {path}: it has {actual} bytes, expected {size}", reason="blob-size"
+            )
         self._each(ref, op, push=True)
 
     def push_manifest(self, ref: Reference, data: bytes, media_type: str) -> Digest:
         """PUT manifest bytes under ``ref``'s tag (or digest); return their digest."""
         digest = Digest(hashlib.sha256(data).hexdigest())
         if ref.digest is not None and ref.tag is None and ref.digest != digest:
-            raise RegistryError(f"manifest bytes hash to {digest}, not {ref.digest}",
-                                reference=str(ref), reason="digest-mismatch")
+            raise RegistryError(
+                f"manifest bytes hash to {digest}, not {ref.digest}",
+                reference=str(ref),
+                reason="digest-mismatch",
+            )
         target = ref.tag if ref.tag is not None else str(digest)
 
         def op(ep: _Endpoint) -> Digest:
@@ -695,13 +745,13 @@ class RegistryClient:
                     raise ep.fail(resp, f"PUT manifest {target} to {ep.base}")
                 header = resp.headers.get("Docker-Content-Digest", "").strip()
             if header.startswith("sha256:") and header != str(digest):
-                raise _Failure(f"{ep.base} stored the manifest as {header}, expected {digest}",
-                               reason="digest-mismatch")
+                raise _Failure(
+                    f"{ep.base} stored the manifest as {header}, expected {digest}",
+                    reason="digest-mismatch",
+                )
             return digest
 
         result = self._each(ref, op, push=True)
-        try:
+        with contextlib.suppress(OSError):  # the cache is a convenience here
             self.cache.put_bytes(digest, data)
-        except OSError:
-            pass  # the cache is a convenience here
         return result

@@ -70,10 +70,7 @@ class Credentials:
 
 def _config_key_host(key: str) -> str:
     """A Docker config ``auths`` key (host, URL) -> canonical host[:port]."""
-    if "://" in key:
-        key = urllib.parse.urlsplit(key).netloc
-    else:
-        key = key.split("/", 1)[0]
+    key = urllib.parse.urlsplit(key).netloc if "://" in key else key.split("/", 1)[0]
     return canonical_host(key)
 
 

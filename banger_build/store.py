@@ -132,7 +132,7 @@ class Store:
 
 
 def make_read_only(root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = os.path.join(dirpath, name)
             if not os.path.islink(p):
@@ -164,4 +164,6 @@ def set_out_link(link: Path, target: Path) -> None:
         os.symlink(target, tmp)
         os.replace(tmp, link)
     except OSError as exc:
-        raise StoreError(f"cannot create out-link {link}: {exc.strerror}", reason="out-link") from exc
+        raise StoreError(
+            f"cannot create out-link {link}: {exc.strerror}", reason="out-link"
+        ) from exc

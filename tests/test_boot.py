@@ -340,7 +340,10 @@ def test_timeout_kills_qemu_and_says_so(
 def test_panic_reboot_and_missing_texts_fail(
     store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = "switch_root: can't execute '/sbin/init'|Kernel panic - not syncing: Attempted to kill init!|"
+    out = (
+        "switch_root: can't execute '/sbin/init'|"
+        "Kernel panic - not syncing: Attempted to kill init!|"
+    )
     with pytest.raises(BootError, match="guest kernel panicked.*Attempted to kill init") as exc:
         fake_boot(monkeypatch, store_path, out)
     assert exc.value.reason == "guest-panic"

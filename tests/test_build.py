@@ -162,12 +162,16 @@ def test_kernel_is_staged_and_modules_installed(tmp_path: Path, image_ref: str) 
     (mods / "build").symlink_to("/usr/src/linux-headers-6.1.0-test-amd64")
     os.chmod(mods / "modules.order", 0o600)  # source modes do not leak into the image
     (kdir / "vmlinuz").write_bytes(b"kernel")
-    recipe = write_recipe(tmp_path / "r", image_ref, extra=f"""
+    recipe = write_recipe(
+        tmp_path / "r",
+        image_ref,
+        extra=f"""
 [kernel]
-path = "{kdir / 'vmlinuz'}"
+path = "{kdir / "vmlinuz"}"
 modules = "{mods}"
 install_modules = true
-""")
+""",
+    )
     code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
     assert code == 0, err
     path = Path(out.strip())
@@ -184,17 +188,23 @@ install_modules = true
     assert manifest["outputs"]["modules"]["sha256"] == hash_tree(mods)[0]  # as staged
 
 
-def test_modules_with_a_name_debugfs_cannot_carry_are_refused(tmp_path: Path, image_ref: str) -> None:
+def test_modules_with_a_name_debugfs_cannot_carry_are_refused(
+    tmp_path: Path, image_ref: str
+) -> None:
     mods = tmp_path / "k" / "6.1.0-test-amd64"
     mods.mkdir(parents=True)
     (mods / "evil\nname.ko").write_bytes(b"x")
     (tmp_path / "k" / "vmlinuz").write_bytes(b"kernel")
-    recipe = write_recipe(tmp_path / "r", image_ref, extra=f"""
+    recipe = write_recipe(
+        tmp_path / "r",
+        image_ref,
+        extra=f"""
 [kernel]
-path = "{tmp_path / 'k' / 'vmlinuz'}"
+path = "{tmp_path / "k" / "vmlinuz"}"
 modules = "{mods}"
 install_modules = true
-""")
+""",
+    )
     code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
     assert code == 1 and out == "" and "debugfs cannot carry" in err and "Traceback" not in err
     assert list((tmp_path / "home" / "store").iterdir()) == []

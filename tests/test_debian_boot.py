@@ -47,20 +47,23 @@ for u in banger-network banger-vsock-agent banger-first-boot; do
     say "unit $u $(systemctl show -p ActiveState --value $u.service)" \\
         "$(systemctl show -p Result --value $u.service)"
 done
-if [ -e /var/lib/banger/first-boot-pending ]; then say "marker present"; else say "marker absent"; fi
+if [ -e /var/lib/banger/first-boot-pending ]; then say "marker present"
+else say "marker absent"; fi
 say "machine-id $(cat /etc/machine-id)"
 say "su $(stat -c '%a %u %g' /usr/bin/su)"
 say "shadow $(stat -c '%a %U %G' /etc/shadow)"
 say "agent $(stat -c '%a %u %g' /usr/local/bin/banger-vsock-agent)"
-if [ -d "/lib/modules/$(uname -r)/kernel" ]; then say "modules present"; else say "modules missing"; fi
+if [ -d "/lib/modules/$(uname -r)/kernel" ]; then say "modules present"
+else say "modules missing"; fi
 echo BANGER-CHECK-DONE > /dev/console
 """
 
 
 def _recipe(top: Path, kernel: KernelFiles) -> Path:
     for name in ("recipes", "templates", "agents"):
-        shutil.copytree(REPO / name, top / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("*.lock"))
+        shutil.copytree(
+            REPO / name, top / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
+        )
     d = top / "recipes"
     (d / "machine-id").write_text(BAKED_ID + "\n")
     (d / "banger-check.service.j2").write_text(CHECK_UNIT)
@@ -118,7 +121,8 @@ def test_debian_boots_with_the_guest_set_running(
     assert code == 0, f"{err}\n--- console (end) ---\n{console[-4000:]}"
     print(f"booted to the check unit in {boot_s:.1f}s")
     facts = dict(
-        line.split(" ", 1) for line in re.findall(r"BANGER-CHECK (\S+ .*?)\r?$", console, re.MULTILINE)
+        line.split(" ", 1)
+        for line in re.findall(r"BANGER-CHECK (\S+ .*?)\r?$", console, re.MULTILINE)
         if " " in line
     )
     units = re.findall(r"BANGER-CHECK unit (\S+) (\S+) (\S+)", console)
@@ -141,8 +145,9 @@ def test_boot_recipe_with_user_supplied_kernel(
     """`banger-build boot recipes/debian.toml --expect ...`: the recipe names no kernel;
     the user supplies one, as a microVM manager would."""
     for name in ("recipes", "templates", "agents"):
-        shutil.copytree(REPO / name, tmp_path / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("*.lock"))
+        shutil.copytree(
+            REPO / name, tmp_path / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
+        )
     code, _, err = run_cli(
         tmp_path / "home", "boot", str(tmp_path / "recipes" / "debian.toml"), "--accel", "tcg",
         "--mirror", debian_image.mirror,

@@ -48,8 +48,15 @@ def built(debian_oci_layout: Path, unpriv_venv: object, tmp_path_factory: pytest
     started = time.monotonic()
     warm = user.run([*args, f"docker.io={server.url}"], timeout=60)
     warm_s = time.monotonic() - started
-    yield {"user": user, "cold": cold, "warm": warm, "cold_s": cold_s, "warm_s": warm_s,
-           "recipe": recipe, "layout": debian_oci_layout}
+    yield {
+        "user": user,
+        "cold": cold,
+        "warm": warm,
+        "cold_s": cold_s,
+        "warm_s": warm_s,
+        "recipe": recipe,
+        "layout": debian_oci_layout,
+    }
     user.cleanup()
 
 
@@ -87,8 +94,15 @@ def test_every_path_matches_the_tar_headers(built: dict) -> None:  # type: ignor
             mismatches.append(f"{path}: missing")
             continue
         want = (exp.type, exp.uid, exp.gid, exp.mode, exp.linkname, exp.rdev, exp.xattrs)
-        have = (got.type, got.uid, got.gid, got.mode, got.target if exp.linkname else None,
-                got.rdev if exp.rdev else None, got.xattrs)
+        have = (
+            got.type,
+            got.uid,
+            got.gid,
+            got.mode,
+            got.target if exp.linkname else None,
+            got.rdev if exp.rdev else None,
+            got.xattrs,
+        )
         if want != have:
             mismatches.append(f"{path}: want {want}, have {have}")
         if exp.type == "reg" and (got.size, got.sha256) != (exp.size, exp.sha256):

@@ -29,7 +29,7 @@ def test_check_line_refuses_shell_escapes_and_long_lines(line: bytes) -> None:
 def test_parse_ls_skips_unused_slots_and_splits_names() -> None:
     out = (
         b"debugfs: ls -p <2>\n/2/040755/0/0/.//\n/2/040755/0/0/..//\n"
-        b"/12/100644/1000/100/we\"ird name 5/5/\n\n"
+        b'/12/100644/1000/100/we"ird name 5/5/\n\n'
         b"debugfs: ls -p <11>\n/11/040700/0/0/.//\n/0/000000/0/0//0/\n"
     )
     parsed = debugfs.parse_ls(out)

@@ -46,7 +46,9 @@ def test_exact_needed_size_builds(tmp_path: Path) -> None:
     needed = ext4.plan_size(tree, auto=True, size=0).needed
     plan = ext4.plan_size(tree, auto=False, size=needed)
     (tmp_path / "w").mkdir()
-    ext4.make_filesystem(tmp_path / "img", staging, plan, key="b" * 32, epoch=5, workdir=tmp_path / "w")
+    ext4.make_filesystem(
+        tmp_path / "img", staging, plan, key="b" * 32, epoch=5, workdir=tmp_path / "w"
+    )
     ext4.check_filesystem(tmp_path / "img")
 
 
@@ -79,6 +81,7 @@ def test_auto_and_needed_sizes_build_across_journal_thresholds(tmp_path: Path, m
     auto = ext4.plan_size(f.tree, auto=True, size=0)
     for i, plan in enumerate((auto, ext4.plan_size(f.tree, auto=False, size=auto.needed))):
         image = tmp_path / f"img{i}"
-        ext4.make_filesystem(image, tmp_path / "staging", plan, key="f" * 32, epoch=5,
-                             workdir=tmp_path / "w")
+        ext4.make_filesystem(
+            image, tmp_path / "staging", plan, key="f" * 32, epoch=5, workdir=tmp_path / "w"
+        )
         ext4.check_filesystem(image)

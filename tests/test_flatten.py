@@ -45,24 +45,29 @@ def build_image(tmp: Path, layers: list[LayerInput], *, key: str = "k" * 32) -> 
 
 
 def test_every_entry_type_and_its_metadata_reach_the_image(tmp_path: Path) -> None:
-    layer = write_layer(tmp_path, [
-        member("etc", "dir", mode=0o755),
-        member("etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42),
-        member("usr/bin/su", data=b"\x7fELF su", mode=0o4755),
-        member("usr/bin/wall", data=b"wall", mode=0o2755, gid=5),
-        member("tmp", "dir", mode=0o1777),
-        member("bin/ping", data=b"ping", mode=0o755, xattrs={"security.capability": CAP}),
-        member("home/user", "dir", mode=0o700, uid=1000, gid=1000),
-        member("home/user/.profile", data=b"x", mode=0o600, uid=1000, gid=1000, mtime=1234567890),
-        member("lib", "symlink", linkname="usr/lib"),
-        member("usr/lib", "dir"),
-        member("usr/bin/link", "hardlink", linkname="usr/bin/su"),
-        member("dev", "dir"),
-        member("dev/null", "chr", mode=0o666, dev=(1, 3)),
-        member("dev/sda", "blk", mode=0o660, gid=6, dev=(8, 0)),
-        member("run/initctl", "fifo", mode=0o600),
-        member("etc/long-symlink", "symlink", linkname="/usr/share/" + "x" * 100),
-    ])
+    layer = write_layer(
+        tmp_path,
+        [
+            member("etc", "dir", mode=0o755),
+            member("etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42),
+            member("usr/bin/su", data=b"\x7fELF su", mode=0o4755),
+            member("usr/bin/wall", data=b"wall", mode=0o2755, gid=5),
+            member("tmp", "dir", mode=0o1777),
+            member("bin/ping", data=b"ping", mode=0o755, xattrs={"security.capability": CAP}),
+            member("home/user", "dir", mode=0o700, uid=1000, gid=1000),
+            member(
+                "home/user/.profile", data=b"x", mode=0o600, uid=1000, gid=1000, mtime=1234567890
+            ),
+            member("lib", "symlink", linkname="usr/lib"),
+            member("usr/lib", "dir"),
+            member("usr/bin/link", "hardlink", linkname="usr/bin/su"),
+            member("dev", "dir"),
+            member("dev/null", "chr", mode=0o666, dev=(1, 3)),
+            member("dev/sda", "blk", mode=0o660, gid=6, dev=(8, 0)),
+            member("run/initctl", "fifo", mode=0o600),
+            member("etc/long-symlink", "symlink", linkname="/usr/share/" + "x" * 100),
+        ],
+    )
     img = build_image(tmp_path, [layer])
 
     def check(path: str, kind: str, mode: int, uid: int = 0, gid: int = 0) -> Seen:
@@ -90,25 +95,31 @@ def test_every_entry_type_and_its_metadata_reach_the_image(tmp_path: Path) -> No
 
 
 def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
-    lower = write_layer(tmp_path, [
-        member("etc", "dir"),
-        member("etc/motd", data=b"lower"),
-        member("etc/keep", data=b"keep"),
-        member("var/cache/apt", "dir"),
-        member("var/cache/apt/pkgcache.bin", data=b"cache"),
-        member("opq", "dir"),
-        member("opq/old", data=b"old"),
-        member("opq/sub", "dir"),
-        member("opq/sub/deep", data=b"deep"),
-    ])
-    upper = write_layer(tmp_path, [
-        member("etc/.wh.motd"),
-        member("var/.wh.cache"),
-        member("opq/new-before", data=b"before"),
-        member("opq/.wh..wh..opq"),
-        member("opq/sub/new", data=b"new"),
-        member("etc/.wh.absent"),  # whiteout of something that never existed: fine
-    ])
+    lower = write_layer(
+        tmp_path,
+        [
+            member("etc", "dir"),
+            member("etc/motd", data=b"lower"),
+            member("etc/keep", data=b"keep"),
+            member("var/cache/apt", "dir"),
+            member("var/cache/apt/pkgcache.bin", data=b"cache"),
+            member("opq", "dir"),
+            member("opq/old", data=b"old"),
+            member("opq/sub", "dir"),
+            member("opq/sub/deep", data=b"deep"),
+        ],
+    )
+    upper = write_layer(
+        tmp_path,
+        [
+            member("etc/.wh.motd"),
+            member("var/.wh.cache"),
+            member("opq/new-before", data=b"before"),
+            member("opq/.wh..wh..opq"),
+            member("opq/sub/new", data=b"new"),
+            member("etc/.wh.absent"),  # whiteout of something that never existed: fine
+        ],
+    )
     img = build_image(tmp_path, [lower, upper])
     assert "etc/motd" not in img and "etc/keep" in img
     assert "var/cache" not in img and "var" in img
@@ -125,22 +136,28 @@ def test_whiteout_does_not_remove_what_its_own_layer_adds(tmp_path: Path) -> Non
 
 
 def test_replacements_between_types(tmp_path: Path) -> None:
-    lower = write_layer(tmp_path, [
-        member("was-file", data=b"f"),
-        member("was-dir/child", data=b"c"),
-        member("was-link", "symlink", linkname="target"),
-        member("dir-stays", "dir", mode=0o755),
-        member("dir-stays/child", data=b"kept"),
-        member("shared", data=b"original"),
-        member("hard", "hardlink", linkname="shared"),
-    ])
-    upper = write_layer(tmp_path, [
-        member("was-file", "dir", mode=0o700),
-        member("was-dir", data=b"now a file"),
-        member("was-link", data=b"now a file"),
-        member("dir-stays", "dir", mode=0o750, uid=7),
-        member("shared", data=b"replaced"),
-    ])
+    lower = write_layer(
+        tmp_path,
+        [
+            member("was-file", data=b"f"),
+            member("was-dir/child", data=b"c"),
+            member("was-link", "symlink", linkname="target"),
+            member("dir-stays", "dir", mode=0o755),
+            member("dir-stays/child", data=b"kept"),
+            member("shared", data=b"original"),
+            member("hard", "hardlink", linkname="shared"),
+        ],
+    )
+    upper = write_layer(
+        tmp_path,
+        [
+            member("was-file", "dir", mode=0o700),
+            member("was-dir", data=b"now a file"),
+            member("was-link", data=b"now a file"),
+            member("dir-stays", "dir", mode=0o750, uid=7),
+            member("shared", data=b"replaced"),
+        ],
+    )
     img = build_image(tmp_path, [lower, upper])
     assert img["was-file"].type == "dir" and img["was-file"].mode & 0o777 == 0o700
     assert img["was-dir"].type == "reg" and "was-dir/child" not in img
@@ -160,12 +177,25 @@ def test_compressions_give_the_same_tree(tmp_path: Path, compression: str) -> No
 
 
 def test_awkward_but_safe_names_are_carried(tmp_path: Path) -> None:
-    names = ["with space", 'quo"te', "it's", "-rf", "!bang", "#hash", "üñí", "back\\slash",
-             "semi;colon", "$(touch pwned)"]
-    layer = write_layer(tmp_path, [
-        *(member(f"d/{n}", data=n.encode()) for n in names),
-        *(member(f"f/{n}", "fifo") for n in names),
-    ])
+    names = [
+        "with space",
+        'quo"te',
+        "it's",
+        "-rf",
+        "!bang",
+        "#hash",
+        "üñí",
+        "back\\slash",
+        "semi;colon",
+        "$(touch pwned)",
+    ]
+    layer = write_layer(
+        tmp_path,
+        [
+            *(member(f"d/{n}", data=n.encode()) for n in names),
+            *(member(f"f/{n}", "fifo") for n in names),
+        ],
+    )
     img = build_image(tmp_path, [layer])
     for n in names:
         assert img[f"d/{n}"].type == "reg"
@@ -174,10 +204,13 @@ def test_awkward_but_safe_names_are_carried(tmp_path: Path) -> None:
 
 
 def test_unreadable_modes_are_staged_readable_and_restored(tmp_path: Path) -> None:
-    layer = write_layer(tmp_path, [
-        member("locked", "dir", mode=0o000),
-        member("locked/secret", data=b"s", mode=0o000),
-    ])
+    layer = write_layer(
+        tmp_path,
+        [
+            member("locked", "dir", mode=0o000),
+            member("locked/secret", data=b"s", mode=0o000),
+        ],
+    )
     img = build_image(tmp_path, [layer])
     assert img["locked"].mode & 0o7777 == 0 and img["locked/secret"].mode & 0o7777 == 0
 
@@ -194,18 +227,30 @@ HOSTILE = [
     ("symlink-escape", [member("a/link", "symlink", linkname="../../outside")], "link-escape"),
     ("abs-symlink-escape", [member("link", "symlink", linkname="/../../outside")], "link-escape"),
     ("symlink-newline", [member("link", "symlink", linkname="x\n!id")], "unsafe-name"),
-    ("through-symlink", [
-        member("evil", "symlink", linkname="/tmp"),
-        member("evil/planted", data=b"x"),
-    ], "through-symlink"),
+    (
+        "through-symlink",
+        [
+            member("evil", "symlink", linkname="/tmp"),
+            member("evil/planted", data=b"x"),
+        ],
+        "through-symlink",
+    ),
     ("hardlink-escape", [member("h", "hardlink", linkname="../../etc/passwd")], "path-escape"),
     ("hardlink-missing", [member("h", "hardlink", linkname="nope")], "hardlink-target"),
-    ("hardlink-dir", [member("d", "dir"), member("h", "hardlink", linkname="d")], "hardlink-target"),
+    (
+        "hardlink-dir",
+        [member("d", "dir"), member("h", "hardlink", linkname="d")],
+        "hardlink-target",
+    ),
     ("through-file", [member("f", data=b"x"), member("f/child", data=b"y")], "not-a-directory"),
-    ("whiteout-through-symlink", [
-        member("evil", "symlink", linkname="/etc"),
-        member("evil/.wh.passwd"),
-    ], "through-symlink"),
+    (
+        "whiteout-through-symlink",
+        [
+            member("evil", "symlink", linkname="/etc"),
+            member("evil/.wh.passwd"),
+        ],
+        "through-symlink",
+    ),
     ("uid-out-of-range", [member("f", data=b"x", uid=2**32 - 1)], "bad-owner"),
     ("long-symlink-target", [member("l", "symlink", linkname="a/" * 2048)], "link-too-long"),
     ("bad-xattr-name", [member("f", data=b"x", xattrs={"evil name": b"v"})], "unsafe-xattr"),
@@ -259,6 +304,8 @@ def test_corrupt_or_truncated_layer(tmp_path: Path, cut: int) -> None:
 
 
 def test_times_are_clamped_to_what_ext4_stores(tmp_path: Path) -> None:
-    layer = write_layer(tmp_path, [member("future", data=b"x", mtime=2**33), member("past", mtime=-5)])
+    layer = write_layer(
+        tmp_path, [member("future", data=b"x", mtime=2**33), member("past", mtime=-5)]
+    )
     img = build_image(tmp_path, [layer])
     assert img["future"].mtime == 0x7FFF_FFFF and img["past"].mtime == 0

@@ -680,7 +680,7 @@ def test_render_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     lines = capsys.readouterr().out.splitlines()
     items = resolve_injected(load_recipe(path))
     assert len(lines) == len(items)
-    for line, item in zip(lines, items):
+    for line, item in zip(lines, items, strict=True):
         fields = line.split()
         assert fields[:5] == [item.dest, f"{item.mode:04o}", item.owner, item.kind, item.sha256]
         if item.kind == "symlink":

@@ -49,7 +49,10 @@ def loaded_modules(stderr: str) -> list[str]:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", CLI_SCRIPT, *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -59,8 +62,9 @@ def test_importing_the_build_and_cli_loads_no_http_stack() -> None:
         "banger_build.oci, banger_build.registry_config\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -99,20 +103,24 @@ def _pin(tmp_path: Path, manifest: bytes, config: bytes | None) -> tuple[Path, B
 
 
 def _manifest(config: bytes, media_type: str = OCI_CONFIG) -> bytes:
-    return json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": media_type, "size": len(config),
-                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
-        "layers": [],
-    }).encode()
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": media_type,
+                "size": len(config),
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+            },
+            "layers": [],
+        }
+    ).encode()
 
 
 def test_cached_pinned_manifest_that_is_not_an_image(tmp_path: Path) -> None:
     """A cached manifest is checked like a downloaded one, and named by reference."""
     config = b'{"architecture": "amd64", "os": "linux"}'
-    recipe, options = _pin(tmp_path, _manifest(config, "application/vnd.example.artifact"),
-                           config)
+    recipe, options = _pin(tmp_path, _manifest(config, "application/vnd.example.artifact"), config)
     with pytest.raises(RegistryError) as info:
         build(recipe, options)
     assert info.value.reason == "unsupported-media-type"  # not "unreachable": no request
@@ -135,8 +143,11 @@ def test_missing_config_falls_back_to_the_registry(
         raise RegistryError("not here", reference=str(ref), reason="test-stop")
 
     monkeypatch.setattr(registry.RegistryClient, "blob", blob)
-    monkeypatch.setattr(registry.RegistryClient, "manifest",
-                        lambda *a: pytest.fail("the cached manifest was fetched"))
+    monkeypatch.setattr(
+        registry.RegistryClient,
+        "manifest",
+        lambda *a: pytest.fail("the cached manifest was fetched"),
+    )
     with pytest.raises(RegistryError) as info:
         build(recipe, options)
     assert info.value.reason == "test-stop"

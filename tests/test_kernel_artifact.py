@@ -33,8 +33,14 @@ def make_modules(root: Path) -> Path:
     return mods
 
 
-def push_kernel(home: Path, ref: str, kdir: Path, kernel: bytes = b"kernel",
-                initrd: bytes | None = b"initrd", modules: Path | None = None) -> str:
+def push_kernel(
+    home: Path,
+    ref: str,
+    kdir: Path,
+    kernel: bytes = b"kernel",
+    initrd: bytes | None = b"initrd",
+    modules: Path | None = None,
+) -> str:
     kdir.mkdir(parents=True, exist_ok=True)
     (kdir / "vmlinuz").write_bytes(kernel)
     args = ["kernel", "push", ref, "--kernel", str(kdir / "vmlinuz")]
@@ -76,8 +82,12 @@ def test_pushed_manifest_is_an_annotated_kernel_artifact(
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     home = tmp_path / "home"
-    digest = push_kernel(home, f"{registry.host}/kernels/shape:1", tmp_path / "k",
-                         modules=make_modules(tmp_path / "m"))
+    digest = push_kernel(
+        home,
+        f"{registry.host}/kernels/shape:1",
+        tmp_path / "k",
+        modules=make_modules(tmp_path / "m"),
+    )
     cached = BlobCache(home / "blobs").get(Digest.parse(digest))
     assert cached is not None  # push_manifest keeps what it pushed
     body = json.loads(cached.read_bytes())
@@ -89,14 +99,16 @@ def test_pushed_manifest_is_an_annotated_kernel_artifact(
 
 def test_push_is_deterministic(tmp_path: Path, registry: RegistryServer) -> None:
     mods = make_modules(tmp_path / "a")
-    first = push_kernel(tmp_path / "home", f"{registry.host}/kernels/det:1", tmp_path / "k",
-                        modules=mods)
+    first = push_kernel(
+        tmp_path / "home", f"{registry.host}/kernels/det:1", tmp_path / "k", modules=mods
+    )
     # other modes, times and place: the same artifact
     other = make_modules(tmp_path / "b")
     os.chmod(other / "modules.order", 0o600)
     os.utime(other / "kernel" / "net" / "vsock.ko", (12345, 12345))
-    second = push_kernel(tmp_path / "home2", f"{registry.host}/kernels/det:2", tmp_path / "k2",
-                         modules=other)
+    second = push_kernel(
+        tmp_path / "home2", f"{registry.host}/kernels/det:2", tmp_path / "k2", modules=other
+    )
     assert first == second
     one, two = io.BytesIO(), io.BytesIO()
     write_modules_tar(mods, one)
@@ -104,8 +116,13 @@ def test_push_is_deterministic(tmp_path: Path, registry: RegistryServer) -> None
     assert one.getvalue() == two.getvalue()
     with tarfile.open(fileobj=io.BytesIO(one.getvalue())) as tar:
         members = {m.name: m for m in tar.getmembers()}
-    assert sorted(members) == ["build", "kernel", "kernel/net", "kernel/net/vsock.ko",
-                               "modules.order"]
+    assert sorted(members) == [
+        "build",
+        "kernel",
+        "kernel/net",
+        "kernel/net/vsock.ko",
+        "modules.order",
+    ]
     assert all((m.uid, m.gid, m.mtime) == (0, 0, 0) for m in members.values())
     assert members["modules.order"].mode == 0o644 and members["kernel"].mode == 0o755
     assert members["build"].linkname == "/usr/src/linux-headers-6.1.0-test-amd64"
@@ -172,8 +189,9 @@ def test_install_modules_from_an_artifact(
     tmp_path: Path, image_ref: str, registry: RegistryServer
 ) -> None:
     kref = f"{registry.host}/kernels/modules:1"
-    push_kernel(tmp_path / "home", kref, tmp_path / "k", initrd=None,
-                modules=make_modules(tmp_path / "m"))
+    push_kernel(
+        tmp_path / "home", kref, tmp_path / "k", initrd=None, modules=make_modules(tmp_path / "m")
+    )
     recipe = kernel_recipe(tmp_path / "r", image_ref, kref, "install_modules = true\n")
     code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
     assert code == 0, err
@@ -235,8 +253,9 @@ def test_lock_kernel_pins_round_trip(tmp_path: Path) -> None:
     assert Lock.load(path) == lock
     assert lock.to_bytes() == Lock.load(path).to_bytes()
     assert "[[kernel]]" in path.read_text()
-    path.write_text(path.read_text() + '\n[[kernel]]\nref = "r.example/k:1"\n'
-                    f'digest = "sha256:{"c" * 64}"\n')
+    path.write_text(
+        path.read_text() + f'\n[[kernel]]\nref = "r.example/k:1"\ndigest = "sha256:{"c" * 64}"\n'
+    )
     with pytest.raises(RecipeError) as info:
         Lock.load(path)
     assert "pinned twice" in str(info.value)

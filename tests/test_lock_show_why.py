@@ -12,7 +12,9 @@ from tests.support.registry import RegistryServer
 
 
 def _push(registry: RegistryServer, repo: str, marker: bytes) -> str:
-    pushed = push_image(registry.url, repo, "v1", [make_layer([*BASE, Entry.file("marker", marker)])])
+    pushed = push_image(
+        registry.url, repo, "v1", [make_layer([*BASE, Entry.file("marker", marker)])]
+    )
     return pushed.manifest_digest  # type: ignore[no-any-return]
 
 
@@ -48,7 +50,9 @@ def test_lock_then_locked_build_then_update(tmp_path: Path, registry: RegistrySe
     assert code == 0 and rebuilt != built
 
 
-def test_a_build_adding_a_pin_to_an_existing_lock_says_so(tmp_path: Path, registry: RegistryServer) -> None:
+def test_a_build_adding_a_pin_to_an_existing_lock_says_so(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
     _push(registry, "lock/a", b"a")
     digest_b = _push(registry, "lock/b", b"b")
     recipe = write_recipe(tmp_path / "r", f"{registry.host}/lock/a:v1")
@@ -60,7 +64,9 @@ def test_a_build_adding_a_pin_to_an_existing_lock_says_so(tmp_path: Path, regist
     assert digest_b in recipe.with_suffix(".lock").read_text()
 
 
-def test_show_prints_the_derivation_and_the_key_of_the_build(tmp_path: Path, registry: RegistryServer) -> None:
+def test_show_prints_the_derivation_and_the_key_of_the_build(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
     _push(registry, "show/x", b"x")
     recipe = write_recipe(tmp_path / "r", f"{registry.host}/show/x:v1")
     code, out, err = run_cli(tmp_path / "home", "show", str(recipe))
@@ -68,10 +74,16 @@ def test_show_prints_the_derivation_and_the_key_of_the_build(tmp_path: Path, reg
     shown = json.loads(out)
     assert shown["built"] is False and "mkfs" in shown["derivation"]
     code, path, _ = run_cli(tmp_path / "home", str(recipe), "--no-link")
-    assert Path(path.strip()).name == f"{shown['key']}-{shown['name']}" == Path(shown["store_path"]).name
+    assert (
+        Path(path.strip()).name
+        == f"{shown['key']}-{shown['name']}"
+        == Path(shown["store_path"]).name
+    )
 
 
-def test_why_names_a_changed_tag_digest_template_and_mode(tmp_path: Path, registry: RegistryServer) -> None:
+def test_why_names_a_changed_tag_digest_template_and_mode(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
     first = _push(registry, "why/x", b"1")
     a = write_recipe(tmp_path / "a", f"{registry.host}/why/x:v1")
     assert run_cli(tmp_path / "home", "lock", str(a))[0] == 0
@@ -80,7 +92,9 @@ def test_why_names_a_changed_tag_digest_template_and_mode(tmp_path: Path, regist
     b = tmp_path / "b" / a.name
     second = _push(registry, "why/x", b"2")
     assert run_cli(tmp_path / "home", "update", str(b))[0] == 0
-    code, out, err = run_cli(tmp_path / "home", "why", str(a.with_suffix(".lock")), str(b.with_suffix(".lock")))
+    code, out, err = run_cli(
+        tmp_path / "home", "why", str(a.with_suffix(".lock")), str(b.with_suffix(".lock"))
+    )
     assert code == 0, err
     assert f"image.manifest: {first} -> {second}" in out
 

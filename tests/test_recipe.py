@@ -707,20 +707,29 @@ def test_position_index_on_garbage_terminates() -> None:
 @pytest.mark.parametrize("value", ["644", "755", "4755", "420"])
 def test_decimal_integer_modes_are_refused(tmp_path: Path, value: str) -> None:
     path = tmp_path / "r.toml"
-    path.write_text(f'[image]\nref = "debian:bookworm"\n\n[[files]]\nsrc = "a"\ndest = "/a"\nmode = {value}\n')
+    path.write_text(
+        f'[image]\nref = "debian:bookworm"\n\n[[files]]\nsrc = "a"\ndest = "/a"\nmode = {value}\n'
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert (info.value.reason, info.value.line, info.value.col, info.value.key) == (
-        "value", 7, 1, "files[0].mode"
+        "value",
+        7,
+        1,
+        "files[0].mode",
     )
     assert "0o644" in str(info.value)
 
 
 def test_install_modules_needs_a_modules_directory(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
-    path.write_text('[image]\nref = "debian:bookworm"\n\n[kernel]\npath = "k"\ninstall_modules = true\n')
+    path.write_text(
+        '[image]\nref = "debian:bookworm"\n\n[kernel]\npath = "k"\ninstall_modules = true\n'
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert (info.value.reason, info.value.line, info.value.key) == (
-        "missing-key", 6, "kernel.install_modules"
+        "missing-key",
+        6,
+        "kernel.install_modules",
     )

@@ -13,9 +13,20 @@ HEX = "a" * 64
     "text,registry,repository,tag,name",
     [
         ("debian:bookworm", "docker.io", "library/debian", "bookworm", "debian-bookworm"),
-        ("docker.io/library/debian:bookworm", "docker.io", "library/debian", "bookworm",
-         "debian-bookworm"),
-        ("index.docker.io/library/alpine", "docker.io", "library/alpine", "latest", "alpine-latest"),
+        (
+            "docker.io/library/debian:bookworm",
+            "docker.io",
+            "library/debian",
+            "bookworm",
+            "debian-bookworm",
+        ),
+        (
+            "index.docker.io/library/alpine",
+            "docker.io",
+            "library/alpine",
+            "latest",
+            "alpine-latest",
+        ),
         ("ghcr.io/org/sub/img:v1.2", "ghcr.io", "org/sub/img", "v1.2", "img-v1.2"),
         ("127.0.0.1:5000/test/img:t", "127.0.0.1:5000", "test/img", "t", "img-t"),
         ("localhost/img:x", "localhost", "img", "x", "img-x"),

@@ -53,8 +53,9 @@ ARM64 = Platform("linux", "arm64")
 
 
 @pytest.fixture(autouse=True)
-def no_user_docker_config(tmp_path_factory: pytest.TempPathFactory,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def no_user_docker_config(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Never read the real ~/.docker/config.json."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path_factory.mktemp("no-docker-config")))
 
@@ -117,7 +118,7 @@ def test_pull_single_manifest(registry: RegistryServer, tmp_path: Path, media: s
     assert [str(d.digest) for d in manifest.layers] == list(img.layer_digests)
     assert [d.size for d in manifest.layers] == [len(b) for b in layers]
     assert str(manifest.config.digest) == img.config_digest
-    for desc, blob in zip(manifest.layers, layers):
+    for desc, blob in zip(manifest.layers, layers, strict=True):
         assert client.blob(ref, desc).read_bytes() == blob
     config = json.loads(client.blob(ref, manifest.config).read_bytes())
     assert config["rootfs"]["diff_ids"] == img.config["rootfs"]["diff_ids"]
@@ -128,17 +129,24 @@ def test_pull_single_manifest(registry: RegistryServer, tmp_path: Path, media: s
 @pytest.mark.parametrize("media", ["oci", "docker"])
 def test_index_selects_platform(registry: RegistryServer, tmp_path: Path, media: str) -> None:
     repo = unique(f"multi-{media}")
-    img = push_image(registry.url, repo, "v1", small_layers(), media=media,
-                     platforms=["linux/amd64", "linux/arm64/v8", "linux/arm/v7"])
+    img = push_image(
+        registry.url,
+        repo,
+        "v1",
+        small_layers(),
+        media=media,
+        platforms=["linux/amd64", "linux/arm64/v8", "linux/arm/v7"],
+    )
     assert img.index_digest is not None
     client = new_client(tmp_path)
     ref = ref_of(registry, repo)
     assert str(client.resolve(ref, AMD64)) == img.manifests["linux/amd64"]
     assert str(client.resolve(ref, ARM64)) == img.manifests["linux/arm64/v8"]
-    assert str(client.resolve(ref, Platform.parse("linux/arm64/v8"))) == img.manifests[
-        "linux/arm64/v8"]
-    assert str(client.resolve(ref, Platform.parse("linux/arm/v7"))) == img.manifests[
-        "linux/arm/v7"]
+    assert (
+        str(client.resolve(ref, Platform.parse("linux/arm64/v8")))
+        == img.manifests["linux/arm64/v8"]
+    )
+    assert str(client.resolve(ref, Platform.parse("linux/arm/v7"))) == img.manifests["linux/arm/v7"]
     # the index itself was stored in the cache too
     assert client.cache.get(Digest.parse(img.index_digest)) is not None
     manifest = pull_all(client, ref, ARM64)
@@ -148,8 +156,9 @@ def test_index_selects_platform(registry: RegistryServer, tmp_path: Path, media:
 
 def test_missing_platform(registry: RegistryServer, tmp_path: Path) -> None:
     repo = unique("noplat")
-    push_image(registry.url, repo, "v1", small_layers(),
-               platforms=["linux/amd64", "linux/arm64/v8"])
+    push_image(
+        registry.url, repo, "v1", small_layers(), platforms=["linux/amd64", "linux/arm64/v8"]
+    )
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path).resolve(ref_of(registry, repo), Platform.parse("linux/s390x"))
     assert info.value.reason == "no-platform"
@@ -201,9 +210,13 @@ def test_docker_layer_media_type(registry: RegistryServer, tmp_path: Path) -> No
 
 def test_unsupported_layer_media_type(registry: RegistryServer, tmp_path: Path) -> None:
     repo = unique("helm")
-    push_image(registry.url, repo, "v1", small_layers(),
-               layer_media_types=["application/vnd.cncf.helm.chart.content.v1.tar+gzip",
-                                  OCI_LAYER_GZIP])
+    push_image(
+        registry.url,
+        repo,
+        "v1",
+        small_layers(),
+        layer_media_types=["application/vnd.cncf.helm.chart.content.v1.tar+gzip", OCI_LAYER_GZIP],
+    )
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path).resolve(ref_of(registry, repo), AMD64)
     assert info.value.reason == "unsupported-media-type"
@@ -216,7 +229,8 @@ def test_unsupported_config_media_type(registry: RegistryServer, tmp_path: Path)
     config = pusher.push_blob(b"{}")
     layer = make_layer([Entry.file("a")])
     manifest = {
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.example.artifact.config+json", **config},
         "layers": [{"mediaType": OCI_LAYER_GZIP, **pusher.push_blob(layer)}],
     }
@@ -230,10 +244,16 @@ def test_unsupported_config_media_type(registry: RegistryServer, tmp_path: Path)
 
 def test_schema1_is_rejected(tmp_path: Path) -> None:
     """Schema 1 (no registry here can serve it any more): parsed from the cache."""
-    schema1 = json.dumps({
-        "schemaVersion": 1, "name": "library/old", "tag": "latest", "architecture": "amd64",
-        "fsLayers": [{"blobSum": "sha256:" + "a" * 64}], "history": [{"v1Compatibility": "{}"}],
-    }).encode()
+    schema1 = json.dumps(
+        {
+            "schemaVersion": 1,
+            "name": "library/old",
+            "tag": "latest",
+            "architecture": "amd64",
+            "fsLayers": [{"blobSum": "sha256:" + "a" * 64}],
+            "history": [{"v1Compatibility": "{}"}],
+        }
+    ).encode()
     client = new_client(tmp_path)
     digest = Digest(hashlib.sha256(schema1).hexdigest())
     client.cache.put_bytes(digest, schema1)
@@ -244,14 +264,23 @@ def test_schema1_is_rejected(tmp_path: Path) -> None:
     assert "schema 1" in str(info.value)
 
 
-@pytest.mark.parametrize("body,reason", [
-    (b"not json", "invalid-manifest"),
-    (b"[1, 2]", "invalid-manifest"),
-    (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {},
-                 "layers": []}).encode(), "invalid-manifest"),
-    (json.dumps({"schemaVersion": 2, "mediaType": "application/x-unknown"}).encode(),
-     "unsupported-media-type"),
-])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"not json", "invalid-manifest"),
+        (b"[1, 2]", "invalid-manifest"),
+        (
+            json.dumps(
+                {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}
+            ).encode(),
+            "invalid-manifest",
+        ),
+        (
+            json.dumps({"schemaVersion": 2, "mediaType": "application/x-unknown"}).encode(),
+            "unsupported-media-type",
+        ),
+    ],
+)
 def test_malformed_manifests(tmp_path: Path, body: bytes, reason: str) -> None:
     client = new_client(tmp_path)
     digest = Digest(hashlib.sha256(body).hexdigest())
@@ -272,20 +301,39 @@ def test_push_layout(registry: RegistryServer, tmp_path: Path) -> None:
         return {"digest": d, "size": len(data)}
 
     layer = make_layer([Entry.file("hello", b"world")])
-    config = {"architecture": "amd64", "os": "linux",
-              "rootfs": {"type": "layers", "diff_ids": [sha256(make_layer(
-                  [Entry.file("hello", b"world")], "none"))]}}
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   **put(json.dumps(config).encode())},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, **put(layer)}],
-    }).encode()
-    mdesc = {"mediaType": OCI_MANIFEST, **put(manifest),
-             "platform": {"architecture": "amd64", "os": "linux"}}
-    (layout / "index.json").write_text(json.dumps(
-        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-         "manifests": [mdesc]}))
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": [sha256(make_layer([Entry.file("hello", b"world")], "none"))],
+        },
+    }
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                **put(json.dumps(config).encode()),
+            },
+            "layers": [{"mediaType": OCI_LAYER_GZIP, **put(layer)}],
+        }
+    ).encode()
+    mdesc = {
+        "mediaType": OCI_MANIFEST,
+        **put(manifest),
+        "platform": {"architecture": "amd64", "os": "linux"},
+    }
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [mdesc],
+            }
+        )
+    )
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     repo = unique("layout")
     assert push_layout(registry.url, repo, "v1", layout) == mdesc["digest"]
@@ -299,18 +347,18 @@ def test_push_layout(registry: RegistryServer, tmp_path: Path) -> None:
 # --------------------------------------------------------------- verification
 
 
-def test_tampered_manifest(registry_factory: Callable[..., RegistryServer],
-                           tmp_path: Path) -> None:
+def test_tampered_manifest(registry_factory: Callable[..., RegistryServer], tmp_path: Path) -> None:
     server = registry_factory()
-    img = push_image(server.url, "tamper/m", "v1", small_layers(),
-                     annotations={"note": "aaaaaaaa"})
+    img = push_image(server.url, "tamper/m", "v1", small_layers(), annotations={"note": "aaaaaaaa"})
     data_path = server.blob_data_path(img.manifest_digest)
     data = data_path.read_bytes()
     assert b"aaaaaaaa" in data
     data_path.write_bytes(data.replace(b"aaaaaaaa", b"bbbbbbbb"))  # same length, valid JSON
     client = new_client(tmp_path)
-    for ref in (ref_of(server, "tamper/m"),
-                Reference.parse(f"{server.host}/tamper/m@{img.manifest_digest}")):
+    for ref in (
+        ref_of(server, "tamper/m"),
+        Reference.parse(f"{server.host}/tamper/m@{img.manifest_digest}"),
+    ):
         with pytest.raises(RegistryError) as info:
             client.resolve(ref, AMD64)
         assert info.value.reason == "digest-mismatch", str(info.value)
@@ -360,11 +408,13 @@ def test_damaged_cache_entry_is_fetched_again(
     assert client.blob(ref, manifest.layers[0]).read_bytes() == layers[0]
 
 
-def test_cache_hit_needs_no_network(registry_factory: Callable[..., RegistryServer],
-                                    tmp_path: Path) -> None:
+def test_cache_hit_needs_no_network(
+    registry_factory: Callable[..., RegistryServer], tmp_path: Path
+) -> None:
     server = registry_factory()
-    img = push_image(server.url, "cached/img", "v1", small_layers(),
-                     platforms=["linux/amd64", "linux/arm64/v8"])
+    img = push_image(
+        server.url, "cached/img", "v1", small_layers(), platforms=["linux/amd64", "linux/arm64/v8"]
+    )
     ref = ref_of(server, "cached/img")
     manifest = pull_all(new_client(tmp_path), ref)
     server.stop()
@@ -385,8 +435,9 @@ def test_cache_hit_needs_no_network(registry_factory: Callable[..., RegistryServ
 # -------------------------------------------------------------------- auth
 
 
-def test_basic_auth_with_docker_config(basic_registry: RegistryServer, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_basic_auth_with_docker_config(
+    basic_registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     auth = (basic_registry.username, basic_registry.password)
     img = push_image(basic_registry.url, "private/app", "v1", small_layers(), auth=auth)
     ref = ref_of(basic_registry, "private/app")
@@ -420,17 +471,25 @@ def test_basic_auth_wrong_password(basic_registry: RegistryServer, tmp_path: Pat
     assert info.value.reason == "auth"
     assert "HTTP 401" in str(info.value)
     assert secret not in all_text(info.value)
-    assert secret not in repr(client) and secret not in repr(client._auth.creds.get(
-        basic_registry.host))
+    assert secret not in repr(client) and secret not in repr(
+        client._auth.creds.get(basic_registry.host)
+    )
 
 
 def test_token_auth_scopes_per_repository_and_push_after_pull(
     token_registry: RegistryServer, tmp_path: Path
 ) -> None:
     auth = (token_registry.username, token_registry.password)
-    imgs = {r: push_image(token_registry.url, f"team/{r}", "v1",
-                          [make_layer([Entry.file(r, r.encode() * 100)])], auth=auth)
-            for r in ("alpha", "beta")}
+    imgs = {
+        r: push_image(
+            token_registry.url,
+            f"team/{r}",
+            "v1",
+            [make_layer([Entry.file(r, r.encode() * 100)])],
+            auth=auth,
+        )
+        for r in ("alpha", "beta")
+    }
     tokens = token_registry.token_server
     assert tokens is not None
     tokens.clear()
@@ -451,22 +510,22 @@ def test_token_auth_scopes_per_repository_and_push_after_pull(
     assert client.push_manifest(target, data, m.media_type) == m.digest
     # one token per scope, each fetched once despite many requests
     assert sorted(tokens.scopes) == [
-        "repository:team/alpha:pull", "repository:team/beta:pull",
+        "repository:team/alpha:pull",
+        "repository:team/beta:pull",
         "repository:team/beta:pull,push",
     ]
     assert all(r.username == "tester" for r in tokens.requests)
     # independently confirm the push
     check = Pusher(token_registry.url, "team/beta", auth)
-    resp = check.request("GET", "/v2/team/beta/manifests/copied",
-                         headers={"Accept": OCI_MANIFEST})
+    resp = check.request("GET", "/v2/team/beta/manifests/copied", headers={"Accept": OCI_MANIFEST})
     assert sha256(resp.content) == str(m.digest)
 
 
-def test_token_auth_anonymous_pull(registry_factory: Callable[..., RegistryServer],
-                                   tmp_path: Path) -> None:
+def test_token_auth_anonymous_pull(
+    registry_factory: Callable[..., RegistryServer], tmp_path: Path
+) -> None:
     server = registry_factory("token", anonymous_pull=True)
-    push_image(server.url, "pub/img", "v1", small_layers(),
-               auth=(server.username, server.password))
+    push_image(server.url, "pub/img", "v1", small_layers(), auth=(server.username, server.password))
     pull_all(new_client(tmp_path), ref_of(server, "pub/img"))
     assert server.token_server is not None
     assert [r.username for r in server.token_server.requests][-1] is None
@@ -477,7 +536,8 @@ def test_token_auth_wrong_password(token_registry: RegistryServer, tmp_path: Pat
     config = write_docker_config(tmp_path, {token_registry.host: ("tester", secret)})
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path, docker_config=config).resolve(
-            ref_of(token_registry, "team/alpha"), AMD64)
+            ref_of(token_registry, "team/alpha"), AMD64
+        )
     assert info.value.status == 401
     assert info.value.reason == "auth"
     assert secret not in all_text(info.value)
@@ -497,11 +557,16 @@ def test_parse_challenge() -> None:
         'scope="repository:a/b:pull,push",error="insufficient_scope"'
     )
     assert scheme == "bearer"
-    assert params == {"realm": "https://auth.example/token", "service": "registry.example",
-                      "scope": "repository:a/b:pull,push", "error": "insufficient_scope"}
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push",
+        "error": "insufficient_scope",
+    }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
     assert normalise_scope("repository:a/b:push,pull registry:catalog:*") == (
-        "repository:a/b:pull,push registry:catalog:*")
+        "repository:a/b:pull,push registry:catalog:*"
+    )
 
 
 # ------------------------------------------------------------------- errors
@@ -586,8 +651,11 @@ def test_non_loopback_http_mirror_refused(tmp_path: Path) -> None:
     assert time.monotonic() - start < 1  # refused before any connection
     assert info.value.reason == "insecure"
     assert "192.0.2.10:5000" in str(info.value)
-    allowed = new_client(tmp_path, mirrors={"docker.io": ("http://192.0.2.10:5000",)},
-                         insecure=frozenset({"192.0.2.10:5000"}))
+    allowed = new_client(
+        tmp_path,
+        mirrors={"docker.io": ("http://192.0.2.10:5000",)},
+        insecure=frozenset({"192.0.2.10:5000"}),
+    )
     assert allowed.endpoint_urls(ref)[0] == "http://192.0.2.10:5000"
 
 
@@ -604,25 +672,34 @@ def test_upstream_urls() -> None:
 
 
 def test_parse_mirrors() -> None:
-    assert parse_mirrors(["docker.io=http://127.0.0.1:5000",
-                          "docker.io=https://mirror.example/", "ghcr.io=https://m.example"]) == {
+    assert parse_mirrors(
+        [
+            "docker.io=http://127.0.0.1:5000",
+            "docker.io=https://mirror.example/",
+            "ghcr.io=https://m.example",
+        ]
+    ) == {
         "docker.io": ("http://127.0.0.1:5000", "https://mirror.example"),
         "ghcr.io": ("https://m.example",),
     }
     assert parse_mirrors(["index.docker.io=http://localhost:5000"]) == {
-        "docker.io": ("http://localhost:5000",)}
+        "docker.io": ("http://localhost:5000",)
+    }
 
 
-@pytest.mark.parametrize("spec", [
-    "docker.io",
-    "=http://x",
-    "docker.io=",
-    "docker.io=ftp://x",
-    "docker.io=127.0.0.1:5000",
-    "docker.io=http://x/path",
-    "bad host=http://x",
-    "docker.io=http://user:hunter2@x",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "docker.io",
+        "=http://x",
+        "docker.io=",
+        "docker.io=ftp://x",
+        "docker.io=127.0.0.1:5000",
+        "docker.io=http://x/path",
+        "bad host=http://x",
+        "docker.io=http://user:hunter2@x",
+    ],
+)
 def test_parse_mirrors_invalid(spec: str) -> None:
     with pytest.raises(InputError) as info:
         parse_mirrors([spec])
@@ -631,8 +708,9 @@ def test_parse_mirrors_invalid(spec: str) -> None:
 
 
 def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BANGER_BUILD_MIRRORS",
-                       "docker.io=http://127.0.0.1:6000, quay.io=https://q.example")
+    monkeypatch.setenv(
+        "BANGER_BUILD_MIRRORS", "docker.io=http://127.0.0.1:6000, quay.io=https://q.example"
+    )
     monkeypatch.setenv("BANGER_BUILD_INSECURE_REGISTRIES", "reg.lan:5000,other.lan")
     opts = options_from_env(["docker.io=http://127.0.0.1:5000"], ["third.lan"])
     assert opts.mirrors == {
@@ -654,8 +732,9 @@ def test_push_blob_streams_and_skips_existing(registry: RegistryServer, tmp_path
     path.write_bytes(data)
     digest = Digest(hashlib.sha256(data).hexdigest())
     seen: list[tuple[str, int, int | None]] = []
-    client = RegistryClient(BlobCache(tmp_path / "blobs"), RegistryOptions(),
-                            progress=lambda *a: seen.append(a))
+    client = RegistryClient(
+        BlobCache(tmp_path / "blobs"), RegistryOptions(), progress=lambda *a: seen.append(a)
+    )
     repo = unique("pushed")
     ref = ref_of(registry, repo)
     client.push_blob(ref, path, digest, len(data))
@@ -685,18 +764,25 @@ def test_push_manifest_then_pull(registry: RegistryServer, tmp_path: Path) -> No
         d = Digest(hashlib.sha256(blob).hexdigest())
         client.push_blob(ref, p, d, len(blob))
         descs.append({"mediaType": OCI_LAYER_GZIP, "digest": str(d), "size": len(blob)})
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
     cp = tmp_path / "config"
     cp.write_bytes(config)
     cd = Digest(hashlib.sha256(config).hexdigest())
     client.push_blob(ref, cp, cd, len(config))
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(cd),
-                   "size": len(config)},
-        "layers": descs,
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": str(cd),
+                "size": len(config),
+            },
+            "layers": descs,
+        }
+    ).encode()
     digest = client.push_manifest(ref, manifest, OCI_MANIFEST)
     assert str(digest) == sha256(manifest)
     fresh = new_client(tmp_path / "fresh")
@@ -712,14 +798,19 @@ def test_push_manifest_then_pull(registry: RegistryServer, tmp_path: Path) -> No
 class Script:
     """Responses of a fake registry, by request path."""
 
-    routes: dict[str, list[Callable[[BaseHTTPRequestHandler], None]]] = field(
-        default_factory=dict)
+    routes: dict[str, list[Callable[[BaseHTTPRequestHandler], None]]] = field(default_factory=dict)
     hits: list[str] = field(default_factory=list)
 
 
-def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-          *, send: bytes | None = None) -> Callable[[BaseHTTPRequestHandler], None]:
+def reply(
+    status: int,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    *,
+    send: bytes | None = None,
+) -> Callable[[BaseHTTPRequestHandler], None]:
     """A response; ``send`` overrides the bytes actually written (to truncate)."""
+
     def respond(h: BaseHTTPRequestHandler) -> None:
         h.send_response(status)
         for k, v in (headers or {}).items():
@@ -730,11 +821,13 @@ def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None,
         h.wfile.flush()
         if send is not None:
             h.close_connection = True
+
     return respond
 
 
 def stall(body: bytes, after: int, seconds: float) -> Callable[[BaseHTTPRequestHandler], None]:
     """Headers and ``after`` bytes of ``body``, then silence."""
+
     def respond(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", str(len(body)))
@@ -743,6 +836,7 @@ def stall(body: bytes, after: int, seconds: float) -> Callable[[BaseHTTPRequestH
         h.wfile.flush()
         time.sleep(seconds)
         h.close_connection = True
+
     return respond
 
 
@@ -750,6 +844,7 @@ def hang(seconds: float) -> Callable[[BaseHTTPRequestHandler], None]:
     def respond(h: BaseHTTPRequestHandler) -> None:
         time.sleep(seconds)
         h.close_connection = True
+
     return respond
 
 
@@ -782,12 +877,18 @@ def scripted() -> Iterator[tuple[str, Script]]:
 
 
 def scripted_manifest() -> tuple[bytes, Digest]:
-    body = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": "sha256:" + "1" * 64, "size": 2},
-        "layers": [],
-    }).encode()
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + "1" * 64,
+                "size": 2,
+            },
+            "layers": [],
+        }
+    ).encode()
     return body, Digest(hashlib.sha256(body).hexdigest())
 
 
@@ -808,8 +909,7 @@ def test_retries_server_errors(scripted: tuple[str, Script], tmp_path: Path) -> 
 def test_persistent_server_error(scripted: tuple[str, Script], tmp_path: Path) -> None:
     host, script = scripted
     path = "/v2/x/y/manifests/v1"
-    script.routes[path] = [
-        reply(500, b'{"errors":[{"code":"UNKNOWN","message":"disk on fire"}]}')]
+    script.routes[path] = [reply(500, b'{"errors":[{"code":"UNKNOWN","message":"disk on fire"}]}')]
     start = time.monotonic()
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path, retries=2).resolve(Reference.parse(f"{host}/x/y:v1"), AMD64)
@@ -823,8 +923,10 @@ def test_wrong_content_digest_header(scripted: tuple[str, Script], tmp_path: Pat
     host, script = scripted
     body, _ = scripted_manifest()
     script.routes["/v2/x/y/manifests/v1"] = [
-        reply(200, body, {"Content-Type": OCI_MANIFEST,
-                          "Docker-Content-Digest": "sha256:" + "2" * 64})]
+        reply(
+            200, body, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": "sha256:" + "2" * 64}
+        )
+    ]
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path).resolve(Reference.parse(f"{host}/x/y:v1"), AMD64)
     assert info.value.reason == "digest-mismatch"
@@ -838,16 +940,21 @@ def test_truncated_blob_leaves_nothing(scripted: tuple[str, Script], tmp_path: P
     script.routes[path] = [reply(200, data, send=data[:50_000])]
     client = new_client(tmp_path, retries=1)
     with pytest.raises(RegistryError) as info:
-        client.blob(Reference.parse(f"{host}/x/y:v1"),
-                    Descriptor(OCI_LAYER_GZIP, digest, len(data)))
+        client.blob(
+            Reference.parse(f"{host}/x/y:v1"), Descriptor(OCI_LAYER_GZIP, digest, len(data))
+        )
     assert info.value.reason == "interrupted", str(info.value)
     assert not client.cache.path(digest).exists()
     assert list(client.cache.tmp.iterdir()) == []
     assert script.hits.count(path) == 2  # retried once
     # and a good answer afterwards is accepted
     script.routes[path] = [reply(200, data)]
-    assert client.blob(Reference.parse(f"{host}/x/y:v1"),
-                       Descriptor(OCI_LAYER_GZIP, digest, len(data))).read_bytes() == data
+    assert (
+        client.blob(
+            Reference.parse(f"{host}/x/y:v1"), Descriptor(OCI_LAYER_GZIP, digest, len(data))
+        ).read_bytes()
+        == data
+    )
 
 
 def test_read_timeout(scripted: tuple[str, Script], tmp_path: Path) -> None:
@@ -856,7 +963,8 @@ def test_read_timeout(scripted: tuple[str, Script], tmp_path: Path) -> None:
     start = time.monotonic()
     with pytest.raises(RegistryError) as info:
         new_client(tmp_path, timeout=0.5, retries=0).resolve(
-            Reference.parse(f"{host}/x/y:v1"), AMD64)
+            Reference.parse(f"{host}/x/y:v1"), AMD64
+        )
     assert time.monotonic() - start < 2.5
     assert info.value.reason == "timeout"
 
@@ -876,7 +984,9 @@ def test_stalled_blob_times_out(scripted: tuple[str, Script], tmp_path: Path) ->
     client = new_client(tmp_path, timeout=0.5, retries=0)
     start = time.monotonic()
     with pytest.raises(RegistryError) as info:
-        client.blob(Reference.parse(f"{host}/x/y:v1"), Descriptor(OCI_LAYER_GZIP, digest, len(data)))
+        client.blob(
+            Reference.parse(f"{host}/x/y:v1"), Descriptor(OCI_LAYER_GZIP, digest, len(data))
+        )
     assert time.monotonic() - start < 2.5
     assert info.value.reason == "timeout", str(info.value)
     assert not client.cache.path(digest).exists()
@@ -899,8 +1009,11 @@ def test_credentials_from_a_docker_credential_helper(
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     find_tool.cache_clear()
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"credHelpers": {"registry.example:5000": "testhelper"},
-                                  "credsStore": "absent-helper"}))
+    config.write_text(
+        json.dumps(
+            {"credHelpers": {"registry.example:5000": "testhelper"}, "credsStore": "absent-helper"}
+        )
+    )
     store = CredentialStore(config)
     creds = store.get("registry.example:5000")
     assert creds is not None and creds.username == "alice"

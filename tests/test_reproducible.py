@@ -41,13 +41,15 @@ def _workdir(top: Path) -> Path:
     top.mkdir(parents=True, exist_ok=True)
     for name in COPY:
         if (REPO / name).exists():
-            shutil.copytree(REPO / name, top / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("*.lock"))
+            shutil.copytree(
+                REPO / name, top / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
+            )
     return top / "recipes" / "debian.toml"
 
 
-def _build_as_root(top: Path, home: Path, mirror: str, env: dict[str, str] | None = None,
-                   umask: int | None = None) -> Path:
+def _build_as_root(
+    top: Path, home: Path, mirror: str, env: dict[str, str] | None = None, umask: int | None = None
+) -> Path:
     recipe = _workdir(top)
     environ = {**os.environ, **(env or {})}
     proc = subprocess.run(
@@ -77,39 +79,50 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_same_bytes_when(variant: str, baseline: dict[str, str], debian_image: DebianImage,
-                        tmp_path: Path) -> None:
+def test_same_bytes_when(
+    variant: str, baseline: dict[str, str], debian_image: DebianImage, tmp_path: Path
+) -> None:
     spec = VARIANTS[variant]
     top = tmp_path
     if "top" in spec:
         top = Path(str(spec["top"])) / f"banger-repro-{os.getpid()}"
     env: dict[str, str] = {"TMPDIR": str(top), **spec.get("env", {})}  # type: ignore[dict-item]
     try:
-        path = _build_as_root(top, top / str(spec.get("home", "home")), debian_image.mirror,
-                              env, spec.get("umask"))  # type: ignore[arg-type]
+        path = _build_as_root(
+            top, top / str(spec.get("home", "home")), debian_image.mirror, env, spec.get("umask")
+        )  # type: ignore[arg-type]
         assert _digests(path) == baseline
     finally:
         if top != tmp_path:
             shutil.rmtree(top, ignore_errors=True)
 
 
-def test_same_bytes_as_an_unprivileged_user(baseline: dict[str, str], debian_image: DebianImage,
-                                           unpriv: Unpriv) -> None:
+def test_same_bytes_as_an_unprivileged_user(
+    baseline: dict[str, str], debian_image: DebianImage, unpriv: Unpriv
+) -> None:
     for name in COPY:
         if (REPO / name).exists():
             unpriv.copy_in(REPO / name, name)
     for lock in (unpriv.home / "recipes").glob("*.lock"):
         lock.unlink()
-    proc = unpriv.run([str(unpriv.home / "recipes" / "debian.toml"), "--no-link",
-                       "--mirror", debian_image.mirror], timeout=900)
+    proc = unpriv.run(
+        [
+            str(unpriv.home / "recipes" / "debian.toml"),
+            "--no-link",
+            "--mirror",
+            debian_image.mirror,
+        ],
+        timeout=900,
+    )
     assert _digests(Path(proc.stdout.strip())) == baseline
 
 
-def test_source_date_epoch_is_honoured_and_recorded(baseline: dict[str, str],
-                                                    debian_image: DebianImage,
-                                                    tmp_path: Path) -> None:
-    path = _build_as_root(tmp_path, tmp_path / "home", debian_image.mirror,
-                          {"SOURCE_DATE_EPOCH": "1234567890"})
+def test_source_date_epoch_is_honoured_and_recorded(
+    baseline: dict[str, str], debian_image: DebianImage, tmp_path: Path
+) -> None:
+    path = _build_as_root(
+        tmp_path, tmp_path / "home", debian_image.mirror, {"SOURCE_DATE_EPOCH": "1234567890"}
+    )
     manifest = (path / "manifest.json").read_text()
     assert '"epoch": 1234567890' in manifest
     assert _digests(path)["rootfs.ext4"] != baseline["rootfs.ext4"]

@@ -41,6 +41,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (top / "agents" / "out" / "banger-vsock-agent").write_bytes(STAND_IN_AGENT)
     return top
 
+
 #: A fixed stand-in for the registry's answer, so keys depend only on the recipe.
 IMAGE = ImageManifest(
     digest=Digest("1" * 64),
@@ -82,8 +83,14 @@ def test_golden_keys(snapshot, tree: Path) -> None:  # type: ignore[no-untyped-d
     for name in RECIPE_NAMES:
         recipe_path = tree / name
         recipe = load_recipe(recipe_path)
-        d = derive(recipe, IMAGE, injected=resolve_injected(recipe),
-                   kernel=resolve_kernel(recipe.kernel), epoch=EPOCH, tools=TOOLS)
+        d = derive(
+            recipe,
+            IMAGE,
+            injected=resolve_injected(recipe),
+            kernel=resolve_kernel(recipe.kernel),
+            epoch=EPOCH,
+            tools=TOOLS,
+        )
         lines.append(f"{name} {d.key}-{d.name}")
     snapshot.assert_match("\n".join(lines) + "\n", "golden-keys.txt")
 

@@ -1,4 +1,4 @@
-"""``banger-build update RECIPE [INPUT]``: re-resolve pins (all, or one input) and rewrite the lock."""
+"""``banger-build update RECIPE [INPUT]``: re-resolve pins (all, or one input), rewrite the lock."""
 
 from __future__ import annotations
 

@@ -38,7 +38,9 @@ def _derivation(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         recipe = args.recipe or path.with_suffix(".toml")
         if not recipe.is_file():
             raise InputError(f"no recipe for the lock file {path}: pass --recipe", reason="io")
-        return common.resolve_recipe(args, recipe, lock_path=path, lock_mode="locked").derivation.data
+        return common.resolve_recipe(
+            args, recipe, lock_path=path, lock_mode="locked"
+        ).derivation.data
     return common.resolve_recipe(args, path).derivation.data
 
 

@@ -750,7 +750,7 @@ def _replay(layout: Path) -> dict[str, Expected]:
     if len(diff_ids) != len(manifest["layers"]):
         raise ValueError("config diff_ids and manifest layers differ in number")
     state: dict[str, _Inode] = {}
-    for desc, diff_id in zip(manifest["layers"], diff_ids):
+    for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True):
         path = _blob(layout, desc["digest"])
         if f"sha256:{_file_sha256(path)}" != desc["digest"]:
             raise ValueError(f"layer {desc['digest']} does not match its digest")
@@ -942,7 +942,7 @@ class DebianImage:
 def _require_layout() -> Path:
     try:
         return debian_layout()
-    except Exception as exc:  # noqa: BLE001 - turn any build problem into a clear failure
+    except Exception as exc:
         pytest.fail(f"cannot build the Debian test image: {exc}", pytrace=False)
 
 

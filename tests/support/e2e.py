@@ -18,7 +18,9 @@ CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + b"\x00" * 12
 
 BASE = [
     Entry.dir("etc"),
-    Entry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1001:1001::/home/app:/bin/sh\n"),
+    Entry.file(
+        "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1001:1001::/home/app:/bin/sh\n"
+    ),
     Entry.file("etc/group", b"root:x:0:\nshadow:x:42:\nadm:x:4:\napp:x:1001:\n"),
     Entry.file("etc/shadow", b"root:*:19000::::::\n", mode=0o640, gid=42),
     Entry.file("etc/motd", b"base motd\n"),

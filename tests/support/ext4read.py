@@ -39,8 +39,12 @@ class Seen:
     def type(self) -> str:
         m = self.mode
         for test, name in (
-            (stat.S_ISREG, "reg"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
-            (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chr"), (stat.S_ISBLK, "blk"),
+            (stat.S_ISREG, "reg"),
+            (stat.S_ISDIR, "dir"),
+            (stat.S_ISLNK, "symlink"),
+            (stat.S_ISFIFO, "fifo"),
+            (stat.S_ISCHR, "chr"),
+            (stat.S_ISBLK, "blk"),
         ):
             if test(m):
                 return name
@@ -49,8 +53,12 @@ class Seen:
 
 def _debugfs(image: Path, script: str, cwd: str | None = None) -> bytes:
     proc = subprocess.run(
-        ["debugfs", "-f", "-", str(image)], input=script.encode(), capture_output=True,
-        env=ENV, cwd=cwd, check=True,
+        ["debugfs", "-f", "-", str(image)],
+        input=script.encode(),
+        capture_output=True,
+        env=ENV,
+        cwd=cwd,
+        check=True,
     )
     return proc.stdout
 
@@ -95,8 +103,14 @@ def read_image(image: Path, *, contents: bool = True) -> dict[str, Seen]:
         seen = Seen(path="", ino=i, mode=0)
         m = re.search(r"Type: (\w+)(?: special)?\s+Mode:\s+(\d+)", s)
         assert m, (i, s)
-        kind = {"regular": 0o100000, "directory": 0o040000, "symlink": 0o120000,
-                "FIFO": 0o010000, "character": 0o020000, "block": 0o060000}[m.group(1)]
+        kind = {
+            "regular": 0o100000,
+            "directory": 0o040000,
+            "symlink": 0o120000,
+            "FIFO": 0o010000,
+            "character": 0o020000,
+            "block": 0o060000,
+        }[m.group(1)]
         seen.mode = kind | int(m.group(2), 8)
         seen.uid = int(re.search(r"User:\s+(\d+)", s).group(1))  # type: ignore[union-attr]
         seen.gid = int(re.search(r"Group:\s+(\d+)", s).group(1))  # type: ignore[union-attr]

@@ -227,8 +227,13 @@ class Pusher:
         return str(body.get("token") or body["access_token"])
 
     def request(
-        self, method: str, url: str, *, data: bytes | BinaryIO | None = None,
-        headers: dict[str, str] | None = None, ok: Sequence[int] = (200, 201, 202),
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | BinaryIO | None = None,
+        headers: dict[str, str] | None = None,
+        ok: Sequence[int] = (200, 201, 202),
     ) -> requests.Response:
         if not url.startswith("http"):
             url = self.url + url
@@ -288,7 +293,9 @@ class Pusher:
 
     def push_manifest(self, ref: str, data: bytes, media_type: str) -> str:
         self.request(
-            "PUT", f"/v2/{self.repo}/manifests/{ref}", data=data,
+            "PUT",
+            f"/v2/{self.repo}/manifests/{ref}",
+            data=data,
             headers={"Content-Type": media_type},
         )
         return sha256(data)
@@ -362,7 +369,7 @@ def push_image(
     if len(types) != len(layers):
         raise ValueError("layer_media_types must match layers")
     layer_descs = []
-    for blob, mt in zip(layers, types):
+    for blob, mt in zip(layers, types, strict=True):
         layer_descs.append({"mediaType": mt, **pusher.push_blob(blob)})
 
     manifests: dict[str, str] = {}
@@ -395,8 +402,12 @@ def push_image(
         if len(parts) == 3:
             plat["variant"] = parts[2]
         index_entries.append(
-            {"mediaType": manifest_type, "digest": digest, "size": len(manifest_bytes),
-             "platform": plat}
+            {
+                "mediaType": manifest_type,
+                "digest": digest,
+                "size": len(manifest_bytes),
+                "platform": plat,
+            }
         )
         if first is None:
             first = (digest, manifest_bytes, str(config_desc["digest"]), cfg)
@@ -447,7 +458,9 @@ def _push_layout_manifest(pusher: Pusher, layout: Path, desc: dict[str, Any], de
             _push_layout_manifest(pusher, layout, child, depth + 1)
     else:
         for blob_desc in [body["config"], *body.get("layers", [])]:
-            pusher.push_blob(_layout_blob(layout, str(blob_desc["digest"])), str(blob_desc["digest"]))
+            pusher.push_blob(
+                _layout_blob(layout, str(blob_desc["digest"])), str(blob_desc["digest"])
+            )
     pusher.push_manifest(digest, data, media_type)
     return media_type
 

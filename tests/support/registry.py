@@ -139,9 +139,15 @@ class _TokenKey:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -219,9 +225,7 @@ class TokenServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), daemon=True
-        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -265,7 +269,9 @@ class TokenServer:
         with self._lock:
             self.requests.append(TokenRequest(service, scopes, user, ok))
         if not ok:
-            self._reply(h, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]})
+            self._reply(
+                h, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]}
+            )
             return
         access = []
         for scope in scopes:
@@ -288,9 +294,14 @@ class TokenServer:
         token = self.key.sign_jwt(claims)
         issued = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat()
         self._reply(
-            h, 200,
-            {"token": token, "access_token": token, "expires_in": self.expires_in,
-             "issued_at": issued},
+            h,
+            200,
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": self.expires_in,
+                "issued_at": issued,
+            },
         )
 
 
@@ -346,8 +357,15 @@ class RegistryServer:
     def blob_data_path(self, digest: str) -> Path:
         hexpart = digest.split(":", 1)[1]
         return (
-            self.storage / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexpart[:2]
-            / hexpart / "data"
+            self.storage
+            / "docker"
+            / "registry"
+            / "v2"
+            / "blobs"
+            / "sha256"
+            / hexpart[:2]
+            / hexpart
+            / "data"
         )
 
     def _config(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ installed by scripts/setup); they never skip it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -106,10 +107,8 @@ def _check_prerequisites() -> None:
 
 def _safe_dir(path: Path) -> None:
     """Create or accept a root-owned 0755 directory in a world-writable parent."""
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o755)
-    except FileExistsError:
-        pass
     st = os.lstat(path)
     if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != 0 or st.st_mode & 0o022:
         raise UnprivError(f"{path} exists but is not a root-owned, non-writable directory")
@@ -214,8 +213,9 @@ def _copy_dependencies(venv: Path) -> bool:
     source = REPO_ROOT / ".venv" / "bin" / "python"
     if not source.exists():
         return False
-    proc = subprocess.run([str(source), "-c", _CLOSURE], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [str(source), "-c", _CLOSURE], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         return False
     sites = list((REPO_ROOT / ".venv" / "lib").glob("python3.*/site-packages"))
@@ -261,7 +261,7 @@ def _run_step(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
 
 def _make_world_readable(venv: Path) -> None:
     # Everything readable and traversable by 65534, nothing writable by it.
-    for dirpath, dirs, files in os.walk(venv):
+    for dirpath, _dirs, files in os.walk(venv):
         os.chmod(dirpath, 0o755)
         for name in files:
             p = os.path.join(dirpath, name)
