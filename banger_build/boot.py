@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger_build.errors import BangerError, InputError
+from banger_build.errors import BangerError, InputError, Reason
 from banger_build.run import find_tool
 
 QEMU = "qemu-system-x86_64"
@@ -57,7 +57,7 @@ VSOCK_DEVICE = "/dev/vhost-vsock"
 class BootError(BangerError):
     """The VM did not do what was asked (timeout, panic, qemu failure)."""
 
-    reason = "boot-failed"
+    reason = Reason.BOOT_FAILED
 
 
 @dataclass(frozen=True)
@@ -96,23 +96,27 @@ def resolve_target(
     belongs to the staged kernel.
     """
     if not store_path.is_dir():
-        raise InputError(f"{store_path}: not a directory (not a store path)", reason="no-rootfs")
+        raise InputError(
+            f"{store_path}: not a directory (not a store path)", reason=Reason.NO_ROOTFS
+        )
     rootfs = store_path / ROOTFS
     if not rootfs.is_file():
-        raise InputError(f"{store_path}: no {ROOTFS} in it (not a store path)", reason="no-rootfs")
+        raise InputError(
+            f"{store_path}: no {ROOTFS} in it (not a store path)", reason=Reason.NO_ROOTFS
+        )
     if kernel is None:
         kernel = store_path / KERNEL
         if not kernel.is_file():
             raise InputError(
                 f"{store_path}: no kernel ({KERNEL}): add a [kernel] table to the recipe "
                 "or pass --kernel PATH",
-                reason="no-kernel",
+                reason=Reason.NO_KERNEL,
             )
         staged = store_path / INITRD
         initrd = initrd if initrd is not None else (staged if staged.is_file() else None)
     for what, path in (("--kernel", kernel), ("--initrd", initrd)):
         if path is not None and not path.is_file():
-            raise InputError(f"{what} {path}: no such file", reason="no-kernel")
+            raise InputError(f"{what} {path}: no such file", reason=Reason.NO_KERNEL)
     return BootTarget(rootfs, kernel, initrd)
 
 
@@ -236,7 +240,9 @@ def start(argv: Sequence[str]) -> subprocess.Popen[bytes]:
             stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
     except OSError as exc:
-        raise BootError(f"cannot start {argv[0]}: {exc.strerror}", reason="qemu-failed") from exc
+        raise BootError(
+            f"cannot start {argv[0]}: {exc.strerror}", reason=Reason.QEMU_FAILED
+        ) from exc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -405,7 +411,9 @@ def choose_accel(
         return "tcg"
     if not kvm_available():
         if requested == "kvm":
-            raise BootError("--accel kvm: /dev/kvm is missing or not accessible", reason="no-kvm")
+            raise BootError(
+                "--accel kvm: /dev/kvm is missing or not accessible", reason=Reason.NO_KVM
+            )
         return "tcg"
     if requested == "kvm":
         return "kvm"
@@ -464,7 +472,7 @@ def copy_rootfs(rootfs: Path, tmp: Path) -> Path:
     try:
         sparse_copy(rootfs, disk)
     except OSError as exc:
-        raise BootError(f"cannot copy {rootfs} to {tmp}: {exc.strerror}", reason="io") from exc
+        raise BootError(f"cannot copy {rootfs} to {tmp}: {exc.strerror}", reason=Reason.IO) from exc
     return disk
 
 
@@ -478,30 +486,30 @@ def outcome(ended: Ended, console: Console, options: BootOptions, accel: str) ->
         raise BootError(
             f"timed out after {options.timeout:g} s ({accel}) waiting {waiting}"
             + _quote("last console lines", list(console.lines)),
-            reason="boot-timeout",
+            reason=Reason.BOOT_TIMEOUT,
         )
     if ended.returncode != 0:
         tail = "\n".join(ended.stderr.strip().splitlines()[-10:])
         raise BootError(
-            f"qemu failed with exit code {ended.returncode}:\n{tail}", reason="qemu-failed"
+            f"qemu failed with exit code {ended.returncode}:\n{tail}", reason=Reason.QEMU_FAILED
         )
     still = f" (never printed: {missing})" if missing else ""
     if console.panic is not None:
         raise BootError(
             f"the guest kernel panicked{still}: {console.panic}"
             + _quote("console lines before it", console.before_panic),
-            reason="guest-panic",
+            reason=Reason.GUEST_PANIC,
         )
     if console.rebooted:
         raise BootError(
             f"the guest rebooted{still}" + _quote("last console lines", list(console.lines)),
-            reason="guest-reboot",
+            reason=Reason.GUEST_REBOOT,
         )
     if missing:
         raise BootError(
             f"the VM powered off without printing {missing}"
             + _quote("last console lines", list(console.lines)),
-            reason="expect-missing",
+            reason=Reason.EXPECT_MISSING,
         )
     return "poweroff"
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
-from banger_build.errors import InputError, RecipeError, StoreError
+from banger_build.errors import InputError, Reason, RecipeError, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject, install_modules
@@ -161,7 +161,7 @@ def pin(
             line=where.line if where else None,
             col=where.col if where else None,
             key=key,
-            reason="not-locked",
+            reason=Reason.NOT_LOCKED,
         )
     refresh = mode == "update" and ctx.options.update_input in (None, input_name)
     if pinned is not None and not refresh:
@@ -212,7 +212,7 @@ def resolve_image(ctx: Context) -> None:
         raise InputError(
             f"{recipe.image}@{digest}: image is for {os_}/{arch}, the recipe asks for "
             f"{recipe.platform}",
-            reason="platform-mismatch",
+            reason=Reason.PLATFORM_MISMATCH,
         )
 
 
@@ -268,7 +268,7 @@ def resolve_kernel_artifact(ctx: Context) -> None:
         raise RecipeError(
             f"install_modules: kernel {ref}@{digest} has no modules (push it with --modules)",
             file=str(ctx.recipe.path), line=where.line, col=where.col,
-            key="kernel.install_modules", reason="no-modules",
+            key="kernel.install_modules", reason=Reason.NO_MODULES,
         )  # fmt: skip
     staged = []
     for name, desc in artifact.files.items():
@@ -315,7 +315,7 @@ def pull_layers(ctx: Context) -> None:
         raise InputError(
             f"{ctx.recipe.image}: the image config lists {len(diff_ids)} diff_ids for "
             f"{len(layers)} layers",
-            reason="config-mismatch",
+            reason=Reason.CONFIG_MISMATCH,
         )
     ctx.reporter.step(f"pulling {len(layers)} layers of {ctx.recipe.image}")
     for desc, diff_id in zip(layers, diff_ids, strict=True):
@@ -393,7 +393,7 @@ def stage_kernel(ctx: Context) -> None:
             shutil.copyfile(item.source, dest)
             digest = hash_file(dest)[0]
         if digest != item.sha256:
-            raise InputError(f"{item.source} changed while it was being staged", reason="io")
+            raise InputError(f"{item.source} changed while it was being staged", reason=Reason.IO)
         ctx.outputs[item.name] = {"sha256": item.sha256, "size": item.size}  # verified above
 
 
@@ -539,7 +539,7 @@ def check(
     if path is None:
         raise StoreError(
             f"{name} (key {key}) is not in the store: build it before checking it",
-            reason="not-built",
+            reason=Reason.NOT_BUILT,
         )
 
     def waiting() -> None:

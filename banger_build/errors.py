@@ -19,13 +19,112 @@ The CLI prints ``banger-build: error: <message>`` and exits 1 for all of them.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why something failed: stable, machine-readable, asserted by tests.
+
+    A ``StrEnum``: each member equals its string value (``Reason.IO == "io"``).
+    """
+
+    # general
+    ERROR = "error"
+    IO = "io"
+    INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
+    BAD_ARGUMENT = "bad-argument"
+    # recipe (RecipeError)
+    RECIPE_INVALID = "recipe-invalid"
+    SYNTAX = "syntax"
+    UNKNOWN_KEY = "unknown-key"
+    TYPE = "type"
+    VALUE = "value"
+    MISSING_KEY = "missing-key"
+    CONFLICTING_KEYS = "conflicting-keys"
+    DUPLICATE_DEST = "duplicate-dest"
+    NOT_LOCKED = "not-locked"
+    # local inputs (InputError)
+    INPUT_INVALID = "input-invalid"
+    MISSING_INPUT = "missing-input"
+    SHA256_MISMATCH = "sha256-mismatch"
+    TEMPLATE_MISSING = "template-missing"
+    TEMPLATE_SYNTAX = "template-syntax"
+    TEMPLATE_UNDEFINED = "template-undefined"
+    TEMPLATE_ERROR = "template-error"
+    GUEST_TEMPLATES_MISSING = "guest-templates-missing"
+    MODULES_NOT_A_DIRECTORY = "modules-not-a-directory"
+    MODULES_VERSION = "modules-version"
+    INVALID_MODULES = "invalid-modules"
+    NO_MODULES = "no-modules"
+    CONFIG_MISMATCH = "config-mismatch"
+    PLATFORM_MISMATCH = "platform-mismatch"
+    UNKNOWN_OWNER = "unknown-owner"
+    DEST_IS_DIRECTORY = "dest-is-directory"
+    MIRROR_INVALID = "mirror-invalid"
+    INSECURE_INVALID = "insecure-invalid"
+    BLOB_SIZE = "blob-size"
+    RECIPE_CHANGED = "recipe-changed"
+    NO_ROOTFS = "no-rootfs"
+    NO_KERNEL = "no-kernel"
+    # registries (RegistryError)
+    REGISTRY = "registry"
+    UNREACHABLE = "unreachable"
+    TLS = "tls"
+    AUTH = "auth"
+    NOT_FOUND = "not-found"
+    HTTP_STATUS = "http-status"
+    DIGEST_MISMATCH = "digest-mismatch"
+    NO_PLATFORM = "no-platform"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
+    INVALID_MANIFEST = "invalid-manifest"
+    INVALID_REFERENCE = "invalid-reference"
+    INSECURE = "insecure"
+    PROTOCOL = "protocol"
+    # layers (LayerError)
+    LAYER_INVALID = "layer-invalid"
+    CORRUPT = "corrupt"
+    DIFF_ID_MISMATCH = "diff-id-mismatch"
+    UNSAFE_NAME = "unsafe-name"
+    PATH_ESCAPE = "path-escape"
+    NAME_TOO_LONG = "name-too-long"
+    THROUGH_SYMLINK = "through-symlink"
+    NOT_A_DIRECTORY = "not-a-directory"
+    LINK_ESCAPE = "link-escape"
+    LINK_TOO_LONG = "link-too-long"
+    HARDLINK_TARGET = "hardlink-target"
+    UNSUPPORTED_TYPE = "unsupported-type"
+    BAD_OWNER = "bad-owner"
+    UNSAFE_XATTR = "unsafe-xattr"
+    # external tools (ToolError)
+    TOOL_FAILED = "tool-failed"
+    TOOL_MISSING = "tool-missing"
+    TOOL_TIMEOUT = "tool-timeout"
+    # the image (ImageError)
+    IMAGE = "image"
+    SIZE_TOO_SMALL = "size-too-small"
+    FSCK_FAILED = "fsck-failed"
+    # the store (StoreError)
+    STORE = "store"
+    BLOB_CACHE = "blob-cache"
+    OUT_LINK = "out-link"
+    NOT_BUILT = "not-built"
+    # boot (BootError)
+    BOOT_FAILED = "boot-failed"
+    BOOT_TIMEOUT = "boot-timeout"
+    GUEST_PANIC = "guest-panic"
+    GUEST_REBOOT = "guest-reboot"
+    EXPECT_MISSING = "expect-missing"
+    QEMU_FAILED = "qemu-failed"
+    NO_KVM = "no-kvm"
+
 
 class BangerError(Exception):
     """Base class. ``reason`` is a stable, machine-readable slug."""
 
-    reason: str = "error"
+    reason: Reason = Reason.ERROR
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
@@ -38,7 +137,7 @@ class BangerError(Exception):
 class RecipeError(BangerError):
     """A recipe or lock file is invalid. Carries its position and key path."""
 
-    reason = "recipe-invalid"
+    reason = Reason.RECIPE_INVALID
 
     def __init__(
         self,
@@ -48,7 +147,7 @@ class RecipeError(BangerError):
         line: int | None = None,
         col: int | None = None,
         key: str | None = None,
-        reason: str | None = None,
+        reason: Reason | None = None,
     ) -> None:
         self.file = file
         self.line = line
@@ -63,11 +162,11 @@ class RecipeError(BangerError):
 
 
 class InputError(BangerError):
-    reason = "input-invalid"
+    reason = Reason.INPUT_INVALID
 
 
 class RegistryError(BangerError):
-    reason = "registry"
+    reason = Reason.REGISTRY
 
     def __init__(
         self,
@@ -75,7 +174,7 @@ class RegistryError(BangerError):
         *,
         reference: str,
         status: int | None = None,
-        reason: str | None = None,
+        reason: Reason | None = None,
     ) -> None:
         self.reference = reference
         self.status = status
@@ -86,7 +185,7 @@ class RegistryError(BangerError):
 
 
 class LayerError(BangerError):
-    reason = "layer-invalid"
+    reason = Reason.LAYER_INVALID
 
     def __init__(
         self,
@@ -94,7 +193,7 @@ class LayerError(BangerError):
         *,
         layer: str,
         path: str | None = None,
-        reason: str | None = None,
+        reason: Reason | None = None,
     ) -> None:
         self.layer = layer
         self.path = path
@@ -105,7 +204,7 @@ class LayerError(BangerError):
 
 
 class ToolError(BangerError):
-    reason = "tool-failed"
+    reason = Reason.TOOL_FAILED
 
     def __init__(
         self,
@@ -114,7 +213,7 @@ class ToolError(BangerError):
         argv: list[str] | None = None,
         returncode: int | None = None,
         stderr: str = "",
-        reason: str | None = None,
+        reason: Reason | None = None,
     ) -> None:
         self.argv = argv or []
         self.returncode = returncode
@@ -123,8 +222,8 @@ class ToolError(BangerError):
 
 
 class ImageError(BangerError):
-    reason = "image"
+    reason = Reason.IMAGE
 
 
 class StoreError(BangerError):
-    reason = "store"
+    reason = Reason.STORE

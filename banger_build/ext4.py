@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger_build import debugfs
-from banger_build.errors import ImageError, ToolError
+from banger_build.errors import ImageError, Reason, ToolError
 from banger_build.run import run
 from banger_build.tree import DIR, REG, SPECIAL, SYMLINK, Inode, Node, Tree, name_bytes
 
@@ -187,7 +187,7 @@ def plan_size(tree: Tree, *, auto: bool, size: int) -> SizePlan:
             raise ImageError(
                 f"the size {_human(final)} is too small: the image needs at least "
                 f'{_human(needed)} ({needed} bytes); use size = "auto" or a larger size',
-                reason="size-too-small",
+                reason=Reason.SIZE_TOO_SMALL,
             )
     return SizePlan(size=final, inodes=_inode_count(inodes, final), needed=needed)
 
@@ -248,7 +248,7 @@ def make_filesystem(
             raise ImageError(
                 f"the image of {_human(plan.size)} ran out of space during mkfs "
                 f"(estimated need {_human(plan.needed)}); increase size",
-                reason="size-too-small",
+                reason=Reason.SIZE_TOO_SMALL,
             ) from exc
         raise
 
@@ -398,5 +398,5 @@ def check_filesystem(image: Path) -> None:
         out = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines()
         raise ImageError(
             "e2fsck -fn found problems in the built image:\n" + "\n".join(out[-15:]),
-            reason="fsck-failed",
+            reason=Reason.FSCK_FAILED,
         )

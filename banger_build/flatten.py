@@ -40,7 +40,7 @@ from typing import IO
 
 import zstandard
 
-from banger_build.errors import LayerError
+from banger_build.errors import LayerError, Reason
 from banger_build.reference import Digest
 from banger_build.tree import (
     BLK,
@@ -124,21 +124,21 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-def check_name(path: str, raw: str) -> str | None:
-    """Return a refusal (reason, message) for an unsafe name, else None."""
+def check_name(path: str, raw: str) -> Reason | None:
+    """The reason an unsafe name is refused, else None."""
     if any(c in raw for c in "\x00\r\n"):
-        return "unsafe-name"
+        return Reason.UNSAFE_NAME
     if ".." in path.split("/"):
-        return "path-escape"
+        return Reason.PATH_ESCAPE
     if any(len(name_bytes(p)) > NAME_MAX for p in path.split("/")):
-        return "name-too-long"
+        return Reason.NAME_TOO_LONG
     return None
 
 
 _REFUSALS = {
-    "unsafe-name": "name contains a NUL, CR or LF byte, which debugfs cannot carry safely",
-    "path-escape": "path has a '..' component and would escape the image root",
-    "name-too-long": f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
+    Reason.UNSAFE_NAME: "name contains a NUL, CR or LF byte, which debugfs cannot carry safely",
+    Reason.PATH_ESCAPE: "path has a '..' component and would escape the image root",
+    Reason.NAME_TOO_LONG: f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
 }
 
 
@@ -200,23 +200,25 @@ class Flattener:
         except LayerError:
             raise
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise LayerError(f"corrupt layer: {exc}", layer=self._layer, reason="corrupt") from exc
+            raise LayerError(
+                f"corrupt layer: {exc}", layer=self._layer, reason=Reason.CORRUPT
+            ) from exc
         except zstandard.ZstdError as exc:
             raise LayerError(
-                f"corrupt zstd stream: {exc}", layer=self._layer, reason="corrupt"
+                f"corrupt zstd stream: {exc}", layer=self._layer, reason=Reason.CORRUPT
             ) from exc
         if layer.diff_id is not None and hashing.sha.hexdigest() != layer.diff_id.hex:
             raise LayerError(
                 f"uncompressed content has digest sha256:{hashing.sha.hexdigest()}, "
                 f"but the image config's diff_id is {layer.diff_id}",
                 layer=self._layer,
-                reason="diff-id-mismatch",
+                reason=Reason.DIFF_ID_MISMATCH,
             )
         return LayerStats(entries, total)
 
     # -- one tar member -------------------------------------------------------
 
-    def _refuse(self, path: str, message: str, reason: str) -> LayerError:
+    def _refuse(self, path: str, message: str, reason: Reason) -> LayerError:
         return LayerError(message, layer=self._layer, path=path, reason=reason)
 
     def _apply_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
@@ -224,7 +226,7 @@ class Flattener:
         path = normalize_name(raw)
         bad = check_name(path, raw)
         if bad is None and member.issym() and any(c in member.linkname for c in "\x00\r\n"):
-            bad = "unsafe-name"
+            bad = Reason.UNSAFE_NAME
         if bad is not None:
             raise self._refuse(raw, _REFUSALS[bad], bad)
         parent, _, base = path.rpartition("/")
@@ -267,10 +269,14 @@ class Flattener:
             parent_node.children[base] = Node(inode)
         elif member.issym():
             if len(name_bytes(member.linkname)) > MAX_TARGET:
-                raise self._refuse(raw, "symlink target longer than 4095 bytes", "link-too-long")
+                raise self._refuse(
+                    raw, "symlink target longer than 4095 bytes", Reason.LINK_TOO_LONG
+                )
             if link_escapes(parent, member.linkname) or not member.linkname:
                 raise self._refuse(
-                    raw, f"symlink target {member.linkname!r} leaves the image root", "link-escape"
+                    raw,
+                    f"symlink target {member.linkname!r} leaves the image root",
+                    Reason.LINK_ESCAPE,
                 )
             self._remove(parent_node, parent, base)
             os.symlink(member.linkname, target)
@@ -288,7 +294,7 @@ class Flattener:
             parent_node.children[base] = Node(inode)
         else:
             raise self._refuse(
-                raw, f"unsupported tar entry type {member.type!r}", "unsupported-type"
+                raw, f"unsupported tar entry type {member.type!r}", Reason.UNSUPPORTED_TYPE
             )
         self._mark_created(path)
 
@@ -307,11 +313,13 @@ class Flattener:
         src = self._resolve_existing(link, raw)
         if src is None:
             raise self._refuse(
-                raw, f"hard link target {link_raw!r} does not exist in the image", "hardlink-target"
+                raw,
+                f"hard link target {link_raw!r} does not exist in the image",
+                Reason.HARDLINK_TARGET,
             )
         if src.is_dir:
             raise self._refuse(
-                raw, f"hard link target {link_raw!r} is a directory", "hardlink-target"
+                raw, f"hard link target {link_raw!r} is a directory", Reason.HARDLINK_TARGET
             )
         self._remove(parent_node, parent, base)
         if src.inode.type not in SPECIAL:
@@ -340,10 +348,12 @@ class Flattener:
                 node.children[part] = child
             elif child.inode.type == SYMLINK:
                 raise self._refuse(
-                    raw, f"writes through the symlink {walked!r} planted earlier", "through-symlink"
+                    raw,
+                    f"writes through the symlink {walked!r} planted earlier",
+                    Reason.THROUGH_SYMLINK,
                 )
             elif not child.is_dir:
-                raise self._refuse(raw, f"{walked!r} is not a directory", "not-a-directory")
+                raise self._refuse(raw, f"{walked!r} is not a directory", Reason.NOT_A_DIRECTORY)
             node = child
         return node
 
@@ -393,7 +403,7 @@ class Flattener:
     def _set_meta(self, inode: Inode, member: tarfile.TarInfo) -> None:
         for what, value in (("uid", member.uid), ("gid", member.gid)):
             if not 0 <= value <= MAX_ID:
-                raise self._refuse(member.name, f"{what} {value} is out of range", "bad-owner")
+                raise self._refuse(member.name, f"{what} {value} is out of range", Reason.BAD_OWNER)
         inode.uid = member.uid
         inode.gid = member.gid
         inode.perm = member.mode & 0o7777
@@ -402,7 +412,9 @@ class Flattener:
         xattrs = _xattrs(member)
         for name in xattrs:
             if not name.startswith(_XATTR_NAMESPACES) or any(c in name for c in "\x00\r\n \"'\\"):
-                raise self._refuse(member.name, f"unsupported xattr name {name!r}", "unsafe-xattr")
+                raise self._refuse(
+                    member.name, f"unsupported xattr name {name!r}", Reason.UNSAFE_XATTR
+                )
         inode.xattrs = xattrs
 
     def _write_file(
@@ -417,7 +429,7 @@ class Flattener:
                 out.write(chunk)
                 written += len(chunk)
         if written != member.size:
-            raise self._refuse(raw, "truncated file content", "corrupt")
+            raise self._refuse(raw, "truncated file content", Reason.CORRUPT)
 
 
 def flatten(layers: Sequence[LayerInput], staging: Path, epoch: int = 0) -> Tree:

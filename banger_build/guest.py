@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 from banger_build.fsutil import hash_file
 from banger_build.templates import render_template
 
@@ -151,7 +151,7 @@ def template_dir() -> Path:
     raise InputError(
         f"the built-in guest templates are missing (looked in {here / 'templates' / 'guest'} "
         f"and {here.parent / 'templates' / 'guest'}): the installation is incomplete",
-        reason="guest-templates-missing",
+        reason=Reason.GUEST_TEMPLATES_MISSING,
     )
 
 
@@ -170,21 +170,23 @@ def resolve_guest(spec: GuestSpec, context: Mapping[str, Any]) -> tuple[Injected
         raise InputError(
             f"{spec.where}: the guest agent {spec.agent} does not exist "
             "(build it, or set guest.agents = false)",
-            reason="missing-input",
+            reason=Reason.MISSING_INPUT,
         ) from None
     except IsADirectoryError:
         raise InputError(
-            f"{spec.where}: the guest agent {spec.agent} is a directory, not a file", reason="io"
+            f"{spec.where}: the guest agent {spec.agent} is a directory, not a file",
+            reason=Reason.IO,
         ) from None
     except OSError as exc:
         raise InputError(
-            f"{spec.where}: cannot read the guest agent {spec.agent}: {exc.strerror}", reason="io"
+            f"{spec.where}: cannot read the guest agent {spec.agent}: {exc.strerror}",
+            reason=Reason.IO,
         ) from exc
     if spec.agent_sha256 is not None and spec.agent_sha256 != digest:
         raise InputError(
             f"{spec.where}: {spec.agent} has sha256 {digest}, but the recipe pins "
             f"{spec.agent_sha256} (guest.agent_sha256)",
-            reason="sha256-mismatch",
+            reason=Reason.SHA256_MISMATCH,
         )
     out.append(Injected(AGENT_DEST, "file", AGENT_MODE, OWNER, digest, source=spec.agent))
 
@@ -194,12 +196,14 @@ def resolve_guest(spec: GuestSpec, context: Mapping[str, Any]) -> tuple[Injected
         if override is None:
             src, label = builtin_template(t.name), f"built-in template {t.name}"
             if not src.is_file():
-                raise InputError(f"{label}: {src} is missing", reason="guest-templates-missing")
+                raise InputError(
+                    f"{label}: {src} is missing", reason=Reason.GUEST_TEMPLATES_MISSING
+                )
         else:
             src, label = override.src, str(override.src)
             if not src.is_file():
                 raise InputError(
-                    f"{override.where}: template {src} does not exist", reason="missing-input"
+                    f"{override.where}: template {src} does not exist", reason=Reason.MISSING_INPUT
                 )
         data = render_template(src, context, label=label)
         out.append(

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
 from banger_build.inputs import Injected
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
@@ -94,7 +94,7 @@ class OwnerResolver:
             raise InputError(
                 f"{dest}: owner {what} {name!r} is not defined in the image's /etc/"
                 f"{'passwd' if what == 'user' else 'group'}",
-                reason="unknown-owner",
+                reason=Reason.UNKNOWN_OWNER,
             )
         return table[name]
 
@@ -112,7 +112,7 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
             if existing.is_dir:
                 raise InputError(
                     f"{item.dest}: the image has a directory there; refusing to replace it",
-                    reason="dest-is-directory",
+                    reason=Reason.DEST_IS_DIRECTORY,
                 )
             if existing.inode.type in (REG, SYMLINK):
                 os.unlink(stage_path)
@@ -163,7 +163,7 @@ def install_modules(tree: Tree, staging: Path, modules: Path, version: str, *, e
                 raise InputError(
                     f"{entry.path}: a name debugfs cannot carry safely (NUL, CR, LF or over "
                     "255 bytes)",
-                    reason="unsafe-name",
+                    reason=Reason.UNSAFE_NAME,
                 )
             target = dst / entry.name
             if entry.is_symlink():

@@ -21,7 +21,7 @@ from typing import Any
 
 import zstandard
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 from banger_build.fsutil import hash_file
 from banger_build.guest import resolve_guest
 from banger_build.recipe import KernelSpec, Recipe, Where
@@ -88,10 +88,12 @@ def _read_input(path: Path, where: Where, what: str) -> tuple[str, int]:
             return hash_tree(path)
         return hash_file(path)
     except FileNotFoundError:
-        raise InputError(f"{where}: {what} {path} does not exist", reason="missing-input") from None
+        raise InputError(
+            f"{where}: {what} {path} does not exist", reason=Reason.MISSING_INPUT
+        ) from None
     except OSError as exc:
         raise InputError(
-            f"{where}: cannot read {what} {path}: {exc.strerror}", reason="io"
+            f"{where}: cannot read {what} {path}: {exc.strerror}", reason=Reason.IO
         ) from exc
 
 
@@ -110,17 +112,19 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     for f in recipe.files:
         digest, _ = _read_input(f.src, f.where, "file")
         if f.src.is_dir():
-            raise InputError(f"{f.where}: {f.src} is a directory, not a file", reason="io")
+            raise InputError(f"{f.where}: {f.src} is a directory, not a file", reason=Reason.IO)
         if f.sha256 is not None and f.sha256 != digest:
             raise InputError(
                 f"{f.where}: {f.src} has sha256 {digest}, but the recipe pins {f.sha256}",
-                reason="sha256-mismatch",
+                reason=Reason.SHA256_MISMATCH,
             )
         out.append(Injected(f.dest, "file", f.mode, f.owner, digest, source=f.src))
     context = template_context(recipe)
     for t in recipe.templates:
         if not t.src.is_file():
-            raise InputError(f"{t.where}: template {t.src} does not exist", reason="missing-input")
+            raise InputError(
+                f"{t.where}: template {t.src} does not exist", reason=Reason.MISSING_INPUT
+            )
         data = render_template(t.src, context, label=str(t.src))
         digest = hashlib.sha256(data).hexdigest()
         out.append(Injected(t.dest, "template", t.mode, t.owner, digest, data=data))
@@ -132,7 +136,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     out.sort(key=lambda i: i.dest.encode())
     for a, b in itertools.pairwise(out):
         if a.dest == b.dest:  # load_recipe refuses this; a Recipe built by hand may not
-            raise InputError(f"{a.dest}: written twice", reason="duplicate-dest")
+            raise InputError(f"{a.dest}: written twice", reason=Reason.DUPLICATE_DEST)
     return tuple(out)
 
 
@@ -153,7 +157,7 @@ def resolve_kernel(kernel: KernelSpec | None) -> tuple[Staged, ...]:
                 raise InputError(
                     f"{kernel.where}: install_modules needs kernel.modules to be a "
                     f"lib/modules/<version> directory, not {path.name}",
-                    reason="modules-not-a-directory",
+                    reason=Reason.MODULES_NOT_A_DIRECTORY,
                 )
             name = _tarball_name(path)
         out.append(Staged(name, path, digest, size))
@@ -192,5 +196,5 @@ def modules_version(modules: Path) -> str:
     raise InputError(
         f"{modules}: cannot tell the kernel version (name the directory after it, "
         "e.g. lib/modules/6.1.0-13-amd64)",
-        reason="modules-version",
+        reason=Reason.MODULES_VERSION,
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
 from banger_build.oci import OCI_MANIFEST, Descriptor, ManifestError, _descriptor, media_type_of
 from banger_build.reference import Digest
@@ -79,7 +79,7 @@ def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") ->
 def write_modules_tar(modules: Path, out: IO[bytes]) -> None:
     """Write the deterministic tar of directory ``modules`` to ``out`` (streamed)."""
     if not modules.is_dir():
-        raise InputError(f"{modules}: kernel modules must be a directory", reason="io")
+        raise InputError(f"{modules}: kernel modules must be a directory", reason=Reason.IO)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for rel, entry in _walk(modules):
             if entry.is_symlink():
@@ -91,7 +91,9 @@ def write_modules_tar(modules: Path, out: IO[bytes]) -> None:
                 with open(entry.path, "rb") as f:
                     tar.addfile(_info(rel, tarfile.REGTYPE, 0o644, size), f)
             else:
-                raise InputError(f"{entry.path}: not a file, directory or symlink", reason="io")
+                raise InputError(
+                    f"{entry.path}: not a file, directory or symlink", reason=Reason.IO
+                )
 
 
 def config_bytes(version: str) -> bytes:
@@ -131,18 +133,18 @@ def parse_kernel_manifest(digest: Digest, data: bytes) -> KernelArtifact:
         raise ManifestError(
             f"{digest} is a {media_type}, not a kernel artifact (push one with "
             "`banger-build kernel push`)",
-            reason="unsupported-media-type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
     config = _descriptor(body.get("config"), "config")
     if body.get("artifactType") != ARTIFACT_TYPE and config.media_type != CONFIG_TYPE:
         raise ManifestError(
             f"{digest} is not a kernel artifact (artifactType "
             f"{body.get('artifactType')!r}, config {config.media_type})",
-            reason="unsupported-media-type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
     raw = body.get("layers")
     if not isinstance(raw, list):
-        raise ManifestError("the manifest has no layers list", reason="invalid-manifest")
+        raise ManifestError("the manifest has no layers list", reason=Reason.INVALID_MANIFEST)
     by_type = {mt: name for name, mt in LAYERS.items()}
     files: dict[str, Descriptor] = {}
     for i, item in enumerate(raw):
@@ -151,13 +153,17 @@ def parse_kernel_manifest(digest: Digest, data: bytes) -> KernelArtifact:
         if name is None:
             raise ManifestError(
                 f"layer {i} ({layer.digest}) has unknown media type {layer.media_type}",
-                reason="unsupported-media-type",
+                reason=Reason.UNSUPPORTED_MEDIA_TYPE,
             )
         if name in files:
-            raise ManifestError(f"the artifact has two {name} layers", reason="invalid-manifest")
+            raise ManifestError(
+                f"the artifact has two {name} layers", reason=Reason.INVALID_MANIFEST
+            )
         files[name] = layer
     if "vmlinux" not in files:
-        raise ManifestError("the artifact has no kernel image layer", reason="invalid-manifest")
+        raise ManifestError(
+            "the artifact has no kernel image layer", reason=Reason.INVALID_MANIFEST
+        )
     return KernelArtifact(digest, config, files)
 
 
@@ -187,11 +193,12 @@ def extract_modules(tar_path: Path, dest: Path) -> None:
                 or check_name(name.as_posix(), member.name) is not None
             ):
                 raise InputError(
-                    f"{tar_path}: unsafe entry {member.name!r}", reason="invalid-modules"
+                    f"{tar_path}: unsafe entry {member.name!r}", reason=Reason.INVALID_MODULES
                 )
             if any(parent in links for parent in name.parents):
                 raise InputError(
-                    f"{tar_path}: {member.name!r} lies under a symlink", reason="invalid-modules"
+                    f"{tar_path}: {member.name!r} lies under a symlink",
+                    reason=Reason.INVALID_MODULES,
                 )
             target = dest / name
             if member.issym():
@@ -209,7 +216,7 @@ def extract_modules(tar_path: Path, dest: Path) -> None:
             else:
                 raise InputError(
                     f"{tar_path}: {member.name!r} is not a file, directory or symlink",
-                    reason="invalid-modules",
+                    reason=Reason.INVALID_MODULES,
                 )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import tomli_w
 
-from banger_build.errors import RecipeError
+from banger_build.errors import Reason, RecipeError
 from banger_build.fsutil import fsync_dir
 from banger_build.recipe import (
     ARRAY_OF_TABLES,
@@ -139,7 +139,9 @@ class Lock:
             return cls()
         except (OSError, ValueError) as exc:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise RecipeError(f"cannot read lock file: {message}", file=file, reason="io") from exc
+            raise RecipeError(
+                f"cannot read lock file: {message}", file=file, reason=Reason.IO
+            ) from exc
         data, index = parse_toml(decode_toml(raw, file=file), file=file)
         doc = Doc(file, index, path.parent)
         checked = check_table(doc, data, LOCK_SCHEMA)
@@ -150,14 +152,14 @@ class Lock:
                 raise doc.error(
                     ("image", i),
                     f"{pin.ref} for {pin.platform} is pinned twice",
-                    "value",
+                    Reason.VALUE,
                 )
             pins[pin.ref, pin.platform] = pin
         kernels: dict[str, KernelPin] = {}
         for i, entry in enumerate(checked.get("kernel", ())):
             kpin = KernelPin(str(entry["ref"]), entry["digest"])
             if kpin.ref in kernels:
-                raise doc.error(("kernel", i), f"kernel {kpin.ref} is pinned twice", "value")
+                raise doc.error(("kernel", i), f"kernel {kpin.ref} is pinned twice", Reason.VALUE)
             kernels[kpin.ref] = kpin
         return cls(tuple(sorted(pins.values())), tuple(sorted(kernels.values())))
 
@@ -204,7 +206,7 @@ class Lock:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except OSError as exc:
             raise RecipeError(
-                f"cannot write lock file: {exc.strerror or exc}", file=str(path), reason="io"
+                f"cannot write lock file: {exc.strerror or exc}", file=str(path), reason=Reason.IO
             ) from exc
         try:
             with os.fdopen(fd, "wb") as f:
@@ -217,7 +219,7 @@ class Lock:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise RecipeError(
-                f"cannot write lock file: {exc.strerror or exc}", file=str(path), reason="io"
+                f"cannot write lock file: {exc.strerror or exc}", file=str(path), reason=Reason.IO
             ) from exc
         fsync_dir(path.parent)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from banger_build.blobs import BlobCache
-from banger_build.errors import RegistryError
+from banger_build.errors import Reason, RegistryError
 from banger_build.reference import Digest, Platform, ReferenceSyntaxError
 
 # -- media types ---------------------------------------------------------------
@@ -79,7 +79,7 @@ class ManifestError(Exception):
 
     status: int | None = None  # never an HTTP failure; shaped like the registry's failures
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    def __init__(self, message: str, *, reason: Reason) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
@@ -98,14 +98,16 @@ def media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        raise ManifestError("the manifest is not valid JSON", reason="invalid-manifest") from None
+        raise ManifestError(
+            "the manifest is not valid JSON", reason=Reason.INVALID_MANIFEST
+        ) from None
     if not isinstance(body, dict):
-        raise ManifestError("the manifest is not a JSON object", reason="invalid-manifest")
+        raise ManifestError("the manifest is not a JSON object", reason=Reason.INVALID_MANIFEST)
     if body.get("schemaVersion") == 1:
         raise ManifestError(
             "Docker image manifest schema 1 is not supported (deprecated since 2017; "
             "re-push the image with a current Docker)",
-            reason="unsupported-media-type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
     declared = body.get("mediaType")
     if isinstance(declared, str) and declared:
@@ -114,7 +116,7 @@ def media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]
         mt = header.split(";", 1)[0].strip()
         if mt in DOCKER_SCHEMA1:
             raise ManifestError(
-                f"unsupported manifest media type {mt}", reason="unsupported-media-type"
+                f"unsupported manifest media type {mt}", reason=Reason.UNSUPPORTED_MEDIA_TYPE
             )
         if mt and mt not in ("application/json", "application/octet-stream", "text/plain"):
             return mt, body
@@ -123,24 +125,25 @@ def media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]
     if "config" in body and "layers" in body:
         return OCI_MANIFEST, body
     raise ManifestError(
-        "cannot tell what kind of manifest this is (no mediaType)", reason="unsupported-media-type"
+        "cannot tell what kind of manifest this is (no mediaType)",
+        reason=Reason.UNSUPPORTED_MEDIA_TYPE,
     )
 
 
 def _descriptor(obj: object, what: str) -> Descriptor:
     if not isinstance(obj, dict):
-        raise ManifestError(f"{what} is not a descriptor object", reason="invalid-manifest")
+        raise ManifestError(f"{what} is not a descriptor object", reason=Reason.INVALID_MANIFEST)
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(media_type, str) or not media_type:
-        raise ManifestError(f"{what} has no mediaType", reason="invalid-manifest")
+        raise ManifestError(f"{what} has no mediaType", reason=Reason.INVALID_MANIFEST)
     if not isinstance(digest, str):
-        raise ManifestError(f"{what} has no digest", reason="invalid-manifest")
+        raise ManifestError(f"{what} has no digest", reason=Reason.INVALID_MANIFEST)
     try:
         parsed = Digest.parse(digest)
     except ReferenceSyntaxError as exc:
-        raise ManifestError(f"{what}: {exc}", reason="invalid-manifest") from None
+        raise ManifestError(f"{what}: {exc}", reason=Reason.INVALID_MANIFEST) from None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ManifestError(f"{what} has an invalid size {size!r}", reason="invalid-manifest")
+        raise ManifestError(f"{what} has an invalid size {size!r}", reason=Reason.INVALID_MANIFEST)
     platform = obj.get("platform")
     return Descriptor(media_type, parsed, size, platform if isinstance(platform, dict) else None)
 
@@ -155,32 +158,33 @@ def parse_image_manifest(digest: Digest, data: bytes, header: str | None = None)
     if media_type in INDEX_TYPES:
         raise ManifestError(
             f"{digest} is an image index, not an image manifest (resolve it for a platform)",
-            reason="unsupported-media-type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
     if media_type not in MANIFEST_TYPES:
         raise ManifestError(
-            f"unsupported manifest media type {media_type}", reason="unsupported-media-type"
+            f"unsupported manifest media type {media_type}", reason=Reason.UNSUPPORTED_MEDIA_TYPE
         )
     if body.get("schemaVersion") != 2:
         raise ManifestError(
-            f"unsupported schemaVersion {body.get('schemaVersion')!r}", reason="invalid-manifest"
+            f"unsupported schemaVersion {body.get('schemaVersion')!r}",
+            reason=Reason.INVALID_MANIFEST,
         )
     config = _descriptor(body.get("config"), "config")
     if config.media_type not in CONFIG_TYPES:
         raise ManifestError(
             f"config media type {config.media_type} is not an image config "
             "(is this an artifact rather than a container image?)",
-            reason="unsupported-media-type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
     raw_layers = body.get("layers")
     if not isinstance(raw_layers, list):
-        raise ManifestError("the manifest has no layers list", reason="invalid-manifest")
+        raise ManifestError("the manifest has no layers list", reason=Reason.INVALID_MANIFEST)
     layers = tuple(_descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise ManifestError(
                 f"layer {i} ({layer.digest}) has unsupported media type {layer.media_type}",
-                reason="unsupported-media-type",
+                reason=Reason.UNSUPPORTED_MEDIA_TYPE,
             )
     return ImageManifest(digest, media_type, config, layers)
 
@@ -198,7 +202,7 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
     entries = body.get("manifests")
     if not isinstance(entries, list):
         raise ManifestError(
-            f"image index {index_digest} has no manifests list", reason="invalid-manifest"
+            f"image index {index_digest} has no manifests list", reason=Reason.INVALID_MANIFEST
         )
     available: list[str] = []
     for i, entry in enumerate(entries):
@@ -212,12 +216,12 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
             if desc.media_type not in MANIFEST_TYPES | INDEX_TYPES:
                 raise ManifestError(
                     f"index entry for {platform} has unsupported media type {desc.media_type}",
-                    reason="unsupported-media-type",
+                    reason=Reason.UNSUPPORTED_MEDIA_TYPE,
                 )
             return desc.digest
     listed = ", ".join(available) if available else "none"
     raise ManifestError(
-        f"no image for platform {platform} (available: {listed})", reason="no-platform"
+        f"no image for platform {platform} (available: {listed})", reason=Reason.NO_PLATFORM
     )
 
 

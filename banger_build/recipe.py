@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_build import guest as guest_set
-from banger_build.errors import RecipeError
+from banger_build.errors import Reason, RecipeError
 from banger_build.reference import Platform, Reference, ReferenceSyntaxError
 from banger_build.tomlpos import KeyPath, PositionIndex, format_key_path, read_toml
 
@@ -178,7 +178,7 @@ class Doc:
         return Where(self.file, line, col, format_key_path(path))
 
     def error(
-        self, path: KeyPath, message: str, reason: str, *, at: KeyPath | None = None
+        self, path: KeyPath, message: str, reason: Reason, *, at: KeyPath | None = None
     ) -> RecipeError:
         """A RecipeError for ``path``, positioned at ``at`` (default: ``path`` itself)."""
         pos = self.index.lookup(path if at is None else at)
@@ -275,13 +275,13 @@ def check_table(
     for name, value in data.items():
         key = schema.get(name)
         if key is None:
-            raise doc.error((*path, name), _unknown_key(name, schema), "unknown-key")
+            raise doc.error((*path, name), _unknown_key(name, schema), Reason.UNKNOWN_KEY)
         out[name] = check_value(doc, value, key, (*path, name))
     for name, key in schema.items():
         if key.required and name not in data:
             what = "table" if key.types == (TABLE,) else "key"
             raise doc.error(
-                (*path, name), f"missing required {what} {name!r}", "missing-key", at=path
+                (*path, name), f"missing required {what} {name!r}", Reason.MISSING_KEY, at=path
             )
     return out
 
@@ -309,12 +309,12 @@ def check_value(doc: Doc, value: Any, key: Key, path: KeyPath) -> Any:
             raise doc.error(
                 (*path, bad),
                 f"expected a table, got {_a(toml_type(value[bad]))}",
-                "type",
+                Reason.TYPE,
             )
         hint = ""
         if ARRAY_OF_TABLES in key.types and kind == TABLE:
             hint = f" (write [[{format_key_path(path)}]] for each entry)"
-        raise doc.error(path, f"expected {_expected(key.types)}, got {got}{hint}", "type")
+        raise doc.error(path, f"expected {_expected(key.types)}, got {got}{hint}", Reason.TYPE)
     if kind == TABLE and key.table is not None:
         value = check_table(doc, value, key.table, path)
     if (
@@ -327,14 +327,14 @@ def check_value(doc: Doc, value: Any, key: Key, path: KeyPath) -> Any:
             path,
             f'integer {value} is decimal; write the mode as a string such as "0644" '
             f"or as an octal literal such as {key.int_prefix}644",
-            "value",
+            Reason.VALUE,
         )
     if key.convert is None:
         return value
     try:
         return key.convert(value, doc)
     except Invalid as exc:
-        raise doc.error(path, str(exc), "value") from None
+        raise doc.error(path, str(exc), Reason.VALUE) from None
 
 
 # -- value converters -------------------------------------------------------------
@@ -584,7 +584,7 @@ def load_recipe(path: Path) -> Recipe:
         base = path.parent.resolve()
     except (OSError, RuntimeError) as exc:
         raise RecipeError(
-            f"cannot resolve the recipe's directory: {exc}", file=str(path), reason="io"
+            f"cannot resolve the recipe's directory: {exc}", file=str(path), reason=Reason.IO
         ) from exc
     try:
         lines = tuple(path.read_text("utf-8", "replace").splitlines())
@@ -610,14 +610,14 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
                 ("kernel",),
                 "needs exactly one of kernel.path (a local kernel) or kernel.ref "
                 "(a kernel artifact in a registry), not both",
-                "conflicting-keys",
+                Reason.CONFLICTING_KEYS,
                 at=("kernel", "ref"),
             )
         if "path" not in k and "ref" not in k:
             raise doc.error(
                 ("kernel", "path"),
                 "missing required key 'path' (a local kernel) or 'ref' (a kernel artifact)",
-                "missing-key",
+                Reason.MISSING_KEY,
                 at=("kernel",),
             )
         if "ref" in k:
@@ -626,13 +626,13 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
                     raise doc.error(
                         ("kernel", local),
                         "cannot be combined with kernel.ref (the artifact carries its own)",
-                        "conflicting-keys",
+                        Reason.CONFLICTING_KEYS,
                     )
         elif install and "modules" not in k:
             raise doc.error(
                 ("kernel", "install_modules"),
                 "needs kernel.modules (the modules directory)",
-                "missing-key",
+                Reason.MISSING_KEY,
             )
         kernel = KernelSpec(
             k.get("path"),
@@ -705,7 +705,7 @@ def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
             ("guest", "agent"),
             "missing required key 'agent' (the banger-vsock-agent binary, relative to the "
             "recipe), or set agents = false to build without the guest set",
-            "missing-key",
+            Reason.MISSING_KEY,
             at=("guest",),
         )
     overrides = tuple(
@@ -733,7 +733,7 @@ def _check_guest_dests(doc: Doc, v: dict[str, Any]) -> None:
             raise doc.error(
                 (section, i, "dest"),
                 f"{clash} ({hint}; or set guest.agents = false)",
-                "duplicate-dest",
+                Reason.DUPLICATE_DEST,
             )
 
 
@@ -742,7 +742,7 @@ def _check_guest_vars(doc: Doc, variables: Mapping[str, Any]) -> None:
     for name, check in guest_set.VARS.items():
         problem = check(variables[name]) if name in variables else None
         if problem is not None:
-            raise doc.error(("vars", name), problem, "value")
+            raise doc.error(("vars", name), problem, Reason.VALUE)
 
 
 def _default_name(ref: Reference) -> str:
@@ -760,5 +760,5 @@ def _check_unique_dests(doc: Doc, v: dict[str, Any]) -> None:
             if first != key:
                 w = doc.where(first)
                 raise doc.error(
-                    key, f"duplicate dest {_show(dest)}: already used by {w}", "duplicate-dest"
+                    key, f"duplicate dest {_show(dest)}: already used by {w}", Reason.DUPLICATE_DEST
                 )

@@ -56,7 +56,7 @@ import requests
 
 from banger_build import __version__
 from banger_build.blobs import BlobCache, BlobMismatch
-from banger_build.errors import InputError, RegistryError, StoreError
+from banger_build.errors import InputError, Reason, RegistryError, StoreError
 from banger_build.oci import (
     ACCEPT,
     INDEX_TYPES,
@@ -108,7 +108,7 @@ T = TypeVar("T")
 class _Failure(Exception):
     """A failure found below the boundary; becomes a RegistryError with the reference."""
 
-    def __init__(self, message: str, *, reason: str, status: int | None = None) -> None:
+    def __init__(self, message: str, *, reason: Reason, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
@@ -152,13 +152,17 @@ def _status_failure(resp: requests.Response, what: str, hint: str = "") -> _Fail
     suffix = f": {summary}" if summary else ""
     if status == 401:
         return _Failure(
-            f"{what}: authentication failed or required{suffix}{hint}", reason="auth", status=status
+            f"{what}: authentication failed or required{suffix}{hint}",
+            reason=Reason.AUTH,
+            status=status,
         )
     if status == 403:
-        return _Failure(f"{what}: access denied{suffix}{hint}", reason="auth", status=status)
+        return _Failure(f"{what}: access denied{suffix}{hint}", reason=Reason.AUTH, status=status)
     if status == 404:
-        return _Failure(f"{what}: not found{suffix}", reason="not-found", status=status)
-    return _Failure(f"{what}: unexpected response{suffix}", reason="http-status", status=status)
+        return _Failure(f"{what}: not found{suffix}", reason=Reason.NOT_FOUND, status=status)
+    return _Failure(
+        f"{what}: unexpected response{suffix}", reason=Reason.HTTP_STATUS, status=status
+    )
 
 
 _ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
@@ -185,20 +189,22 @@ def _why(exc: BaseException) -> str:
 
 def _request_failure(exc: requests.RequestException, base: str) -> _Failure:
     if isinstance(exc, requests.exceptions.SSLError):
-        return _Failure(f"TLS error talking to {base}: {_why(exc)}", reason="tls")
+        return _Failure(f"TLS error talking to {base}: {_why(exc)}", reason=Reason.TLS)
     if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return _Failure(f"cannot connect to {base}: timed out", reason="unreachable")
+        return _Failure(f"cannot connect to {base}: timed out", reason=Reason.UNREACHABLE)
     if isinstance(exc, requests.exceptions.ReadTimeout):
-        return _Failure(f"{base} stopped responding (read timed out)", reason="timeout")
+        return _Failure(f"{base} stopped responding (read timed out)", reason=Reason.TIMEOUT)
     if isinstance(
         exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
     ):
-        return _Failure(f"transfer from {base} was interrupted: {_why(exc)}", reason="interrupted")
+        return _Failure(
+            f"transfer from {base} was interrupted: {_why(exc)}", reason=Reason.INTERRUPTED
+        )
     if isinstance(exc, requests.exceptions.ConnectionError):
         if "Read timed out" in str(exc):  # a timeout while streaming a body
-            return _Failure(f"{base} stopped sending (read timed out)", reason="timeout")
-        return _Failure(f"cannot connect to {base}: {_why(exc)}", reason="unreachable")
-    return _Failure(f"request to {base} failed: {_why(exc)}", reason="protocol")
+            return _Failure(f"{base} stopped sending (read timed out)", reason=Reason.TIMEOUT)
+        return _Failure(f"cannot connect to {base}: {_why(exc)}", reason=Reason.UNREACHABLE)
+    return _Failure(f"request to {base} failed: {_why(exc)}", reason=Reason.PROTOCOL)
 
 
 # -- sending, with bounded retries -------------------------------------------------
@@ -384,13 +390,15 @@ class _Endpoint(oras.provider.Registry):  # type: ignore[misc]
             who = "with the configured credentials" if creds else "anonymously"
             raise _Failure(
                 f"{failure.message} (requested scope {scope!r} {who})",
-                reason="auth",
+                reason=Reason.AUTH,
                 status=failure.status,
             )
         try:
             data = resp.json()
         except ValueError:
-            raise _Failure(f"token service {netloc} sent invalid JSON", reason="auth") from None
+            raise _Failure(
+                f"token service {netloc} sent invalid JSON", reason=Reason.AUTH
+            ) from None
         return Token.from_response(data, netloc)
 
 
@@ -468,7 +476,7 @@ class RegistryClient:
                     f"refusing plain HTTP to mirror {url}: only loopback hosts and insecure "
                     f"registries may use http:// (add --insecure-registry {netloc} to allow it)",
                     reference=str(ref),
-                    reason="insecure",
+                    reason=Reason.INSECURE,
                 )
         upstream = self.upstream_url(ref.registry, self.options.insecure)
         if upstream not in urls:
@@ -497,16 +505,20 @@ class RegistryClient:
             raise RegistryError(
                 f"{base} served content that does not match its digest: {exc}",
                 reference=str(ref),
-                reason="digest-mismatch",
+                reason=Reason.DIGEST_MISMATCH,
             ) from exc
         except requests.RequestException as exc:
             failure = _request_failure(exc, base)
             raise RegistryError(failure.message, reference=str(ref), reason=failure.reason) from exc
         except OSError as exc:  # the local cache, not the network
-            raise StoreError(f"blob cache {self.cache.root}: {exc}", reason="blob-cache") from exc
+            raise StoreError(
+                f"blob cache {self.cache.root}: {exc}", reason=Reason.BLOB_CACHE
+            ) from exc
         except (ValueError, KeyError, TypeError) as exc:  # from inside oras
             raise RegistryError(
-                f"unexpected response from {base}: {exc}", reference=str(ref), reason="protocol"
+                f"unexpected response from {base}: {exc}",
+                reference=str(ref),
+                reason=Reason.PROTOCOL,
             ) from exc
 
     def _each(self, ref: Reference, op: Callable[[_Endpoint], T], *, push: bool = False) -> T:
@@ -543,7 +555,8 @@ class RegistryClient:
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > MAX_MANIFEST:
                 raise _Failure(
-                    f"manifest {target} is too large ({length} bytes)", reason="invalid-manifest"
+                    f"manifest {target} is too large ({length} bytes)",
+                    reason=Reason.INVALID_MANIFEST,
                 )
             buf = bytearray()
             for chunk in resp.iter_content(64 << 10):
@@ -551,7 +564,7 @@ class RegistryClient:
                 if len(buf) > MAX_MANIFEST:
                     raise _Failure(
                         f"manifest {target} is larger than {MAX_MANIFEST} bytes",
-                        reason="invalid-manifest",
+                        reason=Reason.INVALID_MANIFEST,
                     )
             data = bytes(buf)
             header_digest = resp.headers.get("Docker-Content-Digest", "").strip()
@@ -563,7 +576,8 @@ class RegistryClient:
                 wanted = Digest.parse(header_digest)
             except ReferenceSyntaxError:
                 raise _Failure(
-                    f"invalid Docker-Content-Digest header {header_digest!r}", reason="protocol"
+                    f"invalid Docker-Content-Digest header {header_digest!r}",
+                    reason=Reason.PROTOCOL,
                 ) from None
         if wanted is not None and actual != wanted:
             raise BlobMismatch(wanted, actual, len(data))
@@ -607,7 +621,7 @@ class RegistryClient:
                 raise exc.error_for(str(ref)) from exc
             digest, data, header = self._manifest_bytes(ref, digest, None)
         raise RegistryError(
-            "image indexes nest too deeply", reference=str(ref), reason="invalid-manifest"
+            "image indexes nest too deeply", reference=str(ref), reason=Reason.INVALID_MANIFEST
         )
 
     def raw_manifest(self, ref: Reference, digest: Digest | None = None) -> tuple[Digest, bytes]:
@@ -660,7 +674,7 @@ class RegistryClient:
                 raise _Failure(
                     f"blob {desc.digest} is {length} bytes on {ep.base}, "
                     f"the manifest says {desc.size}",
-                    reason="digest-mismatch",
+                    reason=Reason.DIGEST_MISMATCH,
                 )
             self._report(name, 0, desc.size)
 
@@ -698,7 +712,9 @@ class RegistryClient:
                     raise ep.fail(resp, f"starting an upload to {ep.base}")
                 location = ep._get_location(resp, container)
             if not location:
-                raise _Failure(f"{ep.base} started an upload without a Location", reason="protocol")
+                raise _Failure(
+                    f"{ep.base} started an upload without a Location", reason=Reason.PROTOCOL
+                )
             put_url = oras.utils.append_url_params(location, {"digest": str(digest)})
             name = digest.short
             with open(path, "rb") as f:
@@ -719,10 +735,13 @@ class RegistryClient:
         try:
             actual = os.stat(path).st_size
         except OSError as exc:
-            raise InputError(f"cannot push {path}: {exc.strerror}", reason="input-missing") from exc
+            raise InputError(
+                f"cannot push {path}: {exc.strerror}", reason=Reason.MISSING_INPUT
+            ) from exc
         if actual != size:
             raise InputError(
-                f"cannot push {path}: it has {actual} bytes, expected {size}", reason="blob-size"
+                f"cannot push {path}: it has {actual} bytes, expected {size}",
+                reason=Reason.BLOB_SIZE,
             )
         self._each(ref, op, push=True)
 
@@ -733,7 +752,7 @@ class RegistryClient:
             raise RegistryError(
                 f"manifest bytes hash to {digest}, not {ref.digest}",
                 reference=str(ref),
-                reason="digest-mismatch",
+                reason=Reason.DIGEST_MISMATCH,
             )
         target = ref.tag if ref.tag is not None else str(digest)
 
@@ -747,7 +766,7 @@ class RegistryClient:
             if header.startswith("sha256:") and header != str(digest):
                 raise _Failure(
                     f"{ep.base} stored the manifest as {header}, expected {digest}",
-                    reason="digest-mismatch",
+                    reason=Reason.DIGEST_MISMATCH,
                 )
             return digest
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger_build.errors import ToolError
+from banger_build.errors import Reason, ToolError
 from banger_build.reference import DOCKER_HUB
 from banger_build.registry_config import RegistryOptions, canonical_host, plain_http_allowed
 from banger_build.run import run
@@ -39,7 +39,9 @@ ScopeKey = tuple[str, str]  # (repository, "pull" | "push")
 class AuthError(Exception):
     """An authentication failure; ``reason`` is a RegistryError reason."""
 
-    def __init__(self, message: str, *, reason: str = "auth", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: Reason = Reason.AUTH, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
@@ -323,5 +325,5 @@ class Auth:
             raise AuthError(
                 f"refusing to fetch a token over plain HTTP from {parts.netloc} "
                 f"(add it to the insecure registries to allow this)",
-                reason="insecure",
+                reason=Reason.INSECURE,
             )

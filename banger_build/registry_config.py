@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 from banger_build.reference import DOCKER_HUB
 
 ENV_MIRRORS = "BANGER_BUILD_MIRRORS"
@@ -64,7 +64,9 @@ def _check_mirror_url(url: str, spec: str) -> str:
         except ValueError:
             problem = "the URL has an invalid port"
     if problem:
-        raise InputError(f"invalid mirror {redact_url(spec)!r}: {problem}", reason="mirror-invalid")
+        raise InputError(
+            f"invalid mirror {redact_url(spec)!r}: {problem}", reason=Reason.MIRROR_INVALID
+        )
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
@@ -85,12 +87,12 @@ def parse_mirrors(specs: Iterable[str]) -> dict[str, tuple[str, ...]]:
             raise InputError(
                 f"invalid mirror {redact_url(spec)!r}: expected REGISTRY=URL, "
                 "e.g. docker.io=http://127.0.0.1:5000",
-                reason="mirror-invalid",
+                reason=Reason.MIRROR_INVALID,
             )
         if not _HOST_RE.fullmatch(host):
             raise InputError(
                 f"invalid mirror {redact_url(spec)!r}: {host!r} is not a registry host",
-                reason="mirror-invalid",
+                reason=Reason.MIRROR_INVALID,
             )
         base = _check_mirror_url(url.strip(), spec)
         urls = mirrors.setdefault(canonical_host(host), [])
@@ -122,7 +124,7 @@ def options_from_env(
         if not _HOST_RE.fullmatch(host):
             raise InputError(
                 f"invalid insecure registry {host!r}: expected HOST or HOST:PORT",
-                reason="insecure-invalid",
+                reason=Reason.INSECURE_INVALID,
             )
         insecure.add(canonical_host(host))
     return RegistryOptions(mirrors=mirrors, insecure=frozenset(insecure))

@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import IO
 
-from banger_build.errors import ToolError
+from banger_build.errors import Reason, ToolError
 
 # e2fsprogs lives in /sbin on Debian; an unprivileged user's PATH often lacks it.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -36,13 +36,13 @@ _PACKAGES = {
 
 @cache
 def find_tool(name: str) -> str:
-    """Absolute path of ``name``, or ToolError(reason="tool-missing")."""
+    """Absolute path of ``name``, or ToolError(reason=Reason.TOOL_MISSING)."""
     search = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(_EXTRA_PATH)
     found = shutil.which(name, path=search)
     if found is None:
         pkg = _PACKAGES.get(name)
         hint = f" (install the Debian package {pkg})" if pkg else ""
-        raise ToolError(f"{name} not found{hint}", argv=[name], reason="tool-missing")
+        raise ToolError(f"{name} not found{hint}", argv=[name], reason=Reason.TOOL_MISSING)
     return found
 
 
@@ -86,10 +86,10 @@ def run(
             timeout=timeout,
         )
     except FileNotFoundError as exc:
-        raise ToolError(f"{args[0]} not found", argv=args, reason="tool-missing") from exc
+        raise ToolError(f"{args[0]} not found", argv=args, reason=Reason.TOOL_MISSING) from exc
     except subprocess.TimeoutExpired as exc:
         raise ToolError(
-            f"{shlex.join(args)} timed out after {timeout}s", argv=args, reason="tool-timeout"
+            f"{shlex.join(args)} timed out after {timeout}s", argv=args, reason=Reason.TOOL_TIMEOUT
         ) from exc
     if check and proc.returncode != 0:
         stderr = proc.stderr.decode("utf-8", "replace")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from banger_build.errors import StoreError
+from banger_build.errors import Reason, StoreError
 
 MANIFEST = "manifest.json"
 
@@ -156,7 +156,9 @@ def remove_tree(path: Path) -> None:
 def set_out_link(link: Path, target: Path) -> None:
     """Point ``link`` at ``target`` atomically; never clobber a real file."""
     if link.exists() and not link.is_symlink():
-        raise StoreError(f"{link} exists and is not a symlink; not replacing it", reason="out-link")
+        raise StoreError(
+            f"{link} exists and is not a symlink; not replacing it", reason=Reason.OUT_LINK
+        )
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     try:
         if tmp.is_symlink():
@@ -165,5 +167,5 @@ def set_out_link(link: Path, target: Path) -> None:
         os.replace(tmp, link)
     except OSError as exc:
         raise StoreError(
-            f"cannot create out-link {link}: {exc.strerror}", reason="out-link"
+            f"cannot create out-link {link}: {exc.strerror}", reason=Reason.OUT_LINK
         ) from exc

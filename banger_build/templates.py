@@ -12,7 +12,7 @@ from typing import Any
 
 import jinja2
 
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 
 def _environment(search: Path) -> jinja2.Environment:
@@ -30,24 +30,25 @@ def render_template(src: Path, context: Mapping[str, Any], *, label: str | None 
     """Render ``src`` with ``context``; errors name the template file and line."""
     where = label or str(src)
     if not src.is_file():
-        raise InputError(f"{where}: template not found", reason="template-missing")
+        raise InputError(f"{where}: template not found", reason=Reason.TEMPLATE_MISSING)
     env = _environment(src.parent)
     try:
         template = env.get_template(src.name)
         return template.render(**context).encode("utf-8")
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(
-            f"{where}:{exc.lineno}: template syntax error: {exc.message}", reason="template-syntax"
+            f"{where}:{exc.lineno}: template syntax error: {exc.message}",
+            reason=Reason.TEMPLATE_SYNTAX,
         ) from exc
     except jinja2.UndefinedError as exc:
         line = _template_line(exc, src)
         raise InputError(
             f"{where}{':' + str(line) if line else ''}: {exc.message} "
             f"(define it under [vars] in the recipe)",
-            reason="template-undefined",
+            reason=Reason.TEMPLATE_UNDEFINED,
         ) from exc
     except jinja2.TemplateError as exc:
-        raise InputError(f"{where}: template error: {exc}", reason="template-error") from exc
+        raise InputError(f"{where}: template error: {exc}", reason=Reason.TEMPLATE_ERROR) from exc
 
 
 def _template_line(exc: BaseException, src: Path) -> int | None:

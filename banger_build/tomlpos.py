@@ -28,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from banger_build.errors import RecipeError
+from banger_build.errors import Reason, RecipeError
 
 KeyPath = tuple[str | int, ...]
 
@@ -388,7 +388,7 @@ def _syntax_position(text: str, message: str) -> tuple[str, int | None, int | No
 
 
 def parse_toml(text: str, *, file: str) -> tuple[dict[str, Any], PositionIndex]:
-    """Parse TOML text; a syntax error becomes ``RecipeError(reason="syntax")``."""
+    """Parse TOML text; a syntax error becomes ``RecipeError(reason=Reason.SYNTAX)``."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -398,11 +398,11 @@ def parse_toml(text: str, *, file: str) -> tuple[dict[str, Any], PositionIndex]:
             file=file,
             line=line,
             col=col,
-            reason="syntax",
+            reason=Reason.SYNTAX,
         ) from None
     except RecursionError:
         raise RecipeError(
-            "invalid TOML: values are nested too deeply", file=file, reason="syntax"
+            "invalid TOML: values are nested too deeply", file=file, reason=Reason.SYNTAX
         ) from None
     return data, PositionIndex.from_text(text)
 
@@ -420,7 +420,7 @@ def decode_toml(raw: bytes, *, file: str) -> str:
             file=file,
             line=line,
             col=col,
-            reason="syntax",
+            reason=Reason.SYNTAX,
         ) from None
 
 
@@ -431,8 +431,8 @@ def read_toml(path: Path, *, what: str = "recipe") -> tuple[dict[str, Any], Posi
         raw = path.read_bytes()
     except OSError as exc:
         raise RecipeError(
-            f"cannot read {what}: {exc.strerror or exc}", file=file, reason="io"
+            f"cannot read {what}: {exc.strerror or exc}", file=file, reason=Reason.IO
         ) from exc
     except ValueError as exc:  # e.g. a NUL byte in the path
-        raise RecipeError(f"cannot read {what}: {exc}", file=file, reason="io") from exc
+        raise RecipeError(f"cannot read {what}: {exc}", file=file, reason=Reason.IO) from exc
     return parse_toml(decode_toml(raw, file=file), file=file)

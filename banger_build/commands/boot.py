@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from banger_build.commands import common
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 if TYPE_CHECKING:
     from banger_build.progress import Reporter
@@ -81,9 +81,9 @@ def store_path_of(args: argparse.Namespace, reporter: Reporter) -> Path:
     if target.exists():
         raise InputError(
             f"{target}: neither a store path (a directory with rootfs.ext4) nor a recipe (.toml)",
-            reason="bad-argument",
+            reason=Reason.BAD_ARGUMENT,
         )
-    raise InputError(f"{target}: no such store path or recipe", reason="bad-argument")
+    raise InputError(f"{target}: no such store path or recipe", reason=Reason.BAD_ARGUMENT)
 
 
 def console_writer(binary: BinaryIO | None, text: TextIO) -> Callable[[bytes], None]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from banger_build.commands import common
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 NAME = "check"
 HELP = "rebuild a recipe's store path in a temp dir and compare it bit for bit"
@@ -47,7 +47,7 @@ def run_check(args: argparse.Namespace, recipe: Path, expected: Path | None = No
         raise InputError(
             f"{recipe} now builds {result.path.name}, not {expected.resolve().name}: "
             "its inputs changed since (see `banger-build why`)",
-            reason="recipe-changed",
+            reason=Reason.RECIPE_CHANGED,
         )
     if result.ok:
         print(f"ok: {result.path} is reproducible (rebuilt bit for bit)")

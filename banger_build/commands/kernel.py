@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from banger_build.commands import common
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 NAME = "kernel"
 HELP = "publish a kernel (and its initrd and modules) to a registry as an OCI artifact"
@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         ref = Reference.parse(args.ref)
     except ReferenceSyntaxError as exc:
-        raise InputError(f"{args.ref}: {exc}", reason="invalid-reference") from None
+        raise InputError(f"{args.ref}: {exc}", reason=Reason.INVALID_REFERENCE) from None
     for what, path in (("--kernel", args.kernel), ("--initrd", args.initrd)):
         if path is not None and not path.is_file():
-            raise InputError(f"{what} {path}: not a file", reason="missing-input")
+            raise InputError(f"{what} {path}: not a file", reason=Reason.MISSING_INPUT)
     if args.modules is not None and not args.modules.is_dir():
-        raise InputError(f"--modules {args.modules}: not a directory", reason="missing-input")
+        raise InputError(f"--modules {args.modules}: not a directory", reason=Reason.MISSING_INPUT)
 
     store = Store(common.home(args))
     client = RegistryClient(BlobCache(store.blobs), common.registry_options(args))

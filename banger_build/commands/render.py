@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from banger_build.errors import Reason
+
 if TYPE_CHECKING:
     from banger_build.inputs import Injected
 
@@ -86,6 +88,6 @@ def write_tree(root: Path, templates: list[Injected]) -> None:
             os.chmod(path, item.mode & 0o777)
         except OSError as exc:
             raise InputError(
-                f"{item.dest}: cannot write {path}: {exc.strerror or exc}", reason="io"
+                f"{item.dest}: cannot write {path}: {exc.strerror or exc}", reason=Reason.IO
             ) from exc
     print(f"rendered {len(templates)} template(s) under {root}", file=sys.stderr)

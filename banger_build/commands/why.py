@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_build.commands import common
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 NAME = "why"
 HELP = "say which inputs differ between two recipes, lock files or store paths"
@@ -37,7 +37,7 @@ def _derivation(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     if path.suffix == ".lock":
         recipe = args.recipe or path.with_suffix(".toml")
         if not recipe.is_file():
-            raise InputError(f"no recipe for the lock file {path}: pass --recipe", reason="io")
+            raise InputError(f"no recipe for the lock file {path}: pass --recipe", reason=Reason.IO)
         return common.resolve_recipe(
             args, recipe, lock_path=path, lock_mode="locked"
         ).derivation.data
