@@ -13,10 +13,12 @@ failed or interrupted build leaves nothing in the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from banger_build import __version__, ext4
 from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
-from banger_build.errors import InputError, Reason, RecipeError, StoreError
+from banger_build.errors import HostError, InputError, Reason, RecipeError, StoreError, host_error
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject, install_modules
@@ -38,7 +40,8 @@ from banger_build.recipe import Recipe, Where, load_recipe
 from banger_build.reference import Digest
 from banger_build.registry_config import RegistryOptions
 from banger_build.run import tool_version
-from banger_build.store import MANIFEST, Store, set_out_link
+from banger_build.store import Store, set_out_link
+from banger_build.store import write_manifest as write_manifest_file
 from banger_build.tree import Inode, Tree
 
 if TYPE_CHECKING:  # imported on first use: a cached build needs no HTTP stack
@@ -101,6 +104,7 @@ class Context:
         self.extra_inodes: list[Inode] = []
         self.inode_count = 0
         self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
+        self.timings: dict[str, float] = {}  # step name -> seconds
 
     @property
     def client(self) -> RegistryClient:
@@ -422,8 +426,7 @@ def write_manifest(ctx: Context) -> None:
     }
     if ctx.kernel_artifact:  # not in the derivation: a store path is about the kernel's bytes
         manifest["kernel_artifact"] = ctx.kernel_artifact
-    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    (ctx.out / MANIFEST).write_text(text, encoding="utf-8")
+    write_manifest_file(ctx.out, manifest)
 
 
 RESOLVE: tuple[Callable[[Context], None], ...] = (
@@ -460,40 +463,89 @@ def save_lock(ctx: Context) -> None:
         ctx.reporter.always(f"{'updated' if existed else 'wrote'} {path}: {note}")
 
 
+Step = Callable[[Context], None]
+
+
+@contextlib.contextmanager
+def boundary(ctx: Context, step: Step) -> Iterator[None]:
+    """Run one step: named and timed; the host's failures (a full disk, a
+    permission, an I/O error, memory) become one error naming the step, the
+    path and the errno's words."""
+    name = step.__name__.replace("_", " ")
+    started = time.monotonic()
+    try:
+        yield
+    except OSError as exc:
+        raise host_error(name, exc) from exc
+    except MemoryError as exc:
+        raise HostError(f"{name}: out of memory", reason=Reason.OUT_OF_MEMORY) from exc
+    finally:
+        ctx.timings[name] = time.monotonic() - started
+
+
+def run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:
+    for step in steps:
+        with boundary(ctx, step):
+            step(ctx)
+
+
 def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:
     ctx = Context(recipe_path, options, reporter)
-    for step in RESOLVE:
-        step(ctx)
+    run_steps(ctx, RESOLVE)
     return ctx
 
 
+def _link(ctx: Context, path: Path) -> None:
+    """The out-link and its gc root, made while the key lock is held."""
+    link = ctx.options.out_link
+    if link is not None:
+        set_out_link(link, path)
+        ctx.store.add_root(link)
+
+
 def build(
-    recipe_path: Path, options: BuildOptions, reporter: Reporter | None = None
+    recipe_path: Path,
+    options: BuildOptions,
+    reporter: Reporter | None = None,
+    *,
+    on_ready: Callable[[BuildResult], None] | None = None,
 ) -> BuildResult:
+    """Build (or find) a recipe's store path. ``on_ready`` runs while the path is
+    still protected by its key lock (the CLI prints it there), after the out-link
+    (a gc root) exists."""
     reporter = reporter or Reporter()
     ctx = resolve(recipe_path, options, reporter)
     name, key = ctx.derivation.name, ctx.key
-    path = ctx.store.lookup(key, name)
-    cached = path is not None
-    if path is None:
-        with ctx.store.lock(
-            key, on_wait=lambda: reporter.step("waiting for another build of this key")
-        ):
+    result: BuildResult | None = None
+    with ctx.store.key_lock(key, shared=True):  # a cache hit: gc waits for us
+        path = ctx.store.lookup(key, name)
+        if path is not None:
+            _link(ctx, path)
+            result = BuildResult(path, key, True, ctx.derivation)
+            if on_ready is not None:
+                on_ready(result)
+    if result is None:
+        waiting = lambda: reporter.step("waiting for another build of this key")  # noqa: E731
+        with ctx.store.key_lock(key, on_wait=waiting):
             path = ctx.store.lookup(key, name)
             cached = path is not None
             if path is None:
                 with ctx.store.build_dir(key) as work:
                     ctx.work = work
-                    for step in BUILD:
-                        step(ctx)
+                    run_steps(ctx, BUILD)
                     path = ctx.store.publish(ctx.out, key, name)
-                    ctx.store.record(path, ctx.recipe.path)
+                ctx.store.record(path, ctx.recipe.path)
+            _link(ctx, path)
+            result = BuildResult(path, key, cached, ctx.derivation)
+            if on_ready is not None:
+                on_ready(result)
     save_lock(ctx)
-    if options.out_link is not None:
-        set_out_link(options.out_link, path)
-        ctx.store.add_root(options.out_link)
+    if not result.cached and ctx.timings:
+        reporter.note(
+            "steps: " + ", ".join(f"{n} {t:.1f}s" for n, t in ctx.timings.items() if t >= 0.05)
+        )
     reporter.done()
-    return BuildResult(path, key, cached, ctx.derivation)
+    return result
 
 
 @dataclass(frozen=True)
@@ -545,10 +597,9 @@ def check(
     def waiting() -> None:
         reporter.step("waiting for a build of this key")
 
-    with ctx.store.lock(key, on_wait=waiting), ctx.store.build_dir(key) as work:
+    with ctx.store.key_lock(key, shared=True, on_wait=waiting), ctx.store.build_dir(key) as work:
         ctx.work = work
-        for step in BUILD:
-            step(ctx)
+        run_steps(ctx, BUILD)
         reporter.step(f"comparing the rebuild with {path}")
         differences = compare_outputs(path, ctx.out)
     reporter.done()

@@ -12,13 +12,17 @@ talks to them, with ``raise OurError(...) from exc``.
     ├── LayerError              layer digest + path inside it of a refused/broken layer
     ├── ToolError               an external tool is missing or failed (argv, exit, stderr)
     ├── ImageError              the filesystem could not be built or verified
-    └── StoreError              the store is unusable (lock, permissions, corrupt entry)
+    ├── StoreError              the store is unusable (lock, permissions, corrupt entry)
+    └── HostError               the build host failed a step: disk full, permission,
+                                I/O error, out of memory (step, path, errno's words)
 
 The CLI prints ``banger-build: error: <message>`` and exits 1 for all of them.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import StrEnum
 
 
@@ -31,6 +35,9 @@ class Reason(StrEnum):
     # general
     ERROR = "error"
     IO = "io"
+    DISK_FULL = "disk-full"
+    PERMISSION = "permission"
+    OUT_OF_MEMORY = "out-of-memory"
     INTERRUPTED = "interrupted"
     TIMEOUT = "timeout"
     BAD_ARGUMENT = "bad-argument"
@@ -108,6 +115,7 @@ class Reason(StrEnum):
     STORE = "store"
     BLOB_CACHE = "blob-cache"
     OUT_LINK = "out-link"
+    NOT_A_STORE_PATH = "not-a-store-path"
     NOT_BUILT = "not-built"
     # boot (BootError)
     BOOT_FAILED = "boot-failed"
@@ -227,3 +235,35 @@ class ImageError(BangerError):
 
 class StoreError(BangerError):
     reason = Reason.STORE
+
+
+class HostError(BangerError):
+    """The build host failed a step (its disk, permissions, memory), not an input."""
+
+    reason = Reason.IO
+
+
+_ERRNO_REASONS = {
+    errno.ENOSPC: Reason.DISK_FULL,
+    errno.EDQUOT: Reason.DISK_FULL,
+    errno.EACCES: Reason.PERMISSION,
+    errno.EPERM: Reason.PERMISSION,
+    errno.EROFS: Reason.PERMISSION,
+}
+
+
+def host_error(step: str, exc: OSError) -> HostError:
+    """``step: path: words (ENAME)`` for an OSError a step did not expect."""
+    where = "".join(
+        f"{os.fsdecode(name)}: "
+        for name in (exc.filename, exc.filename2)
+        if name is not None and not isinstance(name, int)
+    )
+    words = exc.strerror or str(exc) or type(exc).__name__
+    code = (
+        f" ({errno.errorcode[exc.errno]})"
+        if exc.errno is not None and exc.errno in errno.errorcode
+        else ""
+    )
+    reason = _ERRNO_REASONS.get(exc.errno or 0, Reason.IO)
+    return HostError(f"{step}: {where}{words}{code}", reason=reason)

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from banger_build.errors import InputError
-
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Derivation dict -> {input name: scalar}. Lists of files are keyed by dest."""
@@ -64,12 +62,6 @@ def _show(value: Any) -> str:
 
 def store_derivation(path: Path) -> dict[str, Any]:
     """The derivation recorded in a store path's manifest.json."""
-    manifest = path / "manifest.json"
-    try:
-        data = json.loads(manifest.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a store path: cannot read {manifest}: {exc}") from exc
-    derivation = data.get("derivation") if isinstance(data, dict) else None
-    if not isinstance(derivation, dict):
-        raise InputError(f"{manifest} has no derivation")
-    return derivation
+    from banger_build.store import StoreEntry
+
+    return StoreEntry.at(path).derivation()

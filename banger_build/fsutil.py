@@ -1,9 +1,20 @@
-"""Small filesystem helpers shared by the store, the blob cache and the lock file."""
+"""Small filesystem helpers shared by the store, the blob cache and the lock file.
+
+Trees are walked without recursion and addressed relative to a directory file
+descriptor: a hostile layer can stage directories nested deeper than Python's
+recursion limit and paths longer than PATH_MAX once the store's prefix is
+added, and neither may crash a build or gc.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -32,3 +43,186 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry met by ``walk``: its parent's fd, its name, its lstat."""
+
+    parent_fd: int
+    name: str
+    st: os.stat_result
+    path: str  # relative to the walked root, for messages
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+#: Directory fds ``walk`` keeps open at once; deeper levels are closed and
+#: reopened through ``..`` (checked by device and inode) on the way back up.
+MAX_OPEN_DIRS = 64
+
+
+class _Frame:
+    __slots__ = ("fd", "ident", "names", "own", "rel")
+
+    def __init__(self, fd: int, rel: str, own: Entry | None) -> None:
+        self.fd = fd
+        self.rel = rel
+        self.own = own
+        st = os.fstat(fd)
+        self.ident = (st.st_dev, st.st_ino)
+        self.names = iter(sorted(os.listdir(fd)))
+
+
+def walk(root: Path, *, topdown: bool = True) -> Iterator[Entry]:
+    """Every entry below ``root`` (not ``root`` itself), never following symlinks.
+
+    Iterative and fd-relative: each directory is opened with ``O_NOFOLLOW``
+    relative to its parent and listed once, so neither depth nor path length
+    is limited. ``topdown=False`` yields a directory after its contents (for
+    removal). An entry's ``parent_fd`` is open while it is being yielded.
+    """
+    stack = [_Frame(_open_dir(os.fspath(root), None), "", None)]
+    try:
+        while stack:
+            top = stack[-1]
+            name = next(top.names, None)
+            if name is None:
+                stack.pop()
+                if stack and stack[-1].fd < 0:
+                    _reopen_parent(stack[-1], top.fd)
+                os.close(top.fd)
+                if top.own is not None and not topdown:  # its parent's fd may be a new one
+                    yield dataclasses.replace(top.own, parent_fd=stack[-1].fd)
+                continue
+            st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+            entry = Entry(top.fd, name, st, f"{top.rel}/{name}" if top.rel else name)
+            if not entry.is_dir:
+                yield entry
+                continue
+            if topdown:
+                yield entry
+            stack.append(_Frame(_open_dir(name, top.fd), entry.path, entry))
+            if len(stack) > MAX_OPEN_DIRS and stack[-MAX_OPEN_DIRS - 1].fd >= 0:
+                frame = stack[-MAX_OPEN_DIRS - 1]
+                os.close(frame.fd)
+                frame.fd = -1
+    finally:
+        for frame in stack:
+            if frame.fd >= 0:
+                os.close(frame.fd)
+
+
+def _reopen_parent(frame: _Frame, child_fd: int) -> None:
+    fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=child_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != frame.ident:
+        os.close(fd)
+        raise OSError(errno.ESTALE, "directory moved while walking", frame.rel)
+    frame.fd = fd
+
+
+@dataclass
+class Removal:
+    """What ``remove_tree`` could not remove, as ``path: reason`` lines."""
+
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _make_writable(root: Path) -> None:
+    """Give the owner rwx on every directory (published trees are 0555)."""
+    os.chmod(root, stat.S_IRWXU, follow_symlinks=False)
+    for entry in walk(root):
+        if entry.is_dir and entry.st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.chmod(entry.name, stat.S_IRWXU, dir_fd=entry.parent_fd, follow_symlinks=False)
+
+
+def remove_tree(path: Path) -> Removal:
+    """rm -rf, read-only directories included, without recursion.
+
+    Never raises for what it cannot remove: the returned ``Removal`` names
+    each path and the errno's words. A missing ``path`` is not a failure.
+    """
+    result = Removal()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return result
+    except OSError as exc:
+        result.failures.append(f"{path}: {exc.strerror}")
+        return result
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            return result
+        _make_writable(path)
+        for entry in walk(path, topdown=False):
+            try:
+                if entry.is_dir:
+                    os.rmdir(entry.name, dir_fd=entry.parent_fd)
+                else:
+                    os.unlink(entry.name, dir_fd=entry.parent_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                result.failures.append(f"{path}/{entry.path}: {exc.strerror}")
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if not (exc.errno == errno.ENOTEMPTY and result.failures):
+            result.failures.append(f"{path}: {exc.strerror}")
+    return result
+
+
+def make_read_only(root: Path) -> None:
+    """Files 0444 (keeping execute bits), directories 0555, ``root`` included."""
+    for entry in walk(root, topdown=False):
+        mode = entry.st.st_mode
+        if entry.is_dir:
+            os.chmod(entry.name, 0o555, dir_fd=entry.parent_fd)
+        elif stat.S_ISREG(mode):
+            os.chmod(entry.name, 0o444 | (mode & 0o111), dir_fd=entry.parent_fd)
+    os.chmod(root, 0o555)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root``, then ``root``: what is
+    renamed into the store afterwards survives a power cut whole or not at all."""
+    for entry in walk(root, topdown=False):
+        if entry.is_dir or stat.S_ISREG(entry.st.st_mode):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if entry.is_dir else 0)
+            fd = os.open(entry.name, flags, dir_fd=entry.parent_fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes a tree uses on disk (sparse files count what they use)."""
+    try:
+        total = os.lstat(root).st_blocks * 512
+    except OSError:
+        return 0
+    try:
+        for entry in walk(root):
+            total += entry.st.st_blocks * 512
+    except OSError:
+        pass  # removed under us: what was counted stands
+    return total

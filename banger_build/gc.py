@@ -1,27 +1,33 @@
-"""Garbage collection of the store and the blob cache.
+"""Garbage collection of the store, temp dirs, partial downloads and the blob cache.
 
 Roots are the out-links builds made (``<home>/gcroots/*`` point at them); a
-store path an out-link still points at is kept. A store path whose build
-lock is held (a build or check of that key is running) is never touched,
-and blobs are only collected when no build is running at all, since a
-running build's layers are not referenced by any store path yet.
+store path an out-link points at is kept. A store path is deleted only while
+gc holds its key lock itself (so never while a build, a check or a cache hit
+of it runs) and after its roots are checked again under that lock.
+
+Then, holding the gc lock exclusively (``Store.gc_guard``), gc removes the
+temp dirs and partial downloads (``blobs/tmp/*.part``) no running process
+holds, reads the live processes' temp roots, and deletes every blob neither
+a temp root nor a remaining store path refers to. Temp roots are read before
+the store is listed: a build that publishes in between was alive when its
+roots were read, so its blobs are kept either way.
 
 Selection among unrooted paths: all of them by default; ``older_than``
 spares recent ones, ``keep_last`` spares the N newest of each name, and
 ``max_size`` deletes oldest first only until the store fits.
+
+gc never crashes on what it cannot remove: ``GcReport.failures`` names it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger_build.reference import Digest
-from banger_build.store import MANIFEST, Store, remove_tree
+from banger_build.fsutil import disk_usage, remove_tree
+from banger_build.store import Store, StoreEntry, live_temp_roots, try_flock
 
 
 @dataclass(frozen=True)
@@ -42,103 +48,46 @@ class GcReport:
     blobs_deleted: int = 0
     blob_bytes: int = 0
     tmp_deleted: int = 0
-    blobs_skipped: bool = False
+    tmp_bytes: int = 0
+    #: what could not be removed, as "path: reason"
+    failures: list[str] = field(default_factory=list)
 
     @property
     def freed(self) -> int:
-        return sum(e.size for e in self.deleted) + self.blob_bytes
+        return sum(e.size for e in self.deleted) + self.blob_bytes + self.tmp_bytes
 
 
-def disk_usage(path: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            total += st.st_blocks * 512
-    return total
+def _entry(e: StoreEntry) -> Entry:
+    return Entry(e.path, e.key, e.name, e.size(), e.built_at, e.recipe)
 
 
-def entries(store: Store) -> Iterator[Entry]:
-    """Every published store path, newest last."""
-    found = []
-    for path in store.store.iterdir():
-        if not (path / MANIFEST).is_file():
-            continue
-        key, _, name = path.name.partition("-")
-        meta_file = store.meta / f"{path.name}.json"
-        recipe, when = None, path.stat().st_mtime
-        try:
-            meta = json.loads(meta_file.read_text())
-            recipe, when = meta.get("recipe"), float(meta.get("time", when))
-        except (OSError, ValueError):
-            pass
-        found.append(Entry(path, key, name, disk_usage(path), when, recipe))
-    yield from sorted(found, key=lambda e: (e.time, e.path.name))
+def entries(store: Store) -> list[Entry]:
+    """Every published store path, oldest build first."""
+    return [_entry(e) for e in store.entries()]
 
 
 def rooted(store: Store, *, prune: bool = False) -> set[str]:
-    """Names of store paths some live out-link points at. With ``prune``, root
-    entries whose out-link is gone or points elsewhere now are deleted."""
-    live: set[str] = set()
-    for entry in store.roots.iterdir():
-        try:
-            target = Path(os.readlink(Path(os.readlink(entry))))
-        except OSError:
-            target = None  # the out-link is gone
-        if target is not None and target.parent == store.store:
-            live.add(target.name)
-        elif prune:
-            entry.unlink(missing_ok=True)
-    return live
+    return store.rooted(prune=prune)
 
 
-def _referenced_blobs(paths: list[Path]) -> set[str]:
-    refs: set[str] = set()
-    for path in paths:
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            derivation = manifest["derivation"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        image = derivation.get("image", {})
-        for digest in (image.get("manifest"), image.get("config")):
-            if isinstance(digest, str):
-                refs.add(digest)
-        for layer in image.get("layers", []):
-            refs.add(layer.get("digest", ""))
-        # a [kernel] ref artifact: its manifest, config and file blobs
-        artifact = manifest.get("kernel_artifact") or {}
-        for digest in (artifact.get("manifest"), artifact.get("config")):
-            if isinstance(digest, str):
-                refs.add(digest)
-        if artifact:
-            for item in (derivation.get("kernel") or {}).values():
-                if isinstance(item, dict) and isinstance(item.get("sha256"), str):
-                    refs.add(f"sha256:{item['sha256']}")
-    return {d.partition(":")[2] for d in refs if d.startswith("sha256:")}
-
-
-def collect(
+def _select(
+    report: GcReport,
+    all_entries: list[Entry],
+    roots: set[str],
     store: Store,
     *,
-    dry_run: bool = False,
-    older_than: float | None = None,
-    keep_last: int | None = None,
-    max_size: int | None = None,
-) -> GcReport:
-    report = GcReport()
-    roots = rooted(store, prune=not dry_run)
+    older_than: float | None,
+    keep_last: int | None,
+    max_size: int | None,
+) -> list[Entry]:
     now = time.time()
     candidates: list[Entry] = []
-    all_entries = list(entries(store))
     for entry in all_entries:
         if entry.path.name in roots:
             report.kept_rooted.append(entry)
         elif store.in_use(entry.key):
             report.kept_in_use.append(entry)
-        elif older_than is not None and now - entry.time < older_than:
-            continue
-        else:
+        elif older_than is None or now - entry.time >= older_than:
             candidates.append(entry)
     if keep_last is not None:
         newest: dict[str, list[Entry]] = {}
@@ -155,35 +104,107 @@ def collect(
             chosen.append(entry)
             total -= entry.size
         candidates = chosen
-    for entry in candidates:
+    return candidates
+
+
+def _delete_path(store: Store, entry: Entry, report: GcReport, *, dry_run: bool) -> None:
+    with store.try_key_lock(entry.key) as free:
+        if not free:
+            report.kept_in_use.append(entry)
+            return
+        if entry.path.name in store.rooted():  # rooted since we looked
+            report.kept_rooted.append(entry)
+            return
         if not dry_run:
-            remove_tree(entry.path)
-            (store.meta / f"{entry.path.name}.json").unlink(missing_ok=True)
+            removal = remove_tree(entry.path)
+            if not removal.ok:
+                report.failures += removal.failures
+                return
+            meta = store.entry(entry.path).meta_file
+            if meta is not None:
+                meta.unlink(missing_ok=True)
         report.deleted.append(entry)
 
-    busy = any(store.in_use(p.name.removesuffix(".lock")) for p in store.locks.glob("*.lock"))
-    for tmp in store.tmp.iterdir():  # build dirs are build-<key>-<random>
-        key = tmp.name.split("-")[1] if tmp.name.startswith("build-") else ""
-        if not (key and store.in_use(key)):
-            if not dry_run:
-                remove_tree(tmp)
-            report.tmp_deleted += 1
-    if busy:
-        report.blobs_skipped = True
-        return report
-    deleted = {e.path for e in report.deleted}
-    keep = _referenced_blobs([e.path for e in all_entries if e.path not in deleted])
+
+def _unheld(path: Path) -> bool:
+    """Does nobody hold an flock on ``path`` (a temp dir or a partial download)?"""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except OSError:
+        return False  # cannot tell: leave it
+    try:
+        return try_flock(fd)
+    finally:
+        os.close(fd)
+
+
+def _collect_temp(store: Store, report: GcReport, *, dry_run: bool) -> None:
+    """Temp dirs of any command and partial downloads nobody holds (under the gc lock)."""
+    stale = [p for p in sorted(store.tmp.iterdir()) if p.is_symlink() or _unheld(p)]
+    partial = store.blobs / "tmp"
+    if partial.is_dir():
+        stale += [p for p in sorted(partial.iterdir()) if p.is_symlink() or _unheld(p)]
+    for path in stale:
+        size = disk_usage(path)
+        if not dry_run:
+            removal = remove_tree(path)
+            if not removal.ok:
+                report.failures += removal.failures
+                continue
+        report.tmp_deleted += 1
+        report.tmp_bytes += size
+
+
+def _collect_blobs(store: Store, report: GcReport, deleted: set[Path], *, dry_run: bool) -> None:
+    """Blobs no live temp root and no remaining store path refers to (under the gc lock)."""
+    keep = live_temp_roots(store, prune=not dry_run)
+    for e in store.entries():
+        if e.path not in deleted:
+            keep |= e.referenced_blobs()
     blob_dir = store.blobs / "sha256"
-    if blob_dir.is_dir():
-        for blob in blob_dir.iterdir():
-            if blob.name in keep:
-                continue
-            try:
-                Digest(blob.name)
-            except ValueError:
-                continue
-            report.blobs_deleted += 1
-            report.blob_bytes += blob.stat().st_blocks * 512
+    if not blob_dir.is_dir():
+        return
+    for blob in blob_dir.iterdir():
+        name = blob.name
+        if name in keep or len(name) != 64 or not all(c in "0123456789abcdef" for c in name):
+            continue
+        try:
+            size = blob.lstat().st_blocks * 512
             if not dry_run:
-                blob.unlink(missing_ok=True)
+                blob.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            report.failures.append(f"{blob}: {exc.strerror}")
+            continue
+        report.blobs_deleted += 1
+        report.blob_bytes += size
+
+
+def collect(
+    store: Store,
+    *,
+    dry_run: bool = False,
+    older_than: float | None = None,
+    keep_last: int | None = None,
+    max_size: int | None = None,
+) -> GcReport:
+    report = GcReport()
+    roots = store.rooted(prune=not dry_run)
+    all_entries = entries(store)
+    candidates = _select(
+        report,
+        all_entries,
+        roots,
+        store,
+        older_than=older_than,
+        keep_last=keep_last,
+        max_size=max_size,
+    )
+    for entry in candidates:
+        _delete_path(store, entry, report, dry_run=dry_run)
+    with store.gc_guard(exclusive=True):
+        _collect_temp(store, report, dry_run=dry_run)
+        _collect_blobs(store, report, {e.path for e in report.deleted}, dry_run=dry_run)
     return report

@@ -63,10 +63,14 @@ def test_gc_keeps_roots_and_frees_the_rest(tmp_path: Path, three: tuple[Path, li
 def test_gc_never_touches_a_path_whose_build_holds_the_lock(three: tuple[Path, list[Path]]) -> None:
     home, (_, old, new) = three
     store = Store(home)
-    with store.lock(old.name.split("-")[0]):
+    with store.key_lock(old.name.split("-")[0]):
         code, out, _ = run_cli(home, "gc")
     assert code == 0 and old.exists() and not new.exists()
-    assert "a build of it is running" in out and "kept all blobs" in out
+    assert f"kept {old}: in use" in out
+    # the kept path's blobs stay: it still refers to them
+    manifest = json.loads((old / "manifest.json").read_text())
+    for layer in manifest["derivation"]["image"]["layers"]:
+        assert (home / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
 
 
 def test_gc_selection_options(three: tuple[Path, list[Path]]) -> None:

@@ -55,10 +55,10 @@ def test_lock_serialises_builds_of_one_key(tmp_path: Path) -> None:
     waited = threading.Event()
 
     def other() -> None:
-        with store.lock("d" * 32, on_wait=waited.set):
+        with store.key_lock("d" * 32, on_wait=waited.set):
             events.append("other")
 
-    with store.lock("d" * 32):
+    with store.key_lock("d" * 32):
         t = threading.Thread(target=other)
         t.start()
         assert waited.wait(5)

@@ -9,11 +9,14 @@ when it was built.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from banger_build.commands import common
 from banger_build.errors import InputError, Reason
+
+if TYPE_CHECKING:
+    from banger_build.store import Store
 
 NAME = "check"
 HELP = "rebuild a recipe's store path in a temp dir and compare it bit for bit"
@@ -27,14 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_registry(p)
 
 
-def recipe_of(store_path: Path, meta_dir: Path) -> Path:
-    meta = meta_dir / f"{store_path.resolve().name}.json"
-    try:
-        return Path(json.loads(meta.read_text())["recipe"])
-    except (OSError, ValueError, KeyError) as exc:
+def recipe_of(store_path: Path, store: Store) -> Path:
+    recipe = store.entry_of(store_path).recipe
+    if recipe is None:
         raise InputError(
-            f"no recipe is recorded for {store_path}: run `banger-build check RECIPE`"
-        ) from exc
+            f"no recipe is recorded for {store_path}: run `banger-build check RECIPE`",
+            reason=Reason.MISSING_INPUT,
+        )
+    return Path(recipe)
 
 
 def run_check(args: argparse.Namespace, recipe: Path, expected: Path | None = None) -> int:
@@ -64,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
     target: Path = args.target
     if target.is_dir():
         store = Store(common.home(args))
-        return run_check(args, recipe_of(target, store.meta), expected=target)
+        return run_check(args, recipe_of(target, store), expected=target)
     return run_check(args, target)

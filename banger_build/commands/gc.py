@@ -67,13 +67,18 @@ def run(args: argparse.Namespace) -> int:
     for entry in report.deleted:
         print(f"{verb} {entry.path} ({entry.size / 2**20:.1f} MiB)")
     for entry in report.kept_in_use:
-        print(f"kept {entry.path}: a build of it is running")
-    if report.blobs_skipped:
-        print("kept all blobs: a build is running")
+        print(f"kept {entry.path}: in use by a running build, check or boot")
+    for failure in report.failures:
+        print(f"could not remove {failure}")
     print(
-        f"{verb} {len(report.deleted)} store paths, {report.blobs_deleted} blobs, "
-        f"{report.tmp_deleted} stale build dirs; "
+        f"{verb} {_count(len(report.deleted), 'store path')}, "
+        f"{_count(report.blobs_deleted, 'blob')}, "
+        f"{_count(report.tmp_deleted, 'stale temp entry', 'stale temp entries')}; "
         f"{'would free' if args.dry_run else 'freed'} {report.freed / 2**20:.1f} MiB; "
-        f"{len(report.kept_rooted)} rooted paths kept"
+        f"kept {_count(len(report.kept_rooted), 'rooted path')}"
     )
-    return 0
+    return 1 if report.failures else 0
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"

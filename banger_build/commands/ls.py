@@ -18,12 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.gc import entries, rooted
+    from banger_build.gc import entries
     from banger_build.store import Store
 
     store = Store(common.home(args))
-    roots = rooted(store)
-    listing = list(entries(store))
+    roots = store.rooted()
+    listing = entries(store)
     if args.json:
         rows = [
             {
