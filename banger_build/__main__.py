@@ -1,3 +1,3 @@
-from banger_build.cli import main
+from banger_build.cli import entry_point
 
-raise SystemExit(main())
+raise SystemExit(entry_point())

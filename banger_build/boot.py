@@ -17,12 +17,12 @@ not it) and is always killed before ``boot`` returns or raises.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import selectors
 import shlex
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger_build.errors import BangerError, InputError, Reason
-from banger_build.run import find_tool
+from banger_build.errors import BangerError, InputError, Reason, ToolError
+from banger_build.run import find_tool, spawned
 
 QEMU = "qemu-system-x86_64"
 MACHINE = "microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on"
@@ -233,36 +233,6 @@ def vsock_cid(device: str = VSOCK_DEVICE, first: int = 3, tries: int = 64) -> in
 # -- running and watching qemu ------------------------------------------------------
 
 
-def start(argv: Sequence[str]) -> subprocess.Popen[bytes]:
-    try:
-        return subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-    except OSError as exc:
-        raise BootError(
-            f"cannot start {argv[0]}: {exc.strerror}", reason=Reason.QEMU_FAILED
-        ) from exc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Kill qemu's process group (TERM, then KILL) and reap it."""
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            continue
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
 class Console:
     """The serial console: copied to ``sink`` as is, and searched, without its
     colour codes, for the wanted texts (across read boundaries), a kernel panic
@@ -361,11 +331,14 @@ def watch(
 def run_vm(
     argv: Sequence[str], console: Console, deadline: float, done: Callable[[], bool]
 ) -> Ended:
-    proc = start(argv)
+    """Run qemu (its own process group, the tools' clean environment) until
+    ``done()``, its exit or the deadline; it is always killed and reaped."""
     try:
-        return watch(proc, console, deadline, done)
+        with spawned(argv) as proc:
+            return watch(proc, console, deadline, done)
+    except ToolError as exc:
+        raise BootError(str(exc), reason=Reason.QEMU_FAILED) from exc
     finally:
-        stop(proc)  # also on KeyboardInterrupt
         console.close()
 
 
@@ -429,9 +402,18 @@ def choose_accel(
 
 
 def boot(
-    target: BootTarget, options: BootOptions, note: Callable[[str], None] = lambda _: None
+    target: BootTarget,
+    options: BootOptions,
+    note: Callable[[str], None] = lambda _: None,
+    *,
+    workdir: Path | None = None,
 ) -> BootResult:
-    """Boot a copy of ``target.rootfs``; return when it did what ``options`` ask."""
+    """Boot a copy of ``target.rootfs``; return when it did what ``options`` ask.
+
+    The copy lives in ``workdir`` (the caller removes it; the CLI uses a temp
+    dir of the store, which gc collects if we are killed), else in a
+    temporary directory removed here.
+    """
     qemu = find_tool(QEMU)
     if options.timeout <= 0:
         raise InputError(f"--timeout {options.timeout:g}: must be more than 0 seconds")
@@ -441,8 +423,10 @@ def boot(
     accel = choose_accel(options.accel, qemu, target, options.memory, tsc_khz, note)
     deadline = time.monotonic() + options.timeout
     cid = vsock_cid()
-    with tempfile.TemporaryDirectory(prefix="banger-boot-") as tmp:
-        disk = copy_rootfs(target.rootfs, Path(tmp))
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="banger-boot-")))
+        disk = copy_rootfs(target.rootfs, workdir)
 
         def launch(cid: int | None) -> tuple[Console, Ended]:
             argv = qemu_argv(

@@ -1,16 +1,26 @@
 """Command line: ``banger-build [build] RECIPE`` and the other subcommands.
 
-Errors are printed as ``banger-build: error: ...`` with exit status 1; usage
-errors exit 2. No traceback reaches a user unless BANGER_BUILD_DEBUG is set.
+Every way a command ends is one line on stderr (or none) and an exit status:
+
+    0    success
+    1    an error the user can act on (``banger-build: error: ...``, a BangerError)
+    2    a usage error (argparse)
+    70   an internal error: a bug (one line; the traceback with BANGER_BUILD_DEBUG=1)
+    129, 130, 143   SIGHUP, SIGINT, SIGTERM: children killed, temp dirs removed
+    141  stdout was closed (``banger-build render R | head``): quietly
+
+No traceback reaches a user unless BANGER_BUILD_DEBUG is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
-from types import ModuleType
+from types import FrameType, ModuleType
 
 from banger_build import __version__
 from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
@@ -49,6 +59,40 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_ERROR = 1
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+class Terminated(KeyboardInterrupt):
+    """A terminating signal arrived; raised in the main thread so every cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # One signal starts the cleanup; more of them must not cut it short.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT, SIGTERM and SIGHUP end a command the same way: an exception in
+    the main thread, so subprocess groups are killed and temp dirs removed."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+def _quiet_stdout() -> None:
+    """stdout is gone: point it at /dev/null so the final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     names = {m.NAME for m in COMMANDS}
@@ -59,17 +103,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
     try:
         return int(args.handler(args))
     except BangerError as exc:
-        if os.environ.get("BANGER_BUILD_DEBUG"):
+        if debug:
             raise
         print(f"banger-build: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("banger-build: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_ERROR
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"banger-build: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:  # a bug: one line, a distinct status
+        if debug:
+            raise
+        print(
+            f"banger-build: internal error: {type(exc).__name__}: {exc} "
+            "(a bug in banger-build; BANGER_BUILD_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def entry_point() -> int:
+    """The ``banger-build`` console script: ``main`` with signals handled."""
+    install_signal_handlers()
+    try:
+        return main()
+    finally:
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry_point())

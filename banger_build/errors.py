@@ -107,6 +107,7 @@ class Reason(StrEnum):
     TOOL_FAILED = "tool-failed"
     TOOL_MISSING = "tool-missing"
     TOOL_TIMEOUT = "tool-timeout"
+    TOOL_KILLED = "tool-killed"
     # the image (ImageError)
     IMAGE = "image"
     SIZE_TOO_SMALL = "size-too-small"

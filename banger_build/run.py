@@ -1,6 +1,10 @@
 """The one way banger-build runs a subprocess.
 
-``run()`` takes an argv list, never a shell string. On failure it raises
+``run()`` (a tool that finishes) and ``spawned()`` (one that runs until we
+stop it, like qemu) take an argv list, never a shell string, and start the
+tool in its own process group with the same environment policy; whatever
+interrupts us (SIGINT, SIGTERM, SIGHUP, an exception), the group is killed
+and reaped before the error propagates. On failure it raises
 ToolError naming the command, its exit code and the end of its stderr. A tool
 that is not installed is "X not found", not a traceback. Tools run with a
 clean environment (``LC_ALL=C``, ``TZ=UTC``, a fixed PATH) so the bytes they
@@ -9,11 +13,13 @@ produce do not depend on the caller's locale, time zone or e2fsprogs config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import IO
@@ -58,6 +64,35 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _argv(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    args = [os.fspath(a) for a in argv]
+    return [find_tool(args[0]) if "/" not in args[0] else args[0], *args[1:]]
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """Kill ``proc``'s process group (TERM, then KILL) and reap it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything the child left behind in its group
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _signal_words(returncode: int) -> str:
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -70,36 +105,83 @@ def run(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` (tool name resolved with find_tool) and capture its output.
 
-    ``env`` is the complete environment (default: ``tool_env()``).
+    ``env`` is the complete environment (default: ``tool_env()``). The tool
+    runs in its own process group, killed and reaped if anything interrupts
+    us (a signal, a timeout, an exception), so nothing outlives the command.
     """
     args = [os.fspath(a) for a in argv]
-    exe = find_tool(args[0]) if "/" not in args[0] else args[0]
     try:
-        proc = subprocess.run(
-            [exe, *args[1:]],
-            input=input,
-            stdin=stdin if input is None else None,
-            capture_output=True,
+        proc = subprocess.Popen(
+            _argv(args),
+            stdin=subprocess.PIPE if input is not None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=dict(env) if env is not None else tool_env(),
             cwd=cwd,
-            check=False,
-            timeout=timeout,
+            process_group=0,
         )
-    except FileNotFoundError as exc:
-        raise ToolError(f"{args[0]} not found", argv=args, reason=Reason.TOOL_MISSING) from exc
-    except subprocess.TimeoutExpired as exc:
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise ToolError(f"{args[0]} not found", argv=args, reason=Reason.TOOL_MISSING) from exc
         raise ToolError(
-            f"{shlex.join(args)} timed out after {timeout}s", argv=args, reason=Reason.TOOL_TIMEOUT
+            f"cannot run {args[0]}: {exc.strerror}", argv=args, reason=Reason.TOOL_FAILED
         ) from exc
-    if check and proc.returncode != 0:
-        stderr = proc.stderr.decode("utf-8", "replace")
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        stop(proc, grace=0)
         raise ToolError(
-            f"{shlex.join(args)} failed with exit code {proc.returncode}:\n{_tail(stderr)}",
+            f"{shlex.join(args)} timed out after {timeout:g}s",
+            argv=args,
+            reason=Reason.TOOL_TIMEOUT,
+        ) from exc
+    except BaseException:
+        stop(proc, grace=0)
+        raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        text = stderr.decode("utf-8", "replace")
+        how = (
+            _signal_words(proc.returncode)
+            if proc.returncode < 0
+            else f"failed with exit code {proc.returncode}"
+        )
+        raise ToolError(
+            f"{shlex.join(args)} {how}:\n{_tail(text)}",
             argv=args,
             returncode=proc.returncode,
-            stderr=stderr,
+            stderr=text,
+            reason=Reason.TOOL_KILLED if proc.returncode < 0 else Reason.TOOL_FAILED,
         )
-    return proc
+    return result
+
+
+@contextlib.contextmanager
+def spawned(
+    argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A long-running tool (qemu) with piped stdout and stderr, in its own
+    process group, under the same environment policy as ``run``; killed and
+    reaped when the block ends, however it ends."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        proc = subprocess.Popen(
+            _argv(args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else tool_env(),
+            process_group=0,
+        )
+    except OSError as exc:
+        reason = Reason.TOOL_MISSING if isinstance(exc, FileNotFoundError) else Reason.TOOL_FAILED
+        raise ToolError(
+            f"cannot start {args[0]}: {exc.strerror}", argv=args, reason=reason
+        ) from exc
+    try:
+        yield proc
+    finally:
+        stop(proc)
 
 
 def tool_version(name: str) -> str:

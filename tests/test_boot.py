@@ -249,22 +249,36 @@ def test_console_finds_texts_across_reads_and_keeps_context() -> None:
 
 FAKE_QEMU = """#!{python}
 import json, os, sys, time
+with open({config!r}) as f:  # qemu gets the tools' clean environment: no FAKE_* there
+    env = json.load(f)
 args = sys.argv[1:]
-with open(os.environ["FAKE_QEMU_ARGS"], "w") as f:
+with open(env["FAKE_QEMU_ARGS"], "w") as f:
     json.dump(args, f)
 for arg in args:
     if arg.startswith("id=root,file="):
         disk = arg[len("id=root,file="):].split(",format=")[0]
         with open(disk, "r+b") as f:
             f.write(b"the guest wrote this")
-sys.stdout.write(os.environ.get("FAKE_QEMU_OUT", "").replace("|", "\\n"))
+sys.stdout.write(env.get("FAKE_QEMU_OUT", "").replace("|", "\\n"))
 sys.stdout.flush()
-sys.stderr.write(os.environ.get("FAKE_QEMU_ERR", ""))
+sys.stderr.write(env.get("FAKE_QEMU_ERR", ""))
 sys.stderr.flush()
-if os.environ.get("FAKE_QEMU_SLEEP"):
-    os.system("sleep " + os.environ["FAKE_QEMU_SLEEP"])  # a child in qemu's process group
-sys.exit(int(os.environ.get("FAKE_QEMU_EXIT", "0")))
+if env.get("FAKE_QEMU_SLEEP"):
+    os.system("sleep " + env["FAKE_QEMU_SLEEP"])  # a child in qemu's process group
+sys.exit(int(env.get("FAKE_QEMU_EXIT", "0")))
 """
+
+
+class FakeQemu:
+    """The fake qemu's settings, in a file it reads (it runs with a clean environment)."""
+
+    config: Path
+
+    @classmethod
+    def set(cls, name: str, value: str) -> None:
+        data = json.loads(cls.config.read_text())
+        data[name] = value
+        cls.config.write_text(json.dumps(data))
 
 
 @pytest.fixture
@@ -273,12 +287,15 @@ def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     scribbles on the disk it is given, prints $FAKE_QEMU_OUT ('|' = newline),
     sleeps $FAKE_QEMU_SLEEP and exits $FAKE_QEMU_EXIT."""
     script = tmp_path / "fake-qemu"
-    script.write_text(FAKE_QEMU.format(python=sys.executable))
+    config = tmp_path / "fake-qemu.json"
+    config.write_text("{}")
+    script.write_text(FAKE_QEMU.format(python=sys.executable, config=str(config)))
+    FakeQemu.config = config
     script.chmod(0o755)
     args = tmp_path / "qemu-args.json"
     monkeypatch.setattr(bootmod, "find_tool", lambda name: str(script))
     monkeypatch.setattr(bootmod, "kvm_available", lambda: False)
-    monkeypatch.setenv("FAKE_QEMU_ARGS", str(args))
+    FakeQemu.set("FAKE_QEMU_ARGS", str(args))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     yield args
@@ -288,10 +305,10 @@ def fake_boot(
     monkeypatch: pytest.MonkeyPatch, store_path: Path, out: str, *, sleep: str = "",
     exit: int = 0, err: str = "", **options: object,
 ) -> tuple[bootmod.BootResult, bytes]:  # fmt: skip
-    monkeypatch.setenv("FAKE_QEMU_OUT", out)
-    monkeypatch.setenv("FAKE_QEMU_SLEEP", sleep)
-    monkeypatch.setenv("FAKE_QEMU_EXIT", str(exit))
-    monkeypatch.setenv("FAKE_QEMU_ERR", err)
+    FakeQemu.set("FAKE_QEMU_OUT", out)
+    FakeQemu.set("FAKE_QEMU_SLEEP", sleep)
+    FakeQemu.set("FAKE_QEMU_EXIT", str(exit))
+    FakeQemu.set("FAKE_QEMU_ERR", err)
     console: list[bytes] = []
     opts = BootOptions(console=console.append, **options)  # type: ignore[arg-type]
     return boot(resolve_target(store_path), opts), b"".join(console)
@@ -367,13 +384,13 @@ def test_qemu_failure_shows_its_stderr(
 def test_kvm_probe(store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = resolve_target(store_path)
     monkeypatch.setattr(bootmod, "PROBE_SECONDS", 1.0)
-    monkeypatch.setenv("FAKE_QEMU_OUT", "Linux version 6.1|Run /init as init process|")
-    monkeypatch.setenv("FAKE_QEMU_SLEEP", "60")
+    FakeQemu.set("FAKE_QEMU_OUT", "Linux version 6.1|Run /init as init process|")
+    FakeQemu.set("FAKE_QEMU_SLEEP", "60")
     qemu = str(fake_qemu.parent / "fake-qemu")
     assert bootmod.probe_kvm(qemu, target, 512, None)
     argv = json.loads(fake_qemu.read_text())
     assert argv[argv.index("-accel") + 1] == "kvm" and "-drive" not in argv
-    monkeypatch.setenv("FAKE_QEMU_OUT", "Probing EDD (edd=off to disable)... ok|")
+    FakeQemu.set("FAKE_QEMU_OUT", "Probing EDD (edd=off to disable)... ok|")
     assert not bootmod.probe_kvm(qemu, target, 512, None)  # a silent hang: no KVM
 
 

@@ -110,6 +110,7 @@ def open_console_log(path: Path) -> BinaryIO:
 def run(args: argparse.Namespace) -> int:
     from banger_build.boot import BootOptions, boot, resolve_target
     from banger_build.progress import Reporter
+    from banger_build.store import Store
 
     reporter = Reporter(quiet=args.quiet)
     target = resolve_target(store_path_of(args, reporter), args.kernel, args.initrd)
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             append=args.append,
             console=console_writer(binary, sys.stdout),
         )
-        result = boot(target, options, note=reporter.step)
+        workdir = stack.enter_context(Store(common.home(args)).temp_dir("boot"))
+        result = boot(target, options, note=reporter.step, workdir=workdir)
     what = "all expected texts seen" if result.how == "expected" else "the guest powered off"
     reporter.step(f"boot ok under {result.accel} in {result.seconds:.1f} s: {what}")
     return 0

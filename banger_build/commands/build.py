@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.build import build
+    from banger_build.build import BuildResult, build
     from banger_build.commands.check import run_check
     from banger_build.progress import Reporter
 
@@ -43,9 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
     options = common.build_options(args, out_link=None if args.no_link else args.out_link)
     reporter = Reporter(quiet=args.quiet or args.print_out_paths)
-    result = build(args.recipe, options, reporter)
+
+    def ready(result: BuildResult) -> None:
+        # printed while the key lock still protects the path from gc
+        print(result.path, flush=True)
+
+    result = build(args.recipe, options, reporter, on_ready=ready)
     if not (args.quiet or args.print_out_paths):
         state = "cached" if result.cached else "built"
         reporter.step(f"{state} {result.derivation.name} (key {result.key})")
-    print(result.path)
     return 0

@@ -244,8 +244,8 @@ def _place_project(src: Path, venv: Path) -> None:
     shutil.copytree(src / "templates", site / "banger_build" / "templates", ignore=_COPY_IGNORE)
     script = venv / "bin" / "banger-build"
     script.write_text(
-        f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom banger_build.cli import main\n"
-        "sys.exit(main())\n"
+        f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom banger_build.cli import entry_point\n"
+        "sys.exit(entry_point())\n"
     )
     script.chmod(0o755)
 
