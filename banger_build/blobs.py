@@ -16,11 +16,13 @@ asking twice costs one ``stat``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from banger_build.fsutil import fsync_dir, hash_file
 from banger_build.reference import Digest
@@ -55,11 +57,22 @@ class BlobMismatch(Exception):
         super().__init__(text)
 
 
+class BlobRoots(Protocol):
+    """Temp roots (``store.TempRoots``): blobs gc must keep while this process runs."""
+
+    def add(self, hex_digest: str) -> None: ...
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a partial download is created (gc's shared lock)."""
+        ...
+
+
 class BlobCache:
     """Blobs by sha256 digest under ``root`` (normally ``<home>/blobs``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, roots: BlobRoots | None = None) -> None:
         self.root = Path(root)
+        self.roots = roots
         self.tmp = self.root / "tmp"
         # hex -> (st_size, st_mtime_ns, st_ino) of the file we last verified
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -77,6 +90,8 @@ class BlobCache:
         wrong size or does not hash to ``digest`` is removed.
         """
         path = self.path(digest)
+        if self.roots is not None:  # before the file is looked at: gc keeps it from now on
+            self.roots.add(digest.hex)
         try:
             st = path.stat()
         except OSError:
@@ -117,14 +132,22 @@ class BlobCache:
         leaving nothing behind.
         """
         final = self.path(digest)
+        if self.roots is not None:
+            self.roots.add(digest.hex)
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, tmpname = tempfile.mkstemp(prefix=f"{digest.hex[:16]}.", suffix=".part", dir=self.tmp)
+        # Created under the shared gc lock and flocked until renamed: gc removes
+        # only partial downloads nobody holds (a killed pull's).
+        with self.roots.guard() if self.roots is not None else contextlib.nullcontext():
+            fd, tmpname = tempfile.mkstemp(
+                prefix=f"{digest.hex[:16]}.", suffix=".part", dir=self.tmp
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
         tmp = Path(tmpname)
         try:
             h = hashlib.sha256()
             n = 0
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(os.dup(fd), "wb") as f:
                 os.fchmod(f.fileno(), FILE_MODE)
                 for chunk in chunks:
                     if not chunk:
@@ -146,6 +169,8 @@ class BlobCache:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
+        finally:
+            os.close(fd)
         fsync_dir(final.parent)
         st = final.stat()
         self._verified[digest.hex] = (st.st_size, st.st_mtime_ns, st.st_ino)

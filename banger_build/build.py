@@ -29,7 +29,7 @@ from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
 from banger_build.errors import HostError, InputError, Reason, RecipeError, StoreError, host_error
 from banger_build.flatten import Flattener, LayerInput
-from banger_build.fsutil import hash_file
+from banger_build.fsutil import ContentChanged, copy_verified, hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
 from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest, read_version
@@ -113,7 +113,9 @@ class Context:
             from banger_build.registry import RegistryClient
 
             self._client = RegistryClient(
-                BlobCache(self.store.blobs), self.options.registry, progress=self.reporter.progress
+                BlobCache(self.store.blobs, self.store.temp_roots),
+                self.options.registry,
+                progress=self.reporter.progress,
             )
         return self._client
 
@@ -195,7 +197,7 @@ def resolve_image(ctx: Context) -> None:
         resolve=lambda: ctx.client.resolve(recipe.image, recipe.platform),
         record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
     )
-    blobs = BlobCache(ctx.store.blobs)
+    blobs = BlobCache(ctx.store.blobs, ctx.store.temp_roots)
     try:
         manifest = cached_manifest(blobs, digest)
     except ManifestError as exc:
@@ -258,7 +260,7 @@ def resolve_kernel_artifact(ctx: Context) -> None:
         resolve=lambda: ctx.client.raw_manifest(ref)[0],
         record=lambda d: ctx.lock.with_kernel(ref, d),
     )
-    blobs = BlobCache(ctx.store.blobs)
+    blobs = BlobCache(ctx.store.blobs, ctx.store.temp_roots)
     cached = blobs.get(digest)
     data = cached.read_bytes() if cached is not None else ctx.client.raw_manifest(ref, digest)[1]
     try:
@@ -346,13 +348,15 @@ def inject_files(ctx: Context) -> None:
     guest_path = ctx.derivation.data.get("modules_install")
     if kernel is None or not guest_path:
         return
-    modules = kernel.modules
+    modules: Path | None = None
     if kernel.ref is not None:
         tar = next((k.source for k in ctx.kernel if k.name == "modules.tar"), None)
         if tar is None:
             return
         modules = ctx.work / "kernel-modules"
         extract_modules(tar, modules)
+    else:
+        modules = ctx.out / "modules"  # the copy stage_kernel verified against the derivation
     if modules is not None:
         version = Path(guest_path).name
         where = install_modules(ctx.tree, ctx.staging, modules, version, epoch=ctx.epoch)
@@ -366,7 +370,7 @@ def size_image(ctx: Context) -> None:
 
 def make_filesystem(ctx: Context) -> None:
     ctx.reporter.step(f"making ext4 ({ctx.plan.size // ext4.MiB} MiB, {ctx.plan.inodes} inodes)")
-    ctx.out.mkdir()
+    ctx.out.mkdir(exist_ok=True)
     ext4.make_filesystem(
         ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
     )
@@ -388,16 +392,25 @@ def check_filesystem(ctx: Context) -> None:
 
 
 def stage_kernel(ctx: Context) -> None:
+    """Copy the kernel's files beside the image, each verified against the digest
+    the derivation holds (a modules directory is installed from this copy)."""
+    ctx.out.mkdir(exist_ok=True)
     for item in ctx.kernel:
         dest = ctx.out / item.name
-        if item.source.is_dir():
-            shutil.copytree(item.source, dest, symlinks=True)
-            digest = hash_tree(dest)[0]
-        else:
-            shutil.copyfile(item.source, dest)
-            digest = hash_file(dest)[0]
-        if digest != item.sha256:
-            raise InputError(f"{item.source} changed while it was being staged", reason=Reason.IO)
+        try:
+            if item.source.is_dir():
+                shutil.copytree(item.source, dest, symlinks=True)
+                digest = hash_tree(dest)[0]
+                if digest != item.sha256:
+                    raise ContentChanged(item.source, item.sha256, digest)
+            else:
+                copy_verified(item.source, dest, item.sha256)
+        except ContentChanged as exc:
+            raise InputError(
+                f"{item.source} changed while the image was being built (sha256 "
+                f"{exc.expected} when the build started, now {exc.actual}); build again",
+                reason=Reason.INPUT_CHANGED,
+            ) from None
         ctx.outputs[item.name] = {"sha256": item.sha256, "size": item.size}  # verified above
 
 
@@ -442,12 +455,12 @@ RESOLVE: tuple[Callable[[Context], None], ...] = (
 BUILD: tuple[Callable[[Context], None], ...] = (
     pull_layers,
     flatten_layers,
+    stage_kernel,
     inject_files,
     size_image,
     make_filesystem,
     restore_metadata,
     check_filesystem,
-    stage_kernel,
     write_manifest,
 )
 

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     INPUT_INVALID = "input-invalid"
     MISSING_INPUT = "missing-input"
     SHA256_MISMATCH = "sha256-mismatch"
+    INPUT_CHANGED = "input-changed"
     TEMPLATE_MISSING = "template-missing"
     TEMPLATE_SYNTAX = "template-syntax"
     TEMPLATE_UNDEFINED = "template-undefined"

@@ -31,6 +31,40 @@ def hash_file(path: Path) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+class ContentChanged(Exception):
+    """A file's bytes differ from the digest taken of it earlier."""
+
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        super().__init__(f"{path}: sha256 {actual}, expected {expected}")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+def copy_verified(src: Path, dest: Path, sha256: str) -> int:
+    """Copy regular file ``src`` to the new file ``dest``, hashing the bytes as
+    they are copied; ContentChanged (and no ``dest``) unless they hash to
+    ``sha256``. What is verified is exactly what was written, so a source
+    changed after it was resolved can never enter an image under the old digest."""
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EINVAL, "not a regular file", str(src))
+        sha = hashlib.sha256()
+        size = 0
+        with open(dest, "xb") as out:
+            while chunk := os.read(fd, CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    finally:
+        os.close(fd)
+    if sha.hexdigest() != sha256:
+        os.unlink(dest)
+        raise ContentChanged(src, sha256, sha.hexdigest())
+    return size
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (best effort)."""
     try:

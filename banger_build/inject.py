@@ -15,6 +15,7 @@ from pathlib import Path
 
 from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
+from banger_build.fsutil import ContentChanged, copy_verified
 from banger_build.inputs import Injected
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
 
@@ -99,6 +100,19 @@ class OwnerResolver:
         return table[name]
 
 
+def _copy_input(item: Injected, dest: Path) -> None:
+    assert item.source is not None
+    try:
+        copy_verified(item.source, dest, item.sha256)
+    except ContentChanged as exc:
+        raise InputError(
+            f"{item.source} changed while the image was being built (it had sha256 "
+            f"{exc.expected} when the build started, now {exc.actual}): {item.dest} was not "
+            "written; build again",
+            reason=Reason.INPUT_CHANGED,
+        ) from None
+
+
 def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int) -> None:
     owners = OwnerResolver(staging, tree)
     for item in items:
@@ -130,7 +144,7 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
             )
         else:
             if item.source is not None:
-                shutil.copyfile(item.source, stage_path)
+                _copy_input(item, stage_path)
             else:
                 assert item.data is not None
                 stage_path.write_bytes(item.data)

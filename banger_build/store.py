@@ -244,6 +244,9 @@ class TempRoots:
             os.write(self._fd, hex_digest.encode("ascii") + b"\n")
         self._added.add(hex_digest)
 
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        return self._store.gc_guard()
+
     def _create(self) -> int:
         directory = self._store.temproots
         directory.mkdir(exist_ok=True)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--modules {args.modules}: not a directory", reason=Reason.MISSING_INPUT)
 
     store = Store(common.home(args))
-    client = RegistryClient(BlobCache(store.blobs), common.registry_options(args))
+    client = RegistryClient(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
 
     def push(path: Path, media_type: str) -> Descriptor:
         hexdigest, size = hash_file(path)
