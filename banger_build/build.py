@@ -527,7 +527,16 @@ def build(
     still protected by its key lock (the CLI prints it there), after the out-link
     (a gc root) exists."""
     reporter = reporter or Reporter()
-    ctx = resolve(recipe_path, options, reporter)
+    ctx = Context(recipe_path, options, reporter)
+    try:
+        return _build(ctx, on_ready)
+    finally:
+        ctx.store.temp_roots.close()  # the blobs it used are gc's again
+
+
+def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> BuildResult:
+    reporter = ctx.reporter
+    run_steps(ctx, RESOLVE)
     name, key = ctx.derivation.name, ctx.key
     result: BuildResult | None = None
     with ctx.store.key_lock(key, shared=True):  # a cache hit: gc waits for us
@@ -598,7 +607,16 @@ def check(
 ) -> CheckResult:
     """Rebuild an existing store path from scratch in a temp dir and compare; change nothing."""
     reporter = reporter or Reporter()
-    ctx = resolve(recipe_path, options, reporter)
+    ctx = Context(recipe_path, options, reporter)
+    try:
+        return _check(ctx)
+    finally:
+        ctx.store.temp_roots.close()
+
+
+def _check(ctx: Context) -> CheckResult:
+    reporter = ctx.reporter
+    run_steps(ctx, RESOLVE)
     name, key = ctx.derivation.name, ctx.key
     path = ctx.store.lookup(key, name)
     if path is None:
