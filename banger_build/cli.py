@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType, ModuleType
+from typing import TYPE_CHECKING
 
 from banger_build import __version__
 from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
 from banger_build.commands import build as build_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
@@ -86,6 +91,44 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
+class _WholeWrites(io.RawIOBase):
+    """stdout's fd, written whole or not at all: a pipe whose reader leaves mid-write
+    returns a short count (and only the next write EPIPE), which CPython's
+    BufferedWriter can report as success; here the rest is written, so the
+    broken pipe surfaces as BrokenPipeError."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: ReadableBuffer) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return done
+
+
+def _reliable_stdout() -> None:
+    out = sys.stdout
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing to do
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_WholeWrites(fd)),
+        encoding=out.encoding,
+        errors=out.errors,
+        line_buffering=bool(out.line_buffering),
+    )
+
+
 def _quiet_stdout() -> None:
     """stdout is gone: point it at /dev/null so the final flush cannot fail again."""
     with contextlib.suppress(OSError, ValueError):
@@ -105,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a reader that went away is found here, not at exit
+        return status
     except BangerError as exc:
         if debug:
             raise
@@ -132,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry_point() -> int:
     """The ``banger-build`` console script: ``main`` with signals handled."""
     install_signal_handlers()
+    _reliable_stdout()
     try:
         return main()
     finally:

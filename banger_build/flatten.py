@@ -423,11 +423,16 @@ class Flattener:
         src = tar.extractfile(member)
         assert src is not None
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as out:
-            written = 0
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
-                written += len(chunk)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                written = 0
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+        except OSError as exc:  # the host's disk: name the file we were writing
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, target) from exc
+            raise
         if written != member.size:
             raise self._refuse(raw, "truncated file content", Reason.CORRUPT)
 
