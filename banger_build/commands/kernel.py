@@ -10,7 +10,6 @@ digest; the same inputs always give the same digest.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from banger_build.commands import common
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         client.push_blob(ref, path, digest, size)
         return Descriptor(media_type, digest, size)
 
-    with tempfile.TemporaryDirectory(dir=store.tmp, prefix="kernel-push.") as tmp:
+    with store.temp_dir("kernel-push") as tmp:
         files: list[tuple[str, Descriptor]] = [("vmlinux", push(args.kernel, LAYERS["vmlinux"]))]
         if args.initrd is not None:
             files.append(("initrd.img", push(args.initrd, LAYERS["initrd.img"])))
