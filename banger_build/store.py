@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banger_build.errors import Reason, StoreError
+from banger_build.errors import Reason, StoreError, host_error
 from banger_build.fsutil import (
     disk_usage,
     fsync_dir,
@@ -72,7 +72,7 @@ def flocked(
     path: Path, *, shared: bool = False, on_wait: Callable[[], None] | None = None
 ) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing); ``on_wait`` runs if we must wait."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_lock(path)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
@@ -84,6 +84,15 @@ def flocked(
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot open the lock file {path}: {exc.strerror}", reason=Reason.IO
+        ) from exc
 
 
 def try_flock(fd: int) -> bool:
@@ -368,7 +377,7 @@ class Store:
     @contextlib.contextmanager
     def try_key_lock(self, key: str) -> Iterator[bool]:
         """Hold ``key``'s lock exclusively if nobody holds it (yields True), else False."""
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_lock(self.locks / f"{key}.lock")
         try:
             yield try_flock(fd)
         finally:
@@ -423,8 +432,11 @@ class Store:
         it is locked, so it never removes a live one.
         """
         with self.gc_guard():
-            path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=self.tmp))
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=self.tmp))
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise host_error(f"create a temp dir in {self.tmp}", exc) from exc
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield path
@@ -440,8 +452,11 @@ class Store:
     def publish(self, built: Path, key: str, name: str) -> Path:
         """fsync ``built``, make it read-only and rename it into the store."""
         final = self.path_for(key, name)
-        make_read_only(built)
-        fsync_tree(built)
+        try:
+            make_read_only(built)
+            fsync_tree(built)
+        except OSError as exc:
+            raise host_error("publish", exc) from exc
         # Moving a directory to a new parent rewrites its '..': it must stay
         # writable until after the rename (for anyone but root).
         os.chmod(built, 0o755)
