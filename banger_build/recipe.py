@@ -232,9 +232,8 @@ def convert_size(value: str | int, doc: Doc) -> SizeSpec:
         auto, n = False, parse_bytes(value)
     if n > MAX_IMAGE_SIZE:
         raise Invalid(
-            f"size {show(str(value))} is too large: an image is at most "
-            f"{format_size(MAX_IMAGE_SIZE)} ({MAX_IMAGE_SIZE} bytes, 16 TiB - 4 KiB, the "
-            "largest file ext4 holds on the build host)"
+            f"size {show(str(value))} is too large: an image is at most 16 TiB - 4 KiB "
+            f"({MAX_IMAGE_SIZE} bytes, the largest file ext4 holds on the build host)"
         )
     if auto:
         return SizeSpec("auto" if n == 0 else f"auto+{format_size(n)}", True, n)

@@ -100,11 +100,16 @@ class SourceRoots:
             raise _loop(path)
         shown = str(path) if resolved == Path(path) else f"{path} (that is, {resolved})"
         for bad in FORBIDDEN:
-            if resolved.is_relative_to(bad) or (st is not None and st.st_dev in _special_devs()):
+            if resolved.is_relative_to(bad):
                 raise SourceRefused(
                     f"{shown} is on {bad}: the build host's {bad} is never a source",
                     Reason.SOURCE_NOT_ALLOWED,
                 )
+        if st is not None and st.st_dev in _special_devs():  # a bind mount of one elsewhere
+            raise SourceRefused(
+                f"{shown} is on a mount of /proc, /sys or /dev: never a source",
+                Reason.SOURCE_NOT_ALLOWED,
+            )
         if not any(resolved.is_relative_to(root) for root in self.roots):
             raise SourceRefused(
                 f"{shown} is outside {self.describe()}: sources must lie inside it "

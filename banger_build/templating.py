@@ -242,8 +242,13 @@ class _Loader(jinja2.BaseLoader):
         directory = self.job.path.parent
         path = directory.joinpath(*split_template_path(template))  # refuses ".."
         roots = self.job.roots or SourceRoots((Path(os.path.realpath(directory)),))
-        resolved = roots.check(path)
-        text = _decode(read_regular(resolved, MAX_TEMPLATE_SOURCE, "template"), str(path))
+        try:
+            raw = read_regular(roots.check(path), MAX_TEMPLATE_SOURCE, "template")
+        except SourceRefused as exc:
+            if exc.reason == Reason.MISSING_INPUT:  # what `ignore missing` looks for
+                raise jinja2.TemplateNotFound(template) from None
+            raise
+        text = _decode(raw, str(path))
         self.files.add(str(path))
         return text, str(path), lambda: True
 
@@ -281,8 +286,9 @@ def _read_main(job: TemplateJob) -> str:
             ) from None
     else:
         assert job.path is not None
-        try:
-            raw = read_regular(job.path, MAX_TEMPLATE_SOURCE, "template")
+        try:  # checked again: a symlink on the way may have changed since loading
+            path = job.roots.check(job.path) if job.roots is not None else job.path
+            raw = read_regular(path, MAX_TEMPLATE_SOURCE, "template")
         except SourceRefused as exc:
             raise _Failure(exc.reason, exc.message) from None
     return _decode(raw, job.label)
