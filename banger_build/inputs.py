@@ -26,6 +26,7 @@ import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
 from banger_build.recipe import GuestSpec, KernelSpec, Recipe
 from banger_build.sources import SourceRefused, SourceRoots, hash_regular, open_regular
-from banger_build.sources import hash_tree as _hash_tree
+from banger_build.sources import hash_tree as hash_tree
 from banger_build.templating import TemplateJob, render_templates
 
 #: Bytes of one kernel module read (compressed, and again decompressed) to find
@@ -149,7 +150,7 @@ def guest_entries(spec: GuestSpec, roots: SourceRoots) -> Iterator[Entry]:
             yield LinkEntry(e.dest, e.target, guest.OWNER, table, table)
 
 
-def _builtin(name: str) -> Any:
+def _builtin(name: str) -> Traversable:
     src = guest.builtin_template(name)
     if not src.is_file():
         raise InputError(
@@ -218,11 +219,6 @@ def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
 # -- the kernel ---------------------------------------------------------------------
 
 
-def hash_tree(root: Path) -> tuple[str, int]:
-    """A digest of a directory: sorted relative paths, types, modes, contents."""
-    return _hash_tree(root)
-
-
 def _read_input(
     path: Path, where: Where, what: str, roots: SourceRoots, *, tree_ok: bool
 ) -> tuple[str, int]:
@@ -230,7 +226,7 @@ def _read_input(
     try:
         path = roots.check(path)
         if tree_ok and stat.S_ISDIR(os.stat(path).st_mode):
-            return _hash_tree(path)
+            return hash_tree(path)
         return hash_regular(path, what)
     except SourceRefused as exc:
         raise InputError(f"{where}: {exc.message}", reason=exc.reason) from None

@@ -89,7 +89,10 @@ class SourceRoots:
 
         It need not exist yet: a missing source is reported when it is read.
         """
-        resolved = Path(os.path.realpath(path))
+        try:
+            resolved = Path(os.path.realpath(path))
+        except ValueError as exc:  # a NUL in the path
+            raise SourceRefused(f"{str(path)!r}: {exc}", Reason.IO, str(exc)) from None
         try:
             st: os.stat_result | None = os.lstat(resolved)
         except OSError as exc:

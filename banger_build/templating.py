@@ -115,32 +115,33 @@ def render_templates(jobs: Sequence[TemplateJob], context: Mapping[str, Any]) ->
         finally:
             os._exit(code)
     os.close(wfd)
+    reaped: list[int] = []  # the child's wait status, once reaped (its pid is free then)
     try:
-        return _supervise(pid, rfd, jobs)
+        return _supervise(pid, rfd, jobs, reaped)
     finally:
         os.close(rfd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
+        if not reaped:  # done, failed or interrupted: the child has nothing left to say
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
 
 # -- the parent --------------------------------------------------------------------
 
 
-def _supervise(pid: int, rfd: int, jobs: Sequence[TemplateJob]) -> list[bytes]:
+def _supervise(pid: int, rfd: int, jobs: Sequence[TemplateJob], reaped: list[int]) -> list[bytes]:
     deadline = time.monotonic() + RENDER_TIMEOUT
     results: list[bytes] = []
     for job in jobs:
         header = _read_exact(rfd, _HEADER, deadline, job)
         if len(header) < _HEADER:
-            raise _died(pid, job)
+            raise _died(pid, job, reaped)
         status, size = header[:1], int.from_bytes(header[1:], "big")
         if size > MAX_RENDERED:  # the child stops before; never trust a length blindly
             raise InputError(f"{job.prefix}{job.label}: the renderer sent a bad answer")
         payload = _read_exact(rfd, size, deadline, job)
         if len(payload) < size:
-            raise _died(pid, job)
+            raise _died(pid, job, reaped)
         if status == _OK:
             results.append(payload)
             continue
@@ -156,9 +157,11 @@ def _supervise(pid: int, rfd: int, jobs: Sequence[TemplateJob]) -> list[bytes]:
 def _read_exact(fd: int, size: int, deadline: float, job: TemplateJob) -> bytes:
     chunks: list[bytes] = []
     got = 0
+    poller = select.poll()  # not select(): any descriptor number works
+    poller.register(fd, select.POLLIN)
     while got < size:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             raise InputError(
                 f"{job.prefix}{job.label}: rendering took longer than {RENDER_TIMEOUT:g} s "
                 "(the limit for all templates of a recipe)",
@@ -172,8 +175,9 @@ def _read_exact(fd: int, size: int, deadline: float, job: TemplateJob) -> bytes:
     return b"".join(chunks)
 
 
-def _died(pid: int, job: TemplateJob) -> InputError:
+def _died(pid: int, job: TemplateJob, reaped: list[int]) -> InputError:
     _, status = os.waitpid(pid, 0)
+    reaped.append(status)
     if os.WIFSIGNALED(status):
         how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     else:
@@ -302,8 +306,8 @@ def _render(job: TemplateJob, context: Mapping[str, Any], budget: int) -> bytes:
         template = _environment(loader).get_template(job.name)
         out: list[bytes] = []
         size = 0
-        for chunk in template.generate(**context):
-            data = chunk.encode("utf-8", "surrogateescape")
+        for chunk in template.generate(dict(context)):  # a dict: any [vars] name works
+            data = chunk.encode("utf-8")
             size += len(data)
             if size > budget:
                 raise _Limit
