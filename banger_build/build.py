@@ -62,6 +62,8 @@ class BuildOptions:
     update_input: str | None = None
     #: resolve with this lock file instead of the one beside the recipe (read-only)
     lock_path: Path | None = None
+    #: directories sources may lie in besides the recipe's project (--allow-source)
+    source_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Context:
 
 
 def read_recipe(ctx: Context) -> None:
-    ctx.recipe = load_recipe(ctx.recipe_path)
+    ctx.recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
 
 
 def pin(
@@ -215,11 +217,13 @@ def resolve_image(ctx: Context) -> None:
         raise InputError(f"{recipe.image}: image config is not a JSON object")
     arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
     if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
-        raise InputError(
+        message = (
             f"{recipe.image}@{digest}: image is for {os_}/{arch}, the recipe asks for "
-            f"{recipe.platform}",
-            reason=Reason.PLATFORM_MISMATCH,
+            f"{recipe.platform}"
         )
+        if recipe.platform_where is None:
+            raise InputError(message, reason=Reason.PLATFORM_MISMATCH)
+        raise recipe.platform_where.error(message, Reason.PLATFORM_MISMATCH)
 
 
 def choose_epoch(ctx: Context) -> None:
@@ -292,7 +296,7 @@ def resolve_kernel_artifact(ctx: Context) -> None:
 def resolve_inputs(ctx: Context) -> None:
     ctx.injected = resolve_injected(ctx.recipe)
     if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
-        ctx.kernel = resolve_kernel(ctx.recipe.kernel)
+        ctx.kernel = resolve_kernel(ctx.recipe.kernel, ctx.recipe.source_roots)
 
 
 def read_tool_versions(ctx: Context) -> None:

@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from banger_build.entries import Injected, Staged
 from banger_build.ext4 import MKFS
-from banger_build.inputs import Injected, Staged, modules_version
+from banger_build.inputs import modules_version
 from banger_build.oci import ImageManifest
 from banger_build.recipe import Recipe
 

@@ -17,28 +17,25 @@ once installed), rendered like the recipe's own ``[[templates]]``: from
 ``[guest.templates]``; only that file's bytes, and so its sha256 and the
 store key, change.
 
-This module is the definition (``AGENT``, ``TEMPLATES``, ``ENABLE_LINKS``,
-``DESTS``) and the resolution into ``Injected`` entries (``resolve_guest``).
-It imports neither ``recipe`` nor ``inputs`` at import time: ``recipe``
-builds the ``[guest]`` schema from ``TEMPLATE_NAMES`` and checks ``VARS``.
+This module is the definition, plain data (``ENTRIES``: ``AGENT``,
+``TEMPLATES``, ``LINKS``; ``DESTS``, ``VARS``), and where the built-in
+templates are (``builtin_template``). It imports nothing of ``recipe`` or
+``inputs``: ``recipe`` builds the ``[guest]`` schema from ``TEMPLATE_NAMES``
+and checks ``VARS``; ``inputs`` resolves ``ENTRIES`` in the same loop as the
+recipe's own entries.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from banger_build.errors import InputError, Reason
-from banger_build.fsutil import hash_file
-from banger_build.templates import render_template
-
-if TYPE_CHECKING:
-    from banger_build.inputs import Injected
-    from banger_build.recipe import GuestSpec
 
 OWNER = "0:0"
 AGENT_DEST = "/usr/local/bin/banger-vsock-agent"
@@ -49,12 +46,28 @@ MARKER = "/var/lib/banger/first-boot-pending"
 
 
 @dataclass(frozen=True)
+class BuiltinFile:
+    """The agent: the file ``[guest] agent`` names, copied to ``dest``."""
+
+    dest: str
+    mode: int
+
+
+@dataclass(frozen=True)
 class BuiltinTemplate:
     """One built-in template: ``templates/guest/<name>.j2`` rendered to ``dest``."""
 
     name: str
     dest: str
     mode: int
+
+
+@dataclass(frozen=True)
+class BuiltinLink:
+    """A symlink of the set (a unit enabled for multi-user.target)."""
+
+    dest: str
+    target: str
 
 
 TEMPLATES: tuple[BuiltinTemplate, ...] = (
@@ -69,6 +82,8 @@ TEMPLATES: tuple[BuiltinTemplate, ...] = (
     BuiltinTemplate("first-boot-pending", MARKER, 0o644),
 )
 TEMPLATE_NAMES: tuple[str, ...] = tuple(t.name for t in TEMPLATES)
+AGENT = BuiltinFile(AGENT_DEST, AGENT_MODE)
+
 
 #: The units enabled for multi-user.target, as (link, relative target) pairs.
 UNITS: tuple[str, ...] = (
@@ -77,6 +92,10 @@ UNITS: tuple[str, ...] = (
     "banger-first-boot.service",
 )
 ENABLE_LINKS: tuple[tuple[str, str], ...] = tuple((f"{WANTS_DIR}/{u}", f"../{u}") for u in UNITS)
+LINKS: tuple[BuiltinLink, ...] = tuple(BuiltinLink(dest, target) for dest, target in ENABLE_LINKS)
+
+#: The whole set, as entries ``inputs`` resolves like the recipe's own (all owned by OWNER).
+ENTRIES: tuple[BuiltinFile | BuiltinTemplate | BuiltinLink, ...] = (AGENT, *TEMPLATES, *LINKS)
 
 #: Every path the set writes, in byte order.
 DESTS: tuple[str, ...] = tuple(
@@ -139,78 +158,33 @@ VARS: Mapping[str, Callable[[Any], str | None]] = {
 }
 
 
-# -- resolution -----------------------------------------------------------------
+# -- the built-in templates: package data ------------------------------------------
 
 
-def template_dir() -> Path:
-    """Where the built-in templates are: the installed package data, or the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates" / "guest", here.parent / "templates" / "guest"):
-        if candidate.is_dir():
-            return candidate
+def template_dir() -> Traversable:
+    """The built-in guest templates: the data package ``banger_build.templates``.
+
+    An installed wheel has it inside the package (pyproject maps the
+    top-level ``templates/`` there), read through ``importlib.resources``, a
+    zip import included. A source checkout (an editable install, or the
+    checkout on PYTHONPATH) has the top-level ``templates/`` beside the package.
+    """
+    package = resources.files("banger_build")
+    installed = package / "templates" / "guest"
+    if installed.is_dir():
+        return installed
+    looked = str(installed)
+    if isinstance(package, Path):  # not in a zip: maybe a source checkout
+        checkout = package.parent / "templates" / "guest"
+        if checkout.is_dir():
+            return checkout
+        looked += f" and {checkout}"
     raise InputError(
-        f"the built-in guest templates are missing (looked in {here / 'templates' / 'guest'} "
-        f"and {here.parent / 'templates' / 'guest'}): the installation is incomplete",
+        f"the built-in guest templates are missing (looked in {looked}): "
+        "the installation is incomplete",
         reason=Reason.GUEST_TEMPLATES_MISSING,
     )
 
 
-def builtin_template(name: str) -> Path:
+def builtin_template(name: str) -> Traversable:
     return template_dir() / f"{name}.j2"
-
-
-def resolve_guest(spec: GuestSpec, context: Mapping[str, Any]) -> tuple[Injected, ...]:
-    """The built-in set as ``Injected`` entries: agent, rendered templates, enable links."""
-    from banger_build.inputs import Injected  # inputs imports this module
-
-    out: list[Injected] = []
-    try:
-        digest, _ = hash_file(spec.agent)
-    except FileNotFoundError:
-        raise InputError(
-            f"{spec.where}: the guest agent {spec.agent} does not exist "
-            "(build it, or set guest.agents = false)",
-            reason=Reason.MISSING_INPUT,
-        ) from None
-    except IsADirectoryError:
-        raise InputError(
-            f"{spec.where}: the guest agent {spec.agent} is a directory, not a file",
-            reason=Reason.IO,
-        ) from None
-    except OSError as exc:
-        raise InputError(
-            f"{spec.where}: cannot read the guest agent {spec.agent}: {exc.strerror}",
-            reason=Reason.IO,
-        ) from exc
-    if spec.agent_sha256 is not None and spec.agent_sha256 != digest:
-        raise InputError(
-            f"{spec.where}: {spec.agent} has sha256 {digest}, but the recipe pins "
-            f"{spec.agent_sha256} (guest.agent_sha256)",
-            reason=Reason.SHA256_MISMATCH,
-        )
-    out.append(Injected(AGENT_DEST, "file", AGENT_MODE, OWNER, digest, source=spec.agent))
-
-    overrides = {o.name: o for o in spec.templates}
-    for t in TEMPLATES:
-        override = overrides.get(t.name)
-        if override is None:
-            src, label = builtin_template(t.name), f"built-in template {t.name}"
-            if not src.is_file():
-                raise InputError(
-                    f"{label}: {src} is missing", reason=Reason.GUEST_TEMPLATES_MISSING
-                )
-        else:
-            src, label = override.src, str(override.src)
-            if not src.is_file():
-                raise InputError(
-                    f"{override.where}: template {src} does not exist", reason=Reason.MISSING_INPUT
-                )
-        data = render_template(src, context, label=label)
-        out.append(
-            Injected(t.dest, "template", t.mode, OWNER, hashlib.sha256(data).hexdigest(), data=data)
-        )
-
-    for link, target in ENABLE_LINKS:
-        digest = hashlib.sha256(target.encode()).hexdigest()
-        out.append(Injected(link, "symlink", 0o777, OWNER, digest, target=target))
-    return tuple(sorted(out, key=lambda i: i.dest.encode()))

@@ -1,100 +1,91 @@
 """Resolve the recipe's local inputs: files read and hashed, templates rendered.
 
-The result, ``Injected`` entries and the kernel's ``Staged`` files, is frozen
-data; the derivation hashes it and the build writes exactly it. The built-in
-guest set (``banger_build.guest``), when the recipe's ``[guest]`` enables it,
-is part of ``resolve_injected``: its files are entries like the recipe's own.
+The result, ``Injected`` entries and the kernel's ``Staged`` files
+(``entries.py``), is frozen data; the derivation hashes it and the build
+writes exactly it. The built-in guest set is plain data (``guest.ENTRIES``):
+when the recipe's ``[guest]`` enables it, its entries become entries of the
+same three kinds as the recipe's own ``[[files]]``, ``[[templates]]`` and
+``[[symlinks]]`` (``entries``), and one loop resolves them all
+(``resolve_injected``).
+
+Sources are read through ``sources.py``: checked again against the recipe's
+source roots (a symlink may have changed since the recipe was loaded), regular
+files only, never blocking. Templates render in one sandboxed, bounded child
+(``templating.py``). Every error names the recipe position of its entry.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import itertools
 import lzma
 import os
 import re
 import stat
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import zstandard
 
+from banger_build import guest
+from banger_build.entries import Injected as Injected
+from banger_build.entries import Staged as Staged
+from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
-from banger_build.fsutil import hash_file
-from banger_build.guest import resolve_guest
-from banger_build.recipe import KernelSpec, Recipe, Where
-from banger_build.templates import render_template
+from banger_build.recipe import GuestSpec, KernelSpec, Recipe
+from banger_build.sources import SourceRefused, SourceRoots, hash_regular, open_regular
+from banger_build.sources import hash_tree as hash_tree
+from banger_build.templating import TemplateJob, render_templates
+
+#: Bytes of one kernel module read (compressed, and again decompressed) to find
+#: its ``vermagic=``: modules are KiBs to a few MiB; the bound stops a
+#: decompression bomb named ``*.ko.xz``.
+MAX_MODULE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
-class Injected:
-    """One path the recipe puts into the image, root-owned unless it says otherwise."""
+class FileEntry:
+    """A file copied into the image from ``src`` (a ``[[files]]`` entry, or the agent)."""
 
+    src: Path
     dest: str
-    kind: str  # "file" | "template" | "symlink"
     mode: int
     owner: str
-    sha256: str  # of the bytes written (or of the link target)
-    source: Path | None = None  # file inputs: copied from here
-    data: bytes | None = None  # templates: the rendered bytes
-    target: str = ""  # symlinks
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dest": self.dest, "kind": self.kind, "owner": self.owner}
-        if self.kind == "symlink":
-            out["target"] = self.target
-        else:
-            out["mode"] = f"{self.mode:04o}"
-            out["sha256"] = self.sha256
-        return out
+    sha256: str | None  # the recipe's pin
+    where: Where  # the src key: problems with the source
+    dest_where: Where
+    owner_where: Where
+    what: str = "file"  # how errors name the source
+    hint: str = ""  # added to "does not exist"
 
 
 @dataclass(frozen=True)
-class Staged:
-    """A file or directory staged beside rootfs.ext4 (kernel, initrd, modules)."""
+class TemplateEntry:
+    """A template rendered into the image (a ``[[templates]]`` entry, or a built-in one)."""
 
-    name: str
-    source: Path
-    sha256: str
-    size: int
-
-
-def hash_tree(root: Path) -> tuple[str, int]:
-    """A digest of a directory: sorted relative paths, types, modes, contents."""
-    sha = hashlib.sha256()
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = os.fsencode(path.relative_to(root))
-            st = path.lstat()
-            sha.update(b"%s\0%o\0" % (rel, st.st_mode))
-            if stat.S_ISLNK(st.st_mode):
-                sha.update(os.fsencode(os.readlink(path)))
-            elif stat.S_ISREG(st.st_mode):
-                digest, size = hash_file(path)
-                sha.update(digest.encode())
-                total += size
-            sha.update(b"\0")
-    return sha.hexdigest(), total
+    job: TemplateJob
+    dest: str
+    mode: int
+    owner: str
+    dest_where: Where
+    owner_where: Where
 
 
-def _read_input(path: Path, where: Where, what: str) -> tuple[str, int]:
-    try:
-        if path.is_dir():
-            return hash_tree(path)
-        return hash_file(path)
-    except FileNotFoundError:
-        raise InputError(
-            f"{where}: {what} {path} does not exist", reason=Reason.MISSING_INPUT
-        ) from None
-    except OSError as exc:
-        raise InputError(
-            f"{where}: cannot read {what} {path}: {exc.strerror}", reason=Reason.IO
-        ) from exc
+@dataclass(frozen=True)
+class LinkEntry:
+    dest: str
+    target: str
+    owner: str
+    dest_where: Where
+    owner_where: Where
+
+
+Entry = FileEntry | TemplateEntry | LinkEntry
 
 
 def template_context(recipe: Recipe) -> dict[str, Any]:
@@ -107,60 +98,175 @@ def template_context(recipe: Recipe) -> dict[str, Any]:
     return context
 
 
-def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
-    out: list[Injected] = []
+def entries(recipe: Recipe) -> list[Entry]:
+    """The recipe's entries, then the built-in guest set's (when ``[guest]`` enables it)."""
+    roots = recipe.source_roots
+    out: list[Entry] = []
     for f in recipe.files:
-        digest, _ = _read_input(f.src, f.where, "file")
-        if f.src.is_dir():
-            raise InputError(f"{f.where}: {f.src} is a directory, not a file", reason=Reason.IO)
-        if f.sha256 is not None and f.sha256 != digest:
-            raise InputError(
-                f"{f.where}: {f.src} has sha256 {digest}, but the recipe pins {f.sha256}",
-                reason=Reason.SHA256_MISMATCH,
+        dest_where = f.dest_where or f.where
+        out.append(
+            FileEntry(
+                f.src, f.dest, f.mode, f.owner, f.sha256, f.where, dest_where,
+                f.owner_where or dest_where,
             )
-        out.append(Injected(f.dest, "file", f.mode, f.owner, digest, source=f.src))
-    context = template_context(recipe)
+        )  # fmt: skip
     for t in recipe.templates:
-        if not t.src.is_file():
-            raise InputError(
-                f"{t.where}: template {t.src} does not exist", reason=Reason.MISSING_INPUT
-            )
-        data = render_template(t.src, context, label=str(t.src))
-        digest = hashlib.sha256(data).hexdigest()
-        out.append(Injected(t.dest, "template", t.mode, t.owner, digest, data=data))
+        dest_where = t.dest_where or t.where
+        job = TemplateJob(str(t.src), path=t.src, roots=roots, prefix=f"{t.where}: ")
+        out.append(
+            TemplateEntry(job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where)
+        )
     for s in recipe.symlinks:
-        digest = hashlib.sha256(s.target.encode()).hexdigest()
-        out.append(Injected(s.dest, "symlink", 0o777, s.owner, digest, target=s.target))
+        out.append(LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where))
     if recipe.guest is not None:
-        out.extend(resolve_guest(recipe.guest, context))
+        out.extend(guest_entries(recipe.guest, roots))
+    return out
+
+
+def guest_entries(spec: GuestSpec, roots: SourceRoots) -> Iterator[Entry]:
+    """``guest.ENTRIES`` as entries: the agent from ``[guest] agent``, each template
+    built in or replaced under ``[guest.templates]``; all at the [guest] table's position
+    unless a key of the recipe names them."""
+    table = spec.table_where or spec.where
+    overrides = {o.name: o for o in spec.templates}
+    for e in guest.ENTRIES:
+        if isinstance(e, guest.BuiltinFile):
+            yield FileEntry(
+                spec.agent, e.dest, e.mode, guest.OWNER, spec.agent_sha256, spec.where,
+                spec.where, spec.where, what="the guest agent",
+                hint=" (build it, or set guest.agents = false)",
+            )  # fmt: skip
+        elif isinstance(e, guest.BuiltinTemplate):
+            override = overrides.get(e.name)
+            if override is None:
+                job = TemplateJob(f"built-in template {e.name}", builtin=_builtin(e.name))
+                yield TemplateEntry(job, e.dest, e.mode, guest.OWNER, table, table)
+            else:
+                job = TemplateJob(
+                    str(override.src), path=override.src, roots=roots, prefix=f"{override.where}: "
+                )
+                yield TemplateEntry(job, e.dest, e.mode, guest.OWNER, override.where, table)
+        else:
+            yield LinkEntry(e.dest, e.target, guest.OWNER, table, table)
+
+
+def _builtin(name: str) -> Traversable:
+    src = guest.builtin_template(name)
+    if not src.is_file():
+        raise InputError(
+            f"built-in template {name}: {src} is missing (the installation is incomplete)",
+            reason=Reason.GUEST_TEMPLATES_MISSING,
+        )
+    return src
+
+
+def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
+    """Every entry resolved: files hashed, templates rendered (one batch), links as they are."""
+    items = entries(recipe)
+    templates = [e for e in items if isinstance(e, TemplateEntry)]
+    out: list[Injected] = []
+    for e in items:  # files and links first: a missing file is said before any rendering
+        if isinstance(e, FileEntry):
+            digest = _hash_file(e, recipe.source_roots)
+            out.append(
+                Injected(
+                    e.dest, "file", e.mode, e.owner, digest, source=e.src,
+                    where=e.dest_where, owner_where=e.owner_where,
+                )
+            )  # fmt: skip
+        elif isinstance(e, LinkEntry):
+            digest = hashlib.sha256(e.target.encode()).hexdigest()
+            out.append(
+                Injected(
+                    e.dest, "symlink", 0o777, e.owner, digest, target=e.target,
+                    where=e.dest_where, owner_where=e.owner_where,
+                )
+            )  # fmt: skip
+    rendered = render_templates([t.job for t in templates], template_context(recipe))
+    for t, data in zip(templates, rendered, strict=True):
+        out.append(
+            Injected(
+                t.dest, "template", t.mode, t.owner, hashlib.sha256(data).hexdigest(), data=data,
+                where=t.dest_where, owner_where=t.owner_where,
+            )
+        )  # fmt: skip
     out.sort(key=lambda i: i.dest.encode())
     for a, b in itertools.pairwise(out):
         if a.dest == b.dest:  # load_recipe refuses this; a Recipe built by hand may not
-            raise InputError(f"{a.dest}: written twice", reason=Reason.DUPLICATE_DEST)
+            where = b.where or a.where
+            raise InputError(
+                f"{where}: {a.dest} is written twice" if where else f"{a.dest}: written twice",
+                reason=Reason.DUPLICATE_DEST,
+            )
     return tuple(out)
 
 
-def resolve_kernel(kernel: KernelSpec | None) -> tuple[Staged, ...]:
+def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
+    try:
+        src = roots.check(e.src)  # again: a symlink on the way may have changed
+        digest, _ = hash_regular(src, e.what)
+    except SourceRefused as exc:
+        hint = e.hint if exc.reason == Reason.MISSING_INPUT else ""
+        raise InputError(f"{e.where}: {exc.message}{hint}", reason=exc.reason) from None
+    if e.sha256 is not None and e.sha256 != digest:
+        raise InputError(
+            f"{e.where}: {e.src} has sha256 {digest}, but the recipe pins {e.sha256}",
+            reason=Reason.SHA256_MISMATCH,
+        )
+    return digest
+
+
+# -- the kernel ---------------------------------------------------------------------
+
+
+def _read_input(
+    path: Path, where: Where, what: str, roots: SourceRoots, *, tree_ok: bool
+) -> tuple[str, int]:
+    """sha256 and size of a regular file, or (``tree_ok``) of a directory tree."""
+    try:
+        path = roots.check(path)
+        if tree_ok and stat.S_ISDIR(os.stat(path).st_mode):
+            return hash_tree(path)
+        return hash_regular(path, what)
+    except SourceRefused as exc:
+        raise InputError(f"{where}: {exc.message}", reason=exc.reason) from None
+    except FileNotFoundError:
+        raise InputError(
+            f"{where}: {what} {path} does not exist", reason=Reason.MISSING_INPUT
+        ) from None
+    except OSError as exc:
+        raise InputError(
+            f"{where}: cannot read {what} {path}: {exc.strerror or exc}", reason=Reason.IO
+        ) from exc
+
+
+def resolve_kernel(
+    kernel: KernelSpec | None, roots: SourceRoots | None = None
+) -> tuple[Staged, ...]:
+    """The local kernel files, hashed; ``roots``: where they may lie (default: anywhere
+    ``load_recipe`` accepted them, i.e. a check against the filesystem root only)."""
     if kernel is None:
         return ()
+    roots = roots or SourceRoots((Path("/"),))
     out = []
-    for name, path in (
-        ("vmlinux", kernel.path),
-        ("initrd.img", kernel.initrd),
-        ("modules", kernel.modules),
+    for name, path, key_where in (
+        ("vmlinux", kernel.path, kernel.path_where),
+        ("initrd.img", kernel.initrd, kernel.initrd_where),
+        ("modules", kernel.modules, kernel.modules_where),
     ):
         if path is None:
             continue
-        digest, size = _read_input(path, kernel.where, f"kernel {name}")
+        where = key_where or kernel.where
+        digest, size = _read_input(path, where, f"kernel {name}", roots, tree_ok=name == "modules")
         if name == "modules" and not path.is_dir():
             if kernel.install_modules:
                 raise InputError(
-                    f"{kernel.where}: install_modules needs kernel.modules to be a "
+                    f"{where}: install_modules needs kernel.modules to be a "
                     f"lib/modules/<version> directory, not {path.name}",
                     reason=Reason.MODULES_NOT_A_DIRECTORY,
                 )
             name = _tarball_name(path)
-        out.append(Staged(name, path, digest, size))
+        out.append(Staged(name, path, digest, size, where))
     return tuple(out)
 
 
@@ -182,15 +288,8 @@ def modules_version(modules: Path) -> str:
     that looks like a version, else the ``vermagic=`` of one of its modules."""
     if _VERSION_NAME.fullmatch(modules.name):
         return modules.name
-    for ko in sorted(modules.rglob("*.ko*")):
-        data = ko.read_bytes()
-        if ko.suffix == ".xz":
-            data = lzma.decompress(data)
-        elif ko.suffix == ".zst":
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        elif ko.suffix == ".gz":
-            data = gzip.decompress(data)
-        found = re.search(rb"vermagic=(\S+)", data)
+    for ko in _module_files(modules):
+        found = re.search(rb"vermagic=(\S+)", _module_bytes(ko))
         if found:
             return found.group(1).decode("ascii", "replace")
     raise InputError(
@@ -198,3 +297,43 @@ def modules_version(modules: Path) -> str:
         "e.g. lib/modules/6.1.0-13-amd64)",
         reason=Reason.MODULES_VERSION,
     )
+
+
+def _module_files(root: Path) -> list[Path]:
+    """Regular files named ``*.ko*`` under ``root``, sorted; symlinks never followed."""
+    found: list[Path] = []
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            scan = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in scan:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False) and ".ko" in entry.name:  # *.ko*
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _module_bytes(ko: Path) -> bytes:
+    """Up to ``MAX_MODULE_BYTES`` of a module, decompressed (b"" when unreadable)."""
+    try:
+        fd = open_regular(ko, "kernel module")
+    except SourceRefused:
+        return b""
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_MODULE_BYTES)
+        if ko.suffix == ".xz":
+            return lzma.LZMADecompressor().decompress(data, max_length=MAX_MODULE_BYTES)
+        if ko.suffix == ".gz":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, MAX_MODULE_BYTES)
+        if ko.suffix == ".zst":
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+            out: bytes = reader.read(MAX_MODULE_BYTES)
+            return out
+        return data
+    except (OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError):
+        return b""

@@ -33,7 +33,8 @@ import tomli_w
 
 from banger_build.errors import Reason, RecipeError
 from banger_build.fsutil import fsync_dir
-from banger_build.recipe import (
+from banger_build.reference import Digest, Platform, Reference, ReferenceSyntaxError
+from banger_build.schema import (
     ARRAY_OF_TABLES,
     INTEGER,
     STRING,
@@ -45,8 +46,8 @@ from banger_build.recipe import (
     convert_platform,
     convert_reference,
 )
-from banger_build.reference import Digest, Platform, Reference, ReferenceSyntaxError
-from banger_build.tomlpos import decode_toml, parse_toml
+from banger_build.sources import SourceRefused, read_regular
+from banger_build.tomlpos import MAX_TOML_BYTES, decode_toml, parse_toml
 
 LOCK_VERSION = 1
 HEADER = (
@@ -134,14 +135,15 @@ class Lock:
         path = Path(path)
         file = str(path)
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return cls()
-        except (OSError, ValueError) as exc:
-            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raw = read_regular(path, MAX_TOML_BYTES, "lock file")
+        except SourceRefused as exc:
+            if exc.reason == Reason.MISSING_INPUT:
+                return cls()
+            detail = exc.detail if exc.reason == Reason.IO else f"it {exc.detail}"
+            reason = Reason.TOO_LARGE if exc.reason == Reason.TOO_LARGE else Reason.IO
             raise RecipeError(
-                f"cannot read lock file: {message}", file=file, reason=Reason.IO
-            ) from exc
+                f"cannot read lock file: {detail}", file=file, reason=reason
+            ) from None
         data, index = parse_toml(decode_toml(raw, file=file), file=file)
         doc = Doc(file, index, path.parent)
         checked = check_table(doc, data, LOCK_SCHEMA)

@@ -1,23 +1,21 @@
 """Recipe v1: load a TOML recipe into a frozen ``Recipe``, or fail with file:line:col.
 
-The schema is data (``RECIPE_SCHEMA``): a table of keys, each with the TOML
-types it accepts and a converter that validates and turns the value into what
-the ``Recipe`` holds. ``check_table`` walks a parsed document with a schema and
-raises ``RecipeError`` at the offending key's position, with a reason tests
-can assert on:
+The schema is data (``RECIPE_SCHEMA``), checked by the generic engine in
+``schema.py``; this module holds the recipe's own keys, converters and types.
+Reasons tests can assert on, besides the engine's (unknown-key, type, value,
+missing-key):
 
-    syntax        not TOML at all (from tomllib, with its line and column)
-    io            the file cannot be read
-    unknown-key   a key the schema does not know (with a did-you-mean hint)
-    type          a value of the wrong TOML type
-    value         a value of the right type that is invalid (bad size, ref...)
-    missing-key   a required key is absent (at its table's header)
-    duplicate-dest two files/templates/symlinks write the same guest path, or
-                  one of them writes a path of the built-in guest set
+    syntax             not TOML at all (from tomllib, with its line and column)
+    io                 the file cannot be read (or is not a regular file)
+    too-large          the file is larger than ``tomlpos.MAX_TOML_BYTES``
+    duplicate-dest     two files/templates/symlinks write the same guest path, or
+                       one of them writes a path of the built-in guest set
+    source-not-allowed a source outside the recipe's project (``sources.py``) or on
+                       /proc, /sys, /dev
+    symlink-loop       a source that is a symlink loop
 
-The lock file (``lockfile.py``) is checked with the same machinery. A new
-section is one more entry in ``RECIPE_SCHEMA`` and a few lines in ``_build``,
-as ``[guest]`` shows:
+A new section is one more entry in ``RECIPE_SCHEMA`` and a few lines in
+``_build``, as ``[guest]`` shows:
 
     [guest]                       # the built-in guest asset set (banger_build.guest)
     agents = true                 # default true; false: none of it is injected
@@ -28,38 +26,48 @@ as ``[guest]`` shows:
 
 A recipe without a ``[guest]`` table gets no guest set (``Recipe.guest`` is
 None), exactly as one with ``agents = false``.
+
+Every value that later steps may find fault with keeps its ``Where`` (the
+entries' ``where``/``dest_where``/``owner_where``, ``image_where``,
+``platform_where``, ``size_where``, the kernel's per-key wheres), so an error
+found at build time still points at the recipe line that caused it.
 """
 
 from __future__ import annotations
 
-import datetime
-import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from banger_build import guest as guest_set
+from banger_build.entries import Where as Where
 from banger_build.errors import Reason, RecipeError
-from banger_build.reference import Platform, Reference, ReferenceSyntaxError
-from banger_build.tomlpos import KeyPath, PositionIndex, format_key_path, read_toml
+from banger_build.reference import Platform, Reference
+from banger_build.schema import (
+    ARRAY_OF_TABLES,
+    BOOLEAN,
+    INTEGER,
+    MAX_BYTES,
+    STRING,
+    TABLE,
+    Doc,
+    Key,
+    Schema,
+    check_table,
+    convert_platform,
+    convert_reference,
+    convert_sha256,
+    format_size,
+    show,
+)
+from banger_build.schema import Invalid as Invalid
+from banger_build.schema import parse_bytes as parse_bytes
+from banger_build.sources import SourceRefused, SourceRoots
+from banger_build.tomlpos import KeyPath, parse_toml, read_toml_text
 
 RECIPE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Where:
-    """Where a value sits in its file, for errors raised after loading."""
-
-    file: str
-    line: int | None
-    col: int | None
-    key: str
-
-    def __str__(self) -> str:
-        pos = f":{self.line}:{self.col if self.col is not None else 1}" if self.line else ""
-        return f"{self.file}{pos}: {self.key}"
 
 
 @dataclass(frozen=True)
@@ -77,12 +85,14 @@ class SizeSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    src: Path  # absolute, resolved relative to the recipe's directory
+    src: Path  # absolute and resolved, inside the recipe's source roots
     dest: str  # absolute, normalised guest path
     mode: int
     owner: str  # "uid:gid", numbers or names resolved from the image
     sha256: str | None  # 64 lowercase hex
     where: Where  # the entry's ``src`` key
+    dest_where: Where | None = None  # the entry's ``dest`` key
+    owner_where: Where | None = None  # the entry's ``owner`` key (``dest`` when defaulted)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class TemplateSpec:
     mode: int
     owner: str
     where: Where  # the entry's ``src`` key
+    dest_where: Where | None = None
+    owner_where: Where | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class SymlinkSpec:
     target: str
     owner: str
     where: Where  # the entry's ``dest`` key
+    owner_where: Where | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,10 @@ class KernelSpec:
     #: ``[kernel] ref``: a kernel artifact pushed by ``banger-build kernel push``
     ref: Reference | None = None
     ref_where: Where | None = None  # the kernel.ref key
+    path_where: Where | None = None  # the kernel.path key
+    initrd_where: Where | None = None
+    modules_where: Where | None = None
+    install_modules_where: Where | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,7 @@ class GuestSpec:
     agent_sha256: str | None
     templates: tuple[TemplateOverride, ...]  # in file order
     where: Where  # the guest.agent key
+    table_where: Where | None = None  # the [guest] table: where the built-in entries point
 
 
 @dataclass(frozen=True)
@@ -147,220 +165,41 @@ class Recipe:
     vars: Mapping[str, Any] = field(default_factory=dict)
     image_where: Where | None = None  # the image.ref key
     guest: GuestSpec | None = None  # None: no [guest] table, or agents = false
+    platform_where: Where | None = None  # image.platform, else image.ref (the default's cause)
+    size_where: Where | None = None  # rootfs.size, else None (the default "auto")
+    #: where sources may lie (None for a Recipe built by hand: its project's root)
+    sources: SourceRoots | None = None
+
+    @property
+    def source_roots(self) -> SourceRoots:
+        return self.sources or SourceRoots.for_recipe(self.path)
 
 
-# -- the schema machinery -------------------------------------------------------
-
-
-class Invalid(ValueError):
-    """Raised by a converter: the value has the right type but is not valid."""
-
-
-@dataclass(frozen=True)
-class Doc:
-    """A parsed TOML file being checked: its name, positions and directory."""
-
-    file: str
-    index: PositionIndex
-    base: Path  # the directory relative paths in it are resolved against
-    lines: tuple[str, ...] = ()  # the source, to look at how a value was written
-
-    def value_text(self, path: KeyPath) -> str:
-        """The source text after ``=`` on the line of ``path``'s key ('' if unknown)."""
-        pos = self.index.lookup(path)
-        if pos is None or not 0 < pos[0] <= len(self.lines):
-            return ""
-        _, _, rest = self.lines[pos[0] - 1][pos[1] - 1 :].partition("=")
-        return rest.strip()
-
-    def where(self, path: KeyPath) -> Where:
-        line, col = self.index.lookup(path) or (None, None)
-        return Where(self.file, line, col, format_key_path(path))
-
-    def error(
-        self, path: KeyPath, message: str, reason: Reason, *, at: KeyPath | None = None
-    ) -> RecipeError:
-        """A RecipeError for ``path``, positioned at ``at`` (default: ``path`` itself)."""
-        pos = self.index.lookup(path if at is None else at)
-        line, col = pos or (None, None)
-        return RecipeError(
-            message,
-            file=self.file,
-            line=line,
-            col=col,
-            key=format_key_path(path) or None,
-            reason=reason,
-        )
-
-
-Converter = Callable[[Any, Doc], Any]
-
-# TOML type names, as users read them in the TOML spec
-STRING, INTEGER, FLOAT, BOOLEAN, ARRAY, TABLE = (
-    "string",
-    "integer",
-    "float",
-    "boolean",
-    "array",
-    "table",
-)
-ARRAY_OF_TABLES = "array of tables"
-_ARTICLE = {INTEGER: "an", ARRAY: "an", ARRAY_OF_TABLES: "an"}
+# -- the recipe's own converters -----------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Key:
-    """One key of a table schema.
+class RecipeDoc(Doc):
+    """A recipe being checked: a ``Doc`` that knows where its sources may lie."""
 
-    ``types`` are the TOML types accepted. ``TABLE`` with ``table=None`` is a
-    free-form table, kept as parsed; ``ARRAY_OF_TABLES`` checks each element
-    against ``table``. ``convert`` turns an accepted value into the loaded one
-    (raising ``Invalid``); without it the value is kept as is.
-    """
+    sources: SourceRoots = SourceRoots(())
 
-    types: tuple[str, ...]
-    required: bool = False
-    convert: Converter | None = None
-    table: Mapping[str, Key] | None = None
-    #: integers must be written with this prefix (modes: ``0o644``, never ``644``)
-    int_prefix: str | None = None
-
-
-Schema = Mapping[str, "Key"]
-
-
-def toml_type(value: object) -> str:
-    if isinstance(value, str):
-        return STRING
-    if isinstance(value, bool):
-        return BOOLEAN
-    if isinstance(value, int):
-        return INTEGER
-    if isinstance(value, float):
-        return FLOAT
-    if isinstance(value, list):
-        return ARRAY
-    if isinstance(value, dict):
-        return TABLE
-    if isinstance(value, datetime.datetime):
-        return "date-time"
-    if isinstance(value, datetime.date):
-        return "date"
-    if isinstance(value, datetime.time):
-        return "time"
-    return type(value).__name__
-
-
-def _a(kind: str) -> str:
-    return f"{_ARTICLE.get(kind, 'a')} {kind}"
-
-
-def _expected(types: tuple[str, ...]) -> str:
-    return " or ".join(_a(t) for t in types)
-
-
-def _is_array_of_tables(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
-
-
-def check_table(
-    doc: Doc, data: Mapping[str, Any], schema: Schema, path: KeyPath = ()
-) -> dict[str, Any]:
-    """Check ``data`` (the table at ``path``) against ``schema``; converted values.
-
-    Keys are checked in document order, so the first error reported is the
-    first one in the file; missing keys come after.
-    """
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        key = schema.get(name)
-        if key is None:
-            raise doc.error((*path, name), _unknown_key(name, schema), Reason.UNKNOWN_KEY)
-        out[name] = check_value(doc, value, key, (*path, name))
-    for name, key in schema.items():
-        if key.required and name not in data:
-            what = "table" if key.types == (TABLE,) else "key"
-            raise doc.error(
-                (*path, name), f"missing required {what} {name!r}", Reason.MISSING_KEY, at=path
-            )
-    return out
-
-
-def _unknown_key(name: str, schema: Schema) -> str:
-    valid = sorted(schema)
-    shown = name if len(name) <= 64 else name[:61] + "..."
-    hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    if hint:
-        return f"unknown key {shown!r} (did you mean {hint[0]!r}?)"
-    if valid:
-        return f"unknown key {shown!r} (valid keys: {', '.join(valid)})"
-    return f"unknown key {shown!r}"
-
-
-def check_value(doc: Doc, value: Any, key: Key, path: KeyPath) -> Any:
-    kind = toml_type(value)
-    if ARRAY_OF_TABLES in key.types and _is_array_of_tables(value):
-        assert key.table is not None
-        return [check_table(doc, element, key.table, (*path, i)) for i, element in enumerate(value)]
-    if kind not in key.types:
-        got = _a(kind)
-        if ARRAY_OF_TABLES in key.types and kind == ARRAY:
-            bad = next(i for i, v in enumerate(value) if not isinstance(v, dict))
-            raise doc.error(
-                (*path, bad),
-                f"expected a table, got {_a(toml_type(value[bad]))}",
-                Reason.TYPE,
-            )
-        hint = ""
-        if ARRAY_OF_TABLES in key.types and kind == TABLE:
-            hint = f" (write [[{format_key_path(path)}]] for each entry)"
-        raise doc.error(path, f"expected {_expected(key.types)}, got {got}{hint}", Reason.TYPE)
-    if kind == TABLE and key.table is not None:
-        value = check_table(doc, value, key.table, path)
-    if (
-        key.int_prefix
-        and kind == INTEGER
-        and value >= 8  # one digit reads the same in any base
-        and not doc.value_text(path).startswith(key.int_prefix)
-    ):
-        raise doc.error(
-            path,
-            f'integer {value} is decimal; write the mode as a string such as "0644" '
-            f"or as an octal literal such as {key.int_prefix}644",
-            Reason.VALUE,
-        )
-    if key.convert is None:
-        return value
-    try:
-        return key.convert(value, doc)
-    except Invalid as exc:
-        raise doc.error(path, str(exc), Reason.VALUE) from None
-
-
-# -- value converters -------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
-_UNITS = {
-    "": 1, "B": 1,
-    "K": 1 << 10, "KiB": 1 << 10,
-    "M": 1 << 20, "MiB": 1 << 20,
-    "G": 1 << 30, "GiB": 1 << 30,
-    "T": 1 << 40, "TiB": 1 << 40,
-}  # fmt: skip
-_SIZE = re.compile(r"([0-9]{1,20})([A-Za-z]*)")
-_MAX_SIZE = (1 << 63) - 1  # off_t
+#: The largest image, fixed or auto's headroom. The image is one file on the build
+#: host, and ext4 (the usual host filesystem) holds files of at most 16 TiB - 4 KiB
+#: with 4 KiB blocks (extents address 2^32 - 1 blocks): 16 TiB fails with EFBIG.
+#: ext4 *inside* the image (4 KiB blocks, 64bit) could reach 1 EiB, but at our
+#: inode ratio (16 KiB) anything above 64 TiB wants more than ext4's 2^32 inodes,
+#: and no microVM root filesystem needs terabytes. A host filesystem with a smaller
+#: file size limit still fails, at build time (EFBIG).
+MAX_IMAGE_SIZE = (16 << 40) - 4096
 _MIN_FIXED = 8 << 20
 _OCTAL = re.compile(r"[0-7]{1,6}")
 _OWNER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "no change"
-_HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 _PATH_MAX = 4095
 _NAME_MAX = 255
-
-
-def _show(value: str, limit: int = 80) -> str:
-    """A user's string, quoted, shortened if huge."""
-    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
 
 
 def convert_version(value: int, doc: Doc) -> int:
@@ -374,52 +213,15 @@ def convert_version(value: int, doc: Doc) -> int:
 def convert_name(value: str, doc: Doc) -> str:
     if not _NAME.fullmatch(value):
         raise Invalid(
-            f"invalid name {_show(value)} (1-100 characters of A-Z a-z 0-9 . _ + -, "
+            f"invalid name {show(value)} (1-100 characters of A-Z a-z 0-9 . _ + -, "
             "starting with a letter or digit)"
         )
     return value
 
 
-def convert_reference(value: str, doc: Doc) -> Reference:
-    try:
-        return Reference.parse(value)
-    except ReferenceSyntaxError as exc:
-        raise Invalid(str(exc)) from None
-
-
-def convert_platform(value: str, doc: Doc) -> Platform:
-    try:
-        return Platform.parse(value)
-    except ReferenceSyntaxError as exc:
-        raise Invalid(str(exc)) from None
-
-
-def format_size(n: int) -> str:
-    """Bytes in the largest exact binary unit: 536870912 -> ``512MiB``."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        factor = _UNITS[unit]
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return f"{n}B"
-
-
-def parse_bytes(text: str) -> int:
-    """``512MiB``, ``4G``, ``1048576`` -> bytes (all units binary)."""
-    m = _SIZE.fullmatch(text)
-    if not m or m.group(2) not in _UNITS:
-        raise Invalid(
-            f"invalid size {_show(text)} (expected a number with an optional unit "
-            'B, K/KiB, M/MiB, G/GiB or T/TiB, such as "512MiB")'
-        )
-    n = int(m.group(1)) * _UNITS[m.group(2)]
-    if n > _MAX_SIZE:
-        raise Invalid(f"size {_show(text)} is too large")
-    return n
-
-
 def convert_size(value: str | int, doc: Doc) -> SizeSpec:
     if isinstance(value, int):
-        if value < 0 or value > _MAX_SIZE:
+        if value < 0 or value > MAX_BYTES:
             raise Invalid(f"invalid size {value} (expected a positive number of bytes)")
         auto, n = False, value
     elif value == "auto":
@@ -428,11 +230,16 @@ def convert_size(value: str | int, doc: Doc) -> SizeSpec:
         auto, n = True, parse_bytes(value[len("auto+") :])
     else:
         auto, n = False, parse_bytes(value)
+    if n > MAX_IMAGE_SIZE:
+        raise Invalid(
+            f"size {show(str(value))} is too large: an image is at most 16 TiB - 4 KiB "
+            f"({MAX_IMAGE_SIZE} bytes, the largest file ext4 holds on the build host)"
+        )
     if auto:
         return SizeSpec("auto" if n == 0 else f"auto+{format_size(n)}", True, n)
     if n % 4096 or n < _MIN_FIXED:
         raise Invalid(
-            f"invalid size {_show(str(value))} ({n} bytes): a fixed size must be a multiple of "
+            f"invalid size {show(str(value))} ({n} bytes): a fixed size must be a multiple of "
             '4096 bytes and at least 8MiB (or use "auto" / "auto+<size>")'
         )
     return SizeSpec(format_size(n), False, n)
@@ -441,7 +248,7 @@ def convert_size(value: str | int, doc: Doc) -> SizeSpec:
 def convert_mode(value: str | int, doc: Doc) -> int:
     if isinstance(value, str):
         if not _OCTAL.fullmatch(value):
-            raise Invalid(f'invalid mode {_show(value)} (expected octal digits such as "0644")')
+            raise Invalid(f'invalid mode {show(value)} (expected octal digits such as "0644")')
         value = int(value, 8)
     if not 0 <= value <= 0o7777:
         shown = f"0o{value:o}" if value >= 0 else str(value)
@@ -459,43 +266,37 @@ def convert_owner(value: str, doc: Doc) -> str:
     user, sep, group = value.partition(":")
     if not sep or not _owner_part(user) or not _owner_part(group):
         raise Invalid(
-            f'invalid owner {_show(value)} (expected "uid:gid" with numbers or names, '
+            f'invalid owner {show(value)} (expected "uid:gid" with numbers or names, '
             'such as "0:0" or "root:adm")'
         )
     return value
 
 
-def convert_sha256(value: str, doc: Doc) -> str:
-    if not _HEX64.fullmatch(value):
-        raise Invalid(f"invalid sha256 {_show(value)} (expected 64 hex digits)")
-    return value.lower()
-
-
 def _no_control(value: str, what: str) -> None:
     for ch, name in (("\0", "NUL"), ("\n", "newline"), ("\r", "carriage return")):
         if ch in value:
-            raise Invalid(f"{what} {_show(value)} contains a {name}")
+            raise Invalid(f"{what} {show(value)} contains a {name}")
 
 
 def convert_dest(value: str, doc: Doc) -> str:
     """A guest path: absolute, normalised, not "/", carryable by debugfs."""
     _no_control(value, "dest")
     if not value.startswith("/"):
-        raise Invalid(f'dest {_show(value)} is not an absolute path (start it with "/")')
+        raise Invalid(f'dest {show(value)} is not an absolute path (start it with "/")')
     if value == "/":
         raise Invalid('dest "/" is the root directory itself')
     if value.endswith("/"):
-        raise Invalid(f'dest {_show(value)} ends with "/" (name the file)')
+        raise Invalid(f'dest {show(value)} ends with "/" (name the file)')
     components = value[1:].split("/")
     if "" in components:
-        raise Invalid(f'dest {_show(value)} contains "//"')
+        raise Invalid(f'dest {show(value)} contains "//"')
     for part in components:
         if part in (".", ".."):
-            raise Invalid(f"dest {_show(value)} is not normalised (contains {part!r})")
+            raise Invalid(f"dest {show(value)} is not normalised (contains {part!r})")
         if len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX:
-            raise Invalid(f"dest {_show(value)} has a component longer than {_NAME_MAX} bytes")
+            raise Invalid(f"dest {show(value)} has a component longer than {_NAME_MAX} bytes")
     if len(value.encode("utf-8", "surrogatepass")) > _PATH_MAX:
-        raise Invalid(f"dest {_show(value)} is longer than {_PATH_MAX} bytes")
+        raise Invalid(f"dest {show(value)} is longer than {_PATH_MAX} bytes")
     return value
 
 
@@ -509,12 +310,17 @@ def convert_target(value: str, doc: Doc) -> str:
 
 
 def convert_src(value: str, doc: Doc) -> Path:
-    """A host path relative to the recipe's directory -> absolute (need not exist yet)."""
+    """A host path relative to the recipe's directory -> absolute and resolved, inside
+    the recipe's source roots (``sources.py``); it need not exist yet."""
     if not value:
         raise Invalid("path is empty")
     if "\0" in value:
-        raise Invalid(f"path {_show(value)} contains a NUL")
-    return Path(doc.base, value).resolve()
+        raise Invalid(f"path {show(value)} contains a NUL")
+    assert isinstance(doc, RecipeDoc)
+    try:
+        return doc.sources.check(Path(doc.base, value))
+    except SourceRefused as exc:
+        raise Invalid(exc.message, exc.reason) from None
 
 
 # -- the recipe schema --------------------------------------------------------------
@@ -576,26 +382,30 @@ DEFAULT_MODE = 0o644
 DEFAULT_OWNER = "0:0"
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Read, parse and validate a recipe. Every problem is a ``RecipeError``."""
+def load_recipe(path: Path, *, source_roots: Iterable[Path] = ()) -> Recipe:
+    """Read, parse and validate a recipe. Every problem is a ``RecipeError``.
+
+    Sources must lie in the recipe's project (``sources.project_root``) or in
+    one of ``source_roots`` (``--allow-source``), never on /proc, /sys, /dev.
+    """
     path = Path(path)
-    data, index = read_toml(path, what="recipe")
+    text = read_toml_text(path, what="recipe")
+    data, index = parse_toml(text, file=str(path))
     try:
-        base = path.parent.resolve()
-    except (OSError, RuntimeError) as exc:
+        base = path.absolute().parent  # relative sources start here
+        sources = SourceRoots.for_recipe(path, source_roots)
+    except OSError as exc:
         raise RecipeError(
-            f"cannot resolve the recipe's directory: {exc}", file=str(path), reason=Reason.IO
+            f"cannot resolve the recipe's directory: {exc.strerror or exc}",
+            file=str(path),
+            reason=Reason.IO,
         ) from exc
-    try:
-        lines = tuple(path.read_text("utf-8", "replace").splitlines())
-    except OSError:
-        lines = ()
-    doc = Doc(str(path), index, base, lines)
+    doc = RecipeDoc(str(path), index, base, tuple(text.splitlines()), sources)
     checked = check_table(doc, data, RECIPE_SCHEMA)
     return _build(path, doc, checked)
 
 
-def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
+def _build(path: Path, doc: RecipeDoc, v: dict[str, Any]) -> Recipe:
     image = v["image"]
     ref: Reference = image["ref"]
     name = v.get("name") or _default_name(ref)
@@ -603,46 +413,10 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
 
     kernel = None
     if "kernel" in v:
-        k = v["kernel"]
-        install = bool(k.get("install_modules", False))
-        if "path" in k and "ref" in k:
-            raise doc.error(
-                ("kernel",),
-                "needs exactly one of kernel.path (a local kernel) or kernel.ref "
-                "(a kernel artifact in a registry), not both",
-                Reason.CONFLICTING_KEYS,
-                at=("kernel", "ref"),
-            )
-        if "path" not in k and "ref" not in k:
-            raise doc.error(
-                ("kernel", "path"),
-                "missing required key 'path' (a local kernel) or 'ref' (a kernel artifact)",
-                Reason.MISSING_KEY,
-                at=("kernel",),
-            )
-        if "ref" in k:
-            for local in ("initrd", "modules"):
-                if local in k:
-                    raise doc.error(
-                        ("kernel", local),
-                        "cannot be combined with kernel.ref (the artifact carries its own)",
-                        Reason.CONFLICTING_KEYS,
-                    )
-        elif install and "modules" not in k:
-            raise doc.error(
-                ("kernel", "install_modules"),
-                "needs kernel.modules (the modules directory)",
-                Reason.MISSING_KEY,
-            )
-        kernel = KernelSpec(
-            k.get("path"),
-            k.get("initrd"),
-            k.get("modules"),
-            doc.where(("kernel",)),
-            install,
-            ref=k.get("ref"),
-            ref_where=doc.where(("kernel", "ref")) if "ref" in k else None,
-        )
+        kernel = _kernel(doc, v["kernel"])
+
+    def owner_where(section: str, i: int, entry: dict[str, Any]) -> Where:
+        return doc.where((section, i, "owner" if "owner" in entry else "dest"))
 
     files = tuple(
         FileSpec(
@@ -652,6 +426,8 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
             e.get("owner", DEFAULT_OWNER),
             e.get("sha256"),
             doc.where(("files", i, "src")),
+            doc.where(("files", i, "dest")),
+            owner_where("files", i, e),
         )
         for i, e in enumerate(v.get("files", ()))
     )
@@ -662,6 +438,8 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
             e.get("mode", DEFAULT_MODE),
             e.get("owner", DEFAULT_OWNER),
             doc.where(("templates", i, "src")),
+            doc.where(("templates", i, "dest")),
+            owner_where("templates", i, e),
         )
         for i, e in enumerate(v.get("templates", ()))
     )
@@ -671,6 +449,7 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
             e["target"],
             e.get("owner", DEFAULT_OWNER),
             doc.where(("symlinks", i, "dest")),
+            owner_where("symlinks", i, e),
         )
         for i, e in enumerate(v.get("symlinks", ()))
     )
@@ -693,6 +472,59 @@ def _build(path: Path, doc: Doc, v: dict[str, Any]) -> Recipe:
         vars=v.get("vars", {}),
         image_where=doc.where(("image", "ref")),
         guest=guest,
+        platform_where=doc.where(("image", "platform" if "platform" in image else "ref")),
+        size_where=doc.where(("rootfs", "size")) if "size" in rootfs else None,
+        sources=doc.sources,
+    )
+
+
+def _kernel(doc: Doc, k: dict[str, Any]) -> KernelSpec:
+    install = bool(k.get("install_modules", False))
+    if "path" in k and "ref" in k:
+        raise doc.error(
+            ("kernel",),
+            "needs exactly one of kernel.path (a local kernel) or kernel.ref "
+            "(a kernel artifact in a registry), not both",
+            Reason.CONFLICTING_KEYS,
+            at=("kernel", "ref"),
+        )
+    if "path" not in k and "ref" not in k:
+        raise doc.error(
+            ("kernel", "path"),
+            "missing required key 'path' (a local kernel) or 'ref' (a kernel artifact)",
+            Reason.MISSING_KEY,
+            at=("kernel",),
+        )
+    if "ref" in k:
+        for local in ("initrd", "modules"):
+            if local in k:
+                raise doc.error(
+                    ("kernel", local),
+                    "cannot be combined with kernel.ref (the artifact carries its own)",
+                    Reason.CONFLICTING_KEYS,
+                )
+    elif install and "modules" not in k:
+        raise doc.error(
+            ("kernel", "install_modules"),
+            "needs kernel.modules (the modules directory)",
+            Reason.MISSING_KEY,
+        )
+
+    def key_where(name: str) -> Where | None:
+        return doc.where(("kernel", name)) if name in k else None
+
+    return KernelSpec(
+        k.get("path"),
+        k.get("initrd"),
+        k.get("modules"),
+        doc.where(("kernel",)),
+        install,
+        ref=k.get("ref"),
+        ref_where=key_where("ref"),
+        path_where=key_where("path"),
+        initrd_where=key_where("initrd"),
+        modules_where=key_where("modules"),
+        install_modules_where=key_where("install_modules"),
     )
 
 
@@ -712,7 +544,13 @@ def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
         TemplateOverride(name, src, doc.where(("guest", "templates", name)))
         for name, src in g.get("templates", {}).items()
     )
-    return GuestSpec(g["agent"], g.get("agent_sha256"), overrides, doc.where(("guest", "agent")))
+    return GuestSpec(
+        g["agent"],
+        g.get("agent_sha256"),
+        overrides,
+        doc.where(("guest", "agent")),
+        doc.where(("guest",)),
+    )
 
 
 def _check_guest_dests(doc: Doc, v: dict[str, Any]) -> None:
@@ -724,11 +562,11 @@ def _check_guest_dests(doc: Doc, v: dict[str, Any]) -> None:
             if builtin is None:
                 continue
             if builtin == dest:
-                clash = f"dest {_show(dest)} is written by the built-in guest set"
+                clash = f"dest {show(dest)} is written by the built-in guest set"
             elif builtin.startswith(dest + "/"):
-                clash = f"dest {_show(dest)} holds {_show(builtin)} of the built-in guest set"
+                clash = f"dest {show(dest)} holds {show(builtin)} of the built-in guest set"
             else:
-                clash = f"dest {_show(dest)} is inside {_show(builtin)} of the built-in guest set"
+                clash = f"dest {show(dest)} is inside {show(builtin)} of the built-in guest set"
             hint = guest_set.replacement_hint(builtin)
             raise doc.error(
                 (section, i, "dest"),
@@ -760,5 +598,5 @@ def _check_unique_dests(doc: Doc, v: dict[str, Any]) -> None:
             if first != key:
                 w = doc.where(first)
                 raise doc.error(
-                    key, f"duplicate dest {_show(dest)}: already used by {w}", Reason.DUPLICATE_DEST
+                    key, f"duplicate dest {show(dest)}: already used by {w}", Reason.DUPLICATE_DEST
                 )

@@ -16,8 +16,9 @@ It is meant to run on text that tomllib has accepted, but it never raises and
 always terminates on any input: what it cannot make sense of it skips, and
 ``lookup`` then falls back to the nearest recorded ancestor.
 
-``read_toml`` ties both together: read a file, parse it with tomllib, and turn
-every failure into a ``RecipeError`` with reason ``io`` or ``syntax``.
+``read_toml`` ties both together: read a file (a regular file of at most
+``MAX_TOML_BYTES``), parse it with tomllib, and turn every failure into a
+``RecipeError`` with reason ``io``, ``too-large`` or ``syntax``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_build.errors import Reason, RecipeError
+from banger_build.sources import SourceRefused, read_regular
 
 KeyPath = tuple[str | int, ...]
 
@@ -424,15 +426,29 @@ def decode_toml(raw: bytes, *, file: str) -> str:
         ) from None
 
 
-def read_toml(path: Path, *, what: str = "recipe") -> tuple[dict[str, Any], PositionIndex]:
-    """Read and parse a TOML file; any failure is a ``RecipeError`` (io or syntax)."""
+#: Bytes of a recipe or lock file: hand-written or generated configuration of a
+#: few KiB; the bound stops a huge or endless file (``/dev/zero``) early.
+MAX_TOML_BYTES = 1 << 20
+
+
+def read_toml_text(path: Path, *, what: str = "recipe") -> str:
+    """The text of a TOML file: a regular file (a FIFO or device never blocks or
+    runs forever) of at most ``MAX_TOML_BYTES``, valid UTF-8. Else ``RecipeError``."""
     file = str(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(
-            f"cannot read {what}: {exc.strerror or exc}", file=file, reason=Reason.IO
-        ) from exc
-    except ValueError as exc:  # e.g. a NUL byte in the path
-        raise RecipeError(f"cannot read {what}: {exc}", file=file, reason=Reason.IO) from exc
-    return parse_toml(decode_toml(raw, file=file), file=file)
+        raw = read_regular(path, MAX_TOML_BYTES, what)
+    except SourceRefused as exc:
+        reason: Reason
+        if exc.reason == Reason.TOO_LARGE:
+            message, reason = f"the {what} is larger than {MAX_TOML_BYTES >> 20} MiB", exc.reason
+        elif exc.reason == Reason.IO:
+            message, reason = f"cannot read {what}: {exc.detail}", Reason.IO
+        else:
+            message, reason = f"cannot read {what}: it {exc.detail}", Reason.IO
+        raise RecipeError(message, file=file, reason=reason) from None
+    return decode_toml(raw, file=file)
+
+
+def read_toml(path: Path, *, what: str = "recipe") -> tuple[dict[str, Any], PositionIndex]:
+    """Read and parse a TOML file; any failure is a ``RecipeError`` (io or syntax)."""
+    return parse_toml(read_toml_text(path, what=what), file=str(path))

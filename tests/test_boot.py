@@ -463,9 +463,14 @@ initrd = "{debian_kernel_files.initrd}"
 
 
 @pytest.fixture(scope="module")
-def busybox_store(busybox_recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def busybox_store(
+    busybox_recipe: Path, debian_kernel_files: KernelFiles, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     home = tmp_path_factory.mktemp("boot-home")
-    code, out, err = run_cli("build", str(busybox_recipe), "--no-link", "--home", str(home))
+    code, out, err = run_cli(
+        "build", str(busybox_recipe), "--no-link", "--home", str(home),
+        "--allow-source", str(debian_kernel_files.vmlinuz.parent),  # the cached kernel
+    )  # fmt: skip
     assert code == 0, err
     path = Path(out.strip().splitlines()[-1])
     assert {"rootfs.ext4", "vmlinux", "initrd.img", "manifest.json"} <= {
@@ -520,11 +525,14 @@ def test_boot_times_out_on_text_never_printed(busybox_store: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_boot_a_recipe_builds_it_first(busybox_recipe: Path, busybox_store: Path) -> None:
+def test_boot_a_recipe_builds_it_first(
+    busybox_recipe: Path, busybox_store: Path, debian_kernel_files: KernelFiles
+) -> None:
     home = busybox_store.parent.parent  # the same home: a cache hit
     code, out, err = run_cli(
         "boot", str(busybox_recipe), "--home", str(home), "--expect", MARKER,
         "--timeout", "120", "--accel", "tcg",
+        "--allow-source", str(debian_kernel_files.vmlinuz.parent),  # the cached kernel
     )  # fmt: skip
     assert code == 0, err
     assert MARKER in out

@@ -172,7 +172,9 @@ modules = "{mods}"
 install_modules = true
 """,
     )
-    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    code, out, err = run_cli(
+        tmp_path / "home", str(recipe), "--no-link", "--allow-source", str(kdir)
+    )
     assert code == 0, err
     path = Path(out.strip())
     assert (path / "vmlinux").read_bytes() == b"kernel" and (path / "modules").is_dir()
@@ -205,6 +207,8 @@ modules = "{mods}"
 install_modules = true
 """,
     )
-    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    code, out, err = run_cli(
+        tmp_path / "home", str(recipe), "--no-link", "--allow-source", str(tmp_path / "k")
+    )
     assert code == 1 and out == "" and "debugfs cannot carry" in err and "Traceback" not in err
     assert list((tmp_path / "home" / "store").iterdir()) == []

@@ -60,6 +60,7 @@ echo BANGER-CHECK-DONE > /dev/console
 
 
 def _recipe(top: Path, kernel: KernelFiles) -> Path:
+    (top / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
     for name in ("recipes", "templates", "agents"):
         shutil.copytree(
             REPO / name, top / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
@@ -105,7 +106,10 @@ def test_debian_boots_with_the_guest_set_running(
 ) -> None:
     recipe = _recipe(tmp_path, debian_kernel_files)
     home = tmp_path / "home"
-    code, out, err = run_cli(home, str(recipe), "--no-link", "--mirror", debian_image.mirror)
+    code, out, err = run_cli(
+        home, str(recipe), "--no-link", "--mirror", debian_image.mirror,
+        "--allow-source", str(debian_kernel_files.vmlinuz.parent),  # the cached kernel
+    )  # fmt: skip
     assert code == 0, err
     store_path = Path(out.strip())
     assert (store_path / "vmlinux").is_file() and (store_path / "initrd.img").is_file()
@@ -144,6 +148,7 @@ def test_boot_recipe_with_user_supplied_kernel(
 ) -> None:
     """`banger-build boot recipes/debian.toml --expect ...`: the recipe names no kernel;
     the user supplies one, as a microVM manager would."""
+    (tmp_path / ".git").mkdir()  # a project, as the checkout is
     for name in ("recipes", "templates", "agents"):
         shutil.copytree(
             REPO / name, tmp_path / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")

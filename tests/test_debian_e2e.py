@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 def built(debian_oci_layout: Path, unpriv_venv: object, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Build recipes/debian.toml as 65534 (cold), then again with the registry stopped."""
     user: Unpriv = unpriv_venv.user()  # type: ignore[attr-defined]
+    (user.home / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
     user.copy_in(REPO / "recipes", "recipes")
     user.copy_in(REPO / "templates", "templates")
     user.copy_in(REPO / "agents", "agents")

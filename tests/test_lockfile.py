@@ -166,7 +166,7 @@ GOOD_ENTRY = f'ref = "debian:bookworm"\nplatform = "linux/amd64"\ndigest = "sha2
         ("version = 1\n[[image]\n", "syntax", None, 2, 8),
         ("version = 2\n", "value", "version", 1, 1),
         ('version = "1"\n', "type", "version", 1, 1),
-        ("# only a comment\n", "missing-key", "version", None, None),
+        ("# only a comment\n", "missing-key", "version", 1, 1),  # a top-level key: the file's 1:1
         ("version = 1\nversoin = 1\n", "unknown-key", "versoin", 2, 1),
         ("version = 1\n[image]\n" + GOOD_ENTRY, "type", "image", 2, 1),
         ("version = 1\n[[images]]\n" + GOOD_ENTRY, "unknown-key", "images", 2, 1),

@@ -109,9 +109,11 @@ def test_minimal_recipe_defaults(tmp_path: Path) -> None:
 
 
 def test_full_recipe(tmp_path: Path) -> None:
-    path = write(tmp_path, FULL)
+    (tmp_path / ".git").mkdir()  # a project: ../templates is inside it
+    (tmp_path / "r").mkdir()
+    path = write(tmp_path / "r", FULL)
     r = load_recipe(path)
-    base = tmp_path.resolve()
+    base = (tmp_path / "r").resolve()
     assert r.name == "my-image"
     assert str(r.image) == "registry.example.com:5000/team/base:1.2"
     assert r.platform == Platform("linux", "arm64", "v8")
@@ -550,7 +552,7 @@ def test_value_errors(tmp_path: Path, text: str, key: str, line: int) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "line", "col"),
     [
-        ('name = "x"\n', "image", None, None),  # no [image] at all: no position
+        ('name = "x"\n', "image", 1, 1),  # no [image] at all: the start of the file
         ('\n\n  [image]\nplatform = "linux/amd64"\n', "image.ref", 3, 3),
         (image("[kernel]\ninitrd = 'i'\n"), "kernel.path", 3, 1),
         (
@@ -564,7 +566,7 @@ def test_value_errors(tmp_path: Path, text: str, key: str, line: int) -> None:
     ],
 )
 def test_missing_keys_point_at_the_table_header(
-    tmp_path: Path, text: str, key: str, line: int | None, col: int | None
+    tmp_path: Path, text: str, key: str, line: int, col: int
 ) -> None:
     err = error(tmp_path, text)
     assert (err.reason, err.key, err.line, err.col) == ("missing-key", key, line, col)

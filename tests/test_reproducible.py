@@ -39,6 +39,7 @@ def _digests(store_path: Path) -> dict[str, str]:
 
 def _workdir(top: Path) -> Path:
     top.mkdir(parents=True, exist_ok=True)
+    (top / ".git").mkdir(exist_ok=True)  # a project, as the checkout is
     for name in COPY:
         if (REPO / name).exists():
             shutil.copytree(
@@ -48,9 +49,15 @@ def _workdir(top: Path) -> Path:
 
 
 def _build_as_root(
-    top: Path, home: Path, mirror: str, env: dict[str, str] | None = None, umask: int | None = None
+    top: Path,
+    home: Path,
+    mirror: str,
+    env: dict[str, str] | None = None,
+    umask: int | None = None,
+    work: Path | None = None,
 ) -> Path:
-    recipe = _workdir(top)
+    """Build a copy of recipes/debian.toml made in ``work`` (default ``top``)."""
+    recipe = _workdir(work or top)
     environ = {**os.environ, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "banger_build", str(recipe), "--home", str(home), "--no-link",
@@ -88,9 +95,11 @@ def test_same_bytes_when(
         top = Path(str(spec["top"])) / f"banger-repro-{os.getpid()}"
     env: dict[str, str] = {"TMPDIR": str(top), **spec.get("env", {})}  # type: ignore[dict-item]
     try:
+        # the recipe's copy stays in tmp_path: /dev (and so /dev/shm) is never a source
         path = _build_as_root(
-            top, top / str(spec.get("home", "home")), debian_image.mirror, env, spec.get("umask")
-        )  # type: ignore[arg-type]
+            top, top / str(spec.get("home", "home")), debian_image.mirror, env, spec.get("umask"),
+            work=tmp_path,
+        )  # type: ignore[arg-type]  # fmt: skip
         assert _digests(path) == baseline
     finally:
         if top != tmp_path:
@@ -100,6 +109,7 @@ def test_same_bytes_when(
 def test_same_bytes_as_an_unprivileged_user(
     baseline: dict[str, str], debian_image: DebianImage, unpriv: Unpriv
 ) -> None:
+    (unpriv.home / ".git").mkdir()  # a project, as the checkout is
     for name in COPY:
         if (REPO / name).exists():
             unpriv.copy_in(REPO / name, name)

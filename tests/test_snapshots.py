@@ -19,7 +19,7 @@ from banger_build.inputs import resolve_injected, resolve_kernel, template_conte
 from banger_build.oci import OCI_MANIFEST, Descriptor, ImageManifest
 from banger_build.recipe import load_recipe
 from banger_build.reference import Digest
-from banger_build.templates import render_template
+from banger_build.templating import render_template
 from banger_build.tree import DIR, REG, SYMLINK, Inode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +35,7 @@ STAND_IN_AGENT = b"\x7fELF stand-in for agents/out/banger-vsock-agent\n"
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of recipes/, examples/ and templates/ with a fixed stand-in agent."""
     top = tmp_path_factory.mktemp("repo")
+    (top / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
     for name in ("recipes", "examples", "templates"):
         shutil.copytree(REPO / name, top / name, ignore=shutil.ignore_patterns("*.lock"))
     (top / "agents" / "out").mkdir(parents=True)

@@ -43,6 +43,18 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
     return options_from_env(args.mirror, args.insecure_registry)
 
 
+def add_sources(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-source", action="append", default=[], type=Path, metavar="DIR",
+        help="let the recipe's sources lie in DIR too, not only in its project (the "
+        "nearest directory above it holding .git); repeatable. /proc, /sys, /dev never",
+    )  # fmt: skip
+
+
+def source_roots(args: argparse.Namespace) -> tuple[Path, ...]:
+    return tuple(getattr(args, "allow_source", None) or ())
+
+
 def add_lock_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--locked", action="store_true",
@@ -69,6 +81,7 @@ def build_options(
         lock_mode=lock_mode,
         lock_path=lock_path,
         update_input=update_input,
+        source_roots=source_roots(args),
     )
 
 

@@ -13,6 +13,7 @@ HELP = "resolve the recipe's inputs and write the missing pins to its lock file"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
+    common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from banger_build.commands import common
 from banger_build.errors import Reason
 
 if TYPE_CHECKING:
@@ -37,13 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--list", action="store_true",
         help="list every added path: dest, mode, owner, kind, sha256 (and a symlink's target)",
     )  # fmt: skip
+    common.add_sources(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.inputs import resolve_injected
     from banger_build.recipe import load_recipe
 
-    injected = resolve_injected(load_recipe(args.recipe))
+    injected = resolve_injected(load_recipe(args.recipe, source_roots=common.source_roots(args)))
     if args.list:
         print_list(injected)
     elif args.output is not None:

@@ -15,6 +15,7 @@ HELP = "print a recipe's derivation and store key as JSON"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
     common.add_lock_options(p)
+    common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)
 

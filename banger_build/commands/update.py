@@ -14,6 +14,7 @@ HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: im
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
     p.add_argument("input", nargs="?", choices=["image", "kernel"], help="only this input")
+    common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)
 

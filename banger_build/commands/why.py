@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe", type=Path, default=None,
         help="the recipe to resolve lock files with (default: the .toml beside each lock)",
     )  # fmt: skip
+    common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)
 
