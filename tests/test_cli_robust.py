@@ -52,7 +52,10 @@ def test_a_bug_is_one_line_and_exit_70(
 
 def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
-    (tmp_path / "big.j2").write_text("{% for i in range(200000) %}line {{ i }}\n{% endfor %}")
+    (tmp_path / "big.j2").write_text(
+        "{% for i in range(1000) %}{% for j in range(200) %}line {{ i }} {{ j }}\n"
+        "{% endfor %}{% endfor %}"
+    )
     recipe.write_text(
         '[image]\nref = "example.org/x:1"\n\n[[templates]]\nsrc = "big.j2"\ndest = "/etc/big"\n'
     )
