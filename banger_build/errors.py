@@ -75,6 +75,7 @@ class Reason(StrEnum):
     PLATFORM_MISMATCH = "platform-mismatch"
     UNKNOWN_OWNER = "unknown-owner"
     DEST_IS_DIRECTORY = "dest-is-directory"
+    DEST_INVALID = "dest-invalid"
     MIRROR_INVALID = "mirror-invalid"
     INSECURE_INVALID = "insecure-invalid"
     BLOB_SIZE = "blob-size"

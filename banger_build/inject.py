@@ -13,17 +13,27 @@ import os
 import shutil
 from pathlib import Path
 
-from banger_build.errors import InputError, Reason
+from banger_build.entries import Where
+from banger_build.errors import BangerError, InputError, Reason
 from banger_build.flatten import check_name
 from banger_build.fsutil import ContentChanged, copy_verified
 from banger_build.inputs import Injected
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
 
 _MAX_HOPS = 40
+LOST_FOUND = "lost+found"  # made by mkfs; e2fsck's
 
 
-def _resolve_dir(tree: Tree, staging: Path, path: str, epoch: int) -> tuple[str, Node]:
-    """Resolve directory ``path`` (relative) inside the image, creating what is missing."""
+def _fail(where: Where | None, message: str, reason: Reason) -> BangerError:
+    """The error for a recipe entry: at its position when it has one."""
+    return where.error(message, reason) if where is not None else InputError(message, reason=reason)
+
+
+def _resolve_dir(
+    tree: Tree, staging: Path, path: str, epoch: int, where: Where | None = None
+) -> tuple[str, Node]:
+    """Resolve directory ``path`` (relative) inside the image, creating what is missing.
+    Problems are reported at ``where``, the recipe entry that asked for the path."""
     parts = [p for p in path.split("/") if p]
     real: list[str] = []
     node = tree.root
@@ -46,7 +56,11 @@ def _resolve_dir(tree: Tree, staging: Path, path: str, epoch: int) -> tuple[str,
         elif child.inode.type == SYMLINK:
             hops += 1
             if hops > _MAX_HOPS:
-                raise InputError(f"too many levels of symlinks resolving /{path} in the image")
+                raise _fail(
+                    where,
+                    f"too many levels of symlinks resolving /{path} in the image",
+                    Reason.DEST_INVALID,
+                )
             target = child.inode.target
             if target.startswith("/"):
                 real = []
@@ -54,7 +68,11 @@ def _resolve_dir(tree: Tree, staging: Path, path: str, epoch: int) -> tuple[str,
             parts = [p for p in target.split("/") if p] + parts
             continue
         elif not child.is_dir:
-            raise InputError(f"/{'/'.join([*real, part])} is not a directory in the image")
+            raise _fail(
+                where,
+                f"/{'/'.join([*real, part])} is not a directory in the image",
+                Reason.DEST_INVALID,
+            )
         real.append(part)
         node = child
     return "/".join(real), node
@@ -81,21 +99,22 @@ class OwnerResolver:
         self._users = _id_map(staging, tree, "passwd")
         self._groups = _id_map(staging, tree, "group")
 
-    def resolve(self, owner: str, dest: str) -> tuple[int, int]:
-        user, _, group = owner.partition(":")
-        return self._one(user, self._users, "user", dest), self._one(
-            group, self._groups, "group", dest
+    def resolve(self, item: Injected) -> tuple[int, int]:
+        user, _, group = item.owner.partition(":")
+        return self._one(user, self._users, "user", item), self._one(
+            group, self._groups, "group", item
         )
 
     @staticmethod
-    def _one(name: str, table: dict[str, int], what: str, dest: str) -> int:
+    def _one(name: str, table: dict[str, int], what: str, item: Injected) -> int:
         if name.isdigit():
             return int(name)
         if name not in table:
-            raise InputError(
-                f"{dest}: owner {what} {name!r} is not defined in the image's /etc/"
+            raise _fail(
+                item.owner_where,
+                f"{item.dest}: owner {what} {name!r} is not defined in the image's /etc/"
                 f"{'passwd' if what == 'user' else 'group'}",
-                reason=Reason.UNKNOWN_OWNER,
+                Reason.UNKNOWN_OWNER,
             )
         return table[name]
 
@@ -105,11 +124,12 @@ def _copy_input(item: Injected, dest: Path) -> None:
     try:
         copy_verified(item.source, dest, item.sha256)
     except ContentChanged as exc:
-        raise InputError(
+        raise _fail(
+            item.where,
             f"{item.source} changed while the image was being built (it had sha256 "
             f"{exc.expected} when the build started, now {exc.actual}): {item.dest} was not "
             "written; build again",
-            reason=Reason.INPUT_CHANGED,
+            Reason.INPUT_CHANGED,
         ) from None
 
 
@@ -117,16 +137,24 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
     owners = OwnerResolver(staging, tree)
     for item in items:
         parent, _, name = item.dest.strip("/").rpartition("/")
-        real_parent, dir_node = _resolve_dir(tree, staging, parent, epoch)
+        real_parent, dir_node = _resolve_dir(tree, staging, parent, epoch, item.where)
         assert dir_node.children is not None
-        uid, gid = owners.resolve(item.owner, item.dest)
+        if (real_parent or name).split("/")[0] == LOST_FOUND:
+            raise _fail(
+                item.where,
+                f"{item.dest}: /{LOST_FOUND} belongs to the filesystem (e2fsck's); "
+                "put the file elsewhere",
+                Reason.DEST_INVALID,
+            )
+        uid, gid = owners.resolve(item)
         stage_path = staging / real_parent / name if real_parent else staging / name
         existing = dir_node.children.get(name)
         if existing is not None:
             if existing.is_dir:
-                raise InputError(
+                raise _fail(
+                    item.where,
                     f"{item.dest}: the image has a directory there; refusing to replace it",
-                    reason=Reason.DEST_IS_DIRECTORY,
+                    Reason.DEST_IS_DIRECTORY,
                 )
             if existing.inode.type in (REG, SYMLINK):
                 os.unlink(stage_path)

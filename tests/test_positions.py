@@ -208,3 +208,64 @@ def test_guest_templates_digest_unchanged() -> None:
     for t in guest.TEMPLATES:
         on_disk.update((REPO / "templates" / "guest" / f"{t.name}.j2").read_bytes())
     assert digest.hexdigest() == on_disk.hexdigest()
+
+
+LATE = [
+    # (extra recipe text, the key the error must point at, reason, words in the message)
+    (
+        '[[files]]\nsrc = "hello.txt"\ndest = "/etc/x"\nowner = "nobody:root"\n',
+        "files[1].owner",
+        "unknown-owner",
+        "owner user 'nobody' is not defined in the image's /etc/passwd",
+    ),
+    (
+        '[[files]]\nsrc = "hello.txt"\ndest = "/etc/passwd/x"\n',
+        "files[1].dest",
+        "dest-invalid",
+        "/etc/passwd is not a directory in the image",
+    ),
+    (
+        '[[files]]\nsrc = "hello.txt"\ndest = "/usr/bin"\n',
+        "files[1].dest",
+        "dest-is-directory",
+        "the image has a directory there",
+    ),
+    (
+        '[[symlinks]]\ndest = "/lost+found/x"\ntarget = "/etc/motd"\n',
+        "symlinks[1].dest",
+        "dest-invalid",
+        "/lost+found belongs to the filesystem",
+    ),
+    (
+        '[[templates]]\nsrc = "unit.j2"\ndest = "/lost+found"\n',
+        "templates[1].dest",
+        "dest-invalid",
+        "/lost+found belongs to the filesystem",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "key", "reason", "words"), LATE)
+def test_late_errors_of_a_real_build_point_at_the_recipe_entry(
+    tmp_path: Path, image_ref: str, extra: str, key: str, reason: str, words: str
+) -> None:
+    from tests.support.e2e import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path / "r", image_ref, extra=extra)
+    line = next(
+        n
+        for n, text in enumerate(recipe.read_text().splitlines(), 1)
+        if text.startswith(key.rsplit(".", 1)[1] + " =") and n > _last_section_line(recipe, key)
+    )
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link", "-q")
+    assert code == 1 and out == ""
+    assert err.startswith(f"banger-build: error: {recipe}:{line}:1: {key}: "), err
+    assert words in err and err.count("\n") == 1
+    assert list((tmp_path / "home" / "store").iterdir()) == []
+
+
+def _last_section_line(recipe: Path, key: str) -> int:
+    """The line of the last ``[[section]]`` header of ``key``'s section."""
+    section = key.split("[", 1)[0]
+    lines = recipe.read_text().splitlines()
+    return max(n for n, text in enumerate(lines, 1) if text == f"[[{section}]]")
