@@ -17,7 +17,7 @@ import pytest
 
 from banger_build import build as buildmod
 from banger_build.build import BuildOptions, build
-from banger_build.errors import InputError, Reason
+from banger_build.errors import BangerError, Reason
 from banger_build.fsutil import remove_tree, walk
 from banger_build.gc import collect
 from banger_build.progress import Reporter
@@ -44,7 +44,7 @@ def test_a_source_changed_during_the_build_never_enters_the_store(
 
     monkeypatch.setattr(buildmod, "BUILD", (tamper, *buildmod.BUILD))
     home = tmp_path / "home"
-    with pytest.raises(InputError) as exc:
+    with pytest.raises(BangerError) as exc:
         build(recipe, _options(home), Reporter(quiet=True))
     assert exc.value.reason is Reason.INPUT_CHANGED
     assert str(source) in str(exc.value) and "/etc/hello" in str(exc.value)
@@ -72,7 +72,7 @@ def test_a_kernel_changed_during_the_build_never_enters_the_store(
         kernel.write_bytes(b"kernel two")
 
     monkeypatch.setattr(buildmod, "BUILD", (tamper, *buildmod.BUILD))
-    with pytest.raises(InputError) as exc:
+    with pytest.raises(BangerError) as exc:
         build(recipe, _options(tmp_path / "home"), Reporter(quiet=True))
     assert exc.value.reason is Reason.INPUT_CHANGED and str(kernel) in str(exc.value)
     assert list((tmp_path / "home" / "store").iterdir()) == []
