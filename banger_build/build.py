@@ -23,26 +23,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger_build import __version__, ext4
-from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
 from banger_build.errors import InputError, Reason, RecipeError, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
-from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest, read_version
 from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci import ImageManifest, ManifestError, cached_manifest
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.kernel import extract_modules, parse_kernel_manifest, read_version
+from banger_build.oci.manifest import ImageManifest, ManifestError, cached_manifest
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest
 from banger_build.progress import Reporter
 from banger_build.recipe import Recipe, Where, load_recipe
-from banger_build.reference import Digest
-from banger_build.registry_config import RegistryOptions
 from banger_build.run import tool_version
 from banger_build.store import MANIFEST, Store, set_out_link
 from banger_build.tree import Inode, Tree
 
 if TYPE_CHECKING:  # imported on first use: a cached build needs no HTTP stack
-    from banger_build.registry import RegistryClient
+    from banger_build.oci.remote import RegistryClient
 
 ROOTFS = "rootfs.ext4"
 MANIFEST_FORMAT = 1
@@ -106,7 +106,7 @@ class Context:
     def client(self) -> RegistryClient:
         """The registry client, created (and oras/requests imported) on first use."""
         if self._client is None:
-            from banger_build.registry import RegistryClient
+            from banger_build.oci.remote import RegistryClient
 
             self._client = RegistryClient(
                 BlobCache(self.store.blobs), self.options.registry, progress=self.reporter.progress

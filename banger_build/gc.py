@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger_build.reference import Digest
+from banger_build.oci.reference import Digest
 from banger_build.store import MANIFEST, Store, remove_tree
 
 

@@ -33,6 +33,7 @@ import tomli_w
 
 from banger_build.errors import Reason, RecipeError
 from banger_build.fsutil import fsync_dir
+from banger_build.oci.reference import Digest, Platform, Reference, ReferenceSyntaxError
 from banger_build.recipe import (
     ARRAY_OF_TABLES,
     INTEGER,
@@ -45,7 +46,6 @@ from banger_build.recipe import (
     convert_platform,
     convert_reference,
 )
-from banger_build.reference import Digest, Platform, Reference, ReferenceSyntaxError
 from banger_build.tomlpos import decode_toml, parse_toml
 
 LOCK_VERSION = 1

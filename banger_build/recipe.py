@@ -42,7 +42,7 @@ from typing import Any
 
 from banger_build import guest as guest_set
 from banger_build.errors import Reason, RecipeError
-from banger_build.reference import Platform, Reference, ReferenceSyntaxError
+from banger_build.oci.reference import Platform, Reference, ReferenceSyntaxError
 from banger_build.tomlpos import KeyPath, PositionIndex, format_key_path, read_toml
 
 RECIPE_VERSION = 1

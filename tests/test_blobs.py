@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from banger_build import blobs
-from banger_build.blobs import EMPTY_SHA256, BlobCache, BlobMismatch
-from banger_build.reference import Digest
+from banger_build.oci import blobs
+from banger_build.oci.blobs import EMPTY_SHA256, BlobCache, BlobMismatch
+from banger_build.oci.reference import Digest
 
 
 def digest_of(data: bytes) -> Digest:

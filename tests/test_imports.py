@@ -1,10 +1,10 @@
 """A warm build needs no network, so it must not pay for the HTTP stack.
 
-``banger_build.registry`` is the only module importing oras and requests
+``banger_build.oci.remote`` is the only module importing oras and requests
 (and, through oras, jsonschema): ~0.25 s of a ~0.65 s cached build. The
 build imports it only when it needs the registry client; a pinned image
 whose manifest and config are in the blob cache is resolved by
-``banger_build.oci`` alone.
+``banger_build.oci.manifest`` alone.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from banger_build.blobs import BlobCache
 from banger_build.build import BuildOptions, build
 from banger_build.errors import RegistryError
 from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci import OCI_CONFIG, OCI_MANIFEST, Descriptor
-from banger_build.reference import Digest, Platform, Reference
-from banger_build.registry_config import RegistryOptions
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.store import Store
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer, free_port
@@ -59,7 +59,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_importing_the_build_and_cli_loads_no_http_stack() -> None:
     code = (
         "import sys, banger_build.build, banger_build.cli, banger_build.derivation, "
-        "banger_build.oci, banger_build.registry_config\n"
+        "banger_build.oci.manifest, banger_build.oci.options\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run(
@@ -132,7 +132,7 @@ def test_missing_config_falls_back_to_the_registry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Manifest cached, config not: only the config is asked of the registry."""
-    from banger_build import registry
+    from banger_build.oci import remote as registry
 
     config = b'{"architecture": "amd64", "os": "linux"}'
     recipe, options = _pin(tmp_path, _manifest(config), None)

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import requests
 
-from banger_build.blobs import BlobCache
 from banger_build.errors import BangerError, InputError, RegistryError
-from banger_build.oci import Descriptor, ImageManifest
-from banger_build.reference import Digest, Platform, Reference
-from banger_build.registry import RegistryClient
-from banger_build.registry_auth import normalise_scope, parse_challenge
-from banger_build.registry_config import RegistryOptions, options_from_env, parse_mirrors
+from banger_build.oci.auth import normalise_scope, parse_challenge
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.manifest import Descriptor, ImageManifest
+from banger_build.oci.options import RegistryOptions, options_from_env, parse_mirrors
+from banger_build.oci.reference import Digest, Platform, Reference
+from banger_build.oci.remote import RegistryClient
 from tests.support.oci import (
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -995,7 +995,7 @@ def test_stalled_blob_times_out(scripted: tuple[str, Script], tmp_path: Path) ->
 def test_credentials_from_a_docker_credential_helper(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from banger_build.registry_auth import CredentialStore
+    from banger_build.oci.auth import CredentialStore
     from banger_build.run import find_tool
 
     bin_dir = tmp_path / "bin"

@@ -1,6 +1,6 @@
 """Registry options: mirrors, insecure hosts, timeouts; from CLI arguments and env.
 
-Pure data and validation, no network (``banger_build.registry`` uses them).
+Pure data and validation, no network (``banger_build.oci.remote`` uses them).
 Plain HTTP is allowed only to loopback hosts and hosts listed as insecure.
 Credentials never belong in a mirror URL and never appear in messages.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger_build.errors import InputError, Reason
-from banger_build.reference import DOCKER_HUB
+from banger_build.oci.reference import DOCKER_HUB
 
 ENV_MIRRORS = "BANGER_BUILD_MIRRORS"
 ENV_INSECURE = "BANGER_BUILD_INSECURE_REGISTRIES"

@@ -3,7 +3,7 @@
 Pure functions over bytes that were already verified against their digest;
 no network. ``cached_manifest`` reads a manifest from the ``BlobCache``, so a
 build whose image is pinned and cached needs neither the registry client nor
-its HTTP stack (``banger_build.registry`` imports oras and requests; this
+its HTTP stack (``banger_build.oci.remote`` imports oras and requests; this
 module must not).
 
 Parsing failures raise ``ManifestError`` with a ``RegistryError`` reason
@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from banger_build.blobs import BlobCache
 from banger_build.errors import Reason, RegistryError
-from banger_build.reference import Digest, Platform, ReferenceSyntaxError
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.reference import Digest, Platform, ReferenceSyntaxError
 
 # -- media types ---------------------------------------------------------------
 

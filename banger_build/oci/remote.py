@@ -25,7 +25,7 @@ tried in order, then the host itself; an error names every attempt. Plain
 HTTP is allowed only to loopback hosts and hosts listed as insecure; a
 plain-HTTP mirror elsewhere is refused (reason ``insecure``).
 
-Manifest parsing is ``banger_build.oci`` (no network, no oras): a build
+Manifest parsing is ``banger_build.oci.manifest`` (no network, no oras): a build
 whose image is pinned and cached never imports this module.
 
 Every requests/oras exception, and every ``oci.ManifestError`` and
@@ -55,9 +55,17 @@ import oras.utils
 import requests
 
 from banger_build import __version__
-from banger_build.blobs import BlobCache, BlobMismatch
 from banger_build.errors import InputError, Reason, RegistryError, StoreError
-from banger_build.oci import (
+from banger_build.oci.auth import (
+    Auth,
+    AuthError,
+    Credentials,
+    ScopeKey,
+    Token,
+    docker_config_path,
+)
+from banger_build.oci.blobs import BlobCache, BlobMismatch
+from banger_build.oci.manifest import (
     ACCEPT,
     INDEX_TYPES,
     Descriptor,
@@ -68,7 +76,8 @@ from banger_build.oci import (
     parse_image_manifest,
     select_platform,
 )
-from banger_build.reference import (
+from banger_build.oci.options import RegistryOptions, plain_http_allowed
+from banger_build.oci.reference import (
     DOCKER_HUB,
     DOCKER_HUB_API,
     Digest,
@@ -76,15 +85,6 @@ from banger_build.reference import (
     Reference,
     ReferenceSyntaxError,
 )
-from banger_build.registry_auth import (
-    Auth,
-    AuthError,
-    Credentials,
-    ScopeKey,
-    Token,
-    docker_config_path,
-)
-from banger_build.registry_config import RegistryOptions, plain_http_allowed
 
 # -- limits --------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ token; tokens are cached per ``(realm, service, scope)`` and bound per
 ``(endpoint, repository, pull|push)``, so a second repository or a push
 after a pull gets its own token instead of a 401.
 
-This module decides what to send; ``banger_build.registry`` sends it (the
+This module decides what to send; ``banger_build.oci.remote`` sends it (the
 token request itself is a ``TokenFetcher`` the transport passes in). No
 network here. Failures raise ``AuthError``; credentials and tokens never
 appear in messages or reprs.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger_build.errors import Reason, ToolError
-from banger_build.reference import DOCKER_HUB
-from banger_build.registry_config import RegistryOptions, canonical_host, plain_http_allowed
+from banger_build.oci.options import RegistryOptions, canonical_host, plain_http_allowed
+from banger_build.oci.reference import DOCKER_HUB
 from banger_build.run import run
 
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from banger_build.fsutil import fsync_dir, hash_file
-from banger_build.reference import Digest
+from banger_build.oci.reference import Digest
 
 #: sha256 of zero bytes: the only digest whose blob may be empty.
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -28,8 +28,14 @@ from typing import IO
 
 from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
-from banger_build.oci import OCI_MANIFEST, Descriptor, ManifestError, _descriptor, media_type_of
-from banger_build.reference import Digest
+from banger_build.oci.manifest import (
+    OCI_MANIFEST,
+    Descriptor,
+    ManifestError,
+    _descriptor,
+    media_type_of,
+)
+from banger_build.oci.reference import Digest
 
 ARTIFACT_TYPE = "application/vnd.banger.kernel.v1"
 CONFIG_TYPE = "application/vnd.banger.kernel.config.v1+json"

@@ -1,0 +1,1 @@
+"""Everything about OCI images and registries: one image source for the build."""
