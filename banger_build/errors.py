@@ -81,6 +81,10 @@ class Reason(StrEnum):
     INVALID_REFERENCE = "invalid-reference"
     INSECURE = "insecure"
     PROTOCOL = "protocol"
+    STALLED = "stalled"
+    TOO_LARGE = "too-large"
+    TOO_MANY_LAYERS = "too-many-layers"
+    INVALID_CONFIG = "invalid-config"
     # layers (LayerError)
     LAYER_INVALID = "layer-invalid"
     CORRUPT = "corrupt"

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from banger_build.oci.manifest import OCI_MANIFEST, Descriptor
     from banger_build.oci.reference import Digest, Reference, ReferenceSyntaxError
-    from banger_build.oci.remote import RegistryClient
+    from banger_build.oci.remote import Remote
     from banger_build.store import Store
 
     try:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--modules {args.modules}: not a directory", reason=Reason.MISSING_INPUT)
 
     store = Store(common.home(args))
-    client = RegistryClient(BlobCache(store.blobs), common.registry_options(args))
+    client = Remote(BlobCache(store.blobs), common.registry_options(args))
 
     def push(path: Path, media_type: str) -> Descriptor:
         hexdigest, size = hash_file(path)
