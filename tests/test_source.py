@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from banger_build.errors import RegistryError
-from banger_build.oci import transport
+from banger_build.oci import transport, wire
 from banger_build.oci.blobs import BlobCache
 from banger_build.oci.manifest import (
     MAX_CONFIG,
@@ -28,7 +28,7 @@ from banger_build.oci.manifest import (
 from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.oci.source import Source
-from banger_build.oci.transport import Budget, Meter, WireError
+from banger_build.oci.wire import Budget, Meter, WireError
 from tests.support.registry import free_port
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -179,7 +179,7 @@ def test_the_meter_never_fires_within_the_first_window() -> None:
 
 def test_one_budget_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr(transport.time, "sleep", slept.append)
+    monkeypatch.setattr(wire.time, "sleep", slept.append)
     budget = Budget(3)
     assert [budget.retry() for _ in range(5)] == [True, True, True, False, False]
     assert slept == [0.2, 0.4, 0.8]

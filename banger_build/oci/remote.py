@@ -45,7 +45,8 @@ from banger_build.oci.reference import (
     Reference,
     ReferenceSyntaxError,
 )
-from banger_build.oci.transport import CHUNK, Endpoint, WireError
+from banger_build.oci.transport import Endpoint
+from banger_build.oci.wire import CHUNK, WireError
 
 T = TypeVar("T")
 #: (short name, bytes done, bytes in all or None)
