@@ -14,7 +14,6 @@ failed or interrupted build leaves nothing in the store.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -22,30 +21,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from banger_build import __version__, ext4
-from banger_build.blobs import BlobCache
 from banger_build.derivation import Derivation, derive
 from banger_build.errors import HostError, InputError, Reason, RecipeError, StoreError, host_error
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
-from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest, read_version
 from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci import ImageManifest, ManifestError, cached_manifest
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.kernel import extract_modules
+from banger_build.oci.manifest import ImageManifest
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest, ReferenceSyntaxError
+from banger_build.oci.source import Source
 from banger_build.progress import Reporter
 from banger_build.recipe import Recipe, Where, load_recipe
-from banger_build.reference import Digest
-from banger_build.registry_config import RegistryOptions
 from banger_build.run import tool_version
 from banger_build.store import Store, set_out_link
 from banger_build.store import write_manifest as write_manifest_file
 from banger_build.tree import Inode, Tree
-
-if TYPE_CHECKING:  # imported on first use: a cached build needs no HTTP stack
-    from banger_build.registry import RegistryClient
 
 ROOTFS = "rootfs.ext4"
 MANIFEST_FORMAT = 1
@@ -82,7 +79,12 @@ class Context:
         self.options = options
         self.reporter = reporter
         self.store = Store(options.home)
-        self._client: RegistryClient | None = None
+        #: every image manifest, config and blob of the build comes from here
+        self.source = Source(
+            BlobCache(self.store.blobs, self.store.temp_roots),
+            options.registry,
+            progress=reporter.progress,
+        )
         # filled by the resolve steps
         self.recipe: Recipe
         self.lock: Lock
@@ -107,19 +109,6 @@ class Context:
         self.inode_count = 0
         self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
         self.timings: dict[str, float] = {}  # step name -> seconds
-
-    @property
-    def client(self) -> RegistryClient:
-        """The registry client, created (and oras/requests imported) on first use."""
-        if self._client is None:
-            from banger_build.registry import RegistryClient
-
-            self._client = RegistryClient(
-                BlobCache(self.store.blobs, self.store.temp_roots),
-                self.options.registry,
-                progress=self.reporter.progress,
-            )
-        return self._client
 
     @property
     def key(self) -> str:
@@ -186,8 +175,8 @@ def pin(
 
 def resolve_image(ctx: Context) -> None:
     """Lock pin (no network) or registry resolution; then manifest and config,
-    from the blob cache when they are there (no registry client at all)."""
-    recipe = ctx.recipe
+    cache first (no registry client at all when they are cached)."""
+    recipe, source = ctx.recipe, ctx.source
     ctx.lock = Lock.load(ctx.options.lock_path or lock_path_for(recipe.path))
     digest = pin(
         ctx,
@@ -196,25 +185,11 @@ def resolve_image(ctx: Context) -> None:
         key="image.ref",
         where=recipe.image_where,
         pinned=ctx.lock.image_digest(recipe.image, recipe.platform),
-        resolve=lambda: ctx.client.resolve(recipe.image, recipe.platform),
+        resolve=lambda: source.resolve(recipe.image, recipe.platform),
         record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
     )
-    blobs = BlobCache(ctx.store.blobs, ctx.store.temp_roots)
-    try:
-        manifest = cached_manifest(blobs, digest)
-    except ManifestError as exc:
-        raise exc.error_for(str(recipe.image)) from exc
-    if manifest is None:
-        manifest = ctx.client.manifest(recipe.image, digest)
-    ctx.manifest = manifest
-    config = manifest.config
-    config_path = blobs.get(config.digest, config.size) or ctx.client.blob(recipe.image, config)
-    try:
-        ctx.config = json.loads(config_path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{recipe.image}: image config is not valid JSON: {exc}") from exc
-    if not isinstance(ctx.config, dict):
-        raise InputError(f"{recipe.image}: image config is not a JSON object")
+    ctx.manifest = source.manifest(recipe.image, digest)
+    ctx.config = source.config(recipe.image, ctx.manifest)
     arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
     if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
         message = (
@@ -253,6 +228,7 @@ def resolve_kernel_artifact(ctx: Context) -> None:
     if spec is None or spec.ref is None:
         return
     ref, where = spec.ref, spec.ref_where or spec.where
+    source = ctx.source
     # a reference by digest is pinned by itself and never re-resolved
     digest = ref.digest or pin(
         ctx,
@@ -261,19 +237,12 @@ def resolve_kernel_artifact(ctx: Context) -> None:
         key="kernel.ref",
         where=where,
         pinned=ctx.lock.kernel_digest(ref),
-        resolve=lambda: ctx.client.raw_manifest(ref)[0],
+        resolve=lambda: source.digest(ref),
         record=lambda d: ctx.lock.with_kernel(ref, d),
     )
-    blobs = BlobCache(ctx.store.blobs, ctx.store.temp_roots)
-    cached = blobs.get(digest)
-    data = cached.read_bytes() if cached is not None else ctx.client.raw_manifest(ref, digest)[1]
-    try:
-        artifact = parse_kernel_manifest(digest, data)
-    except ManifestError as exc:
-        raise exc.error_for(str(ref)) from exc
+    artifact = source.kernel(ref, digest)
     config = artifact.config
-    config_path = blobs.get(config.digest, config.size) or ctx.client.blob(ref, config)
-    version = read_version(config_path.read_bytes(), f"{ref}@{digest}")
+    version = source.kernel_version(ref, artifact)
     if spec.install_modules and ("modules.tar" not in artifact.files or not version):
         raise RecipeError(
             f"install_modules: kernel {ref}@{digest} has no modules (push it with --modules)",
@@ -282,8 +251,8 @@ def resolve_kernel_artifact(ctx: Context) -> None:
         )  # fmt: skip
     staged = []
     for name, desc in artifact.files.items():
-        path = blobs.get(desc.digest, desc.size) or ctx.client.blob(ref, desc)
-        staged.append(Staged(name, path, desc.digest.hex, desc.size))
+        path = source.blob(ref, desc)
+        staged.append(Staged(name, path, desc.digest.hex, desc.size, where=where))
     ctx.kernel = tuple(staged)
     ctx.kernel_version = version
     ctx.kernel_artifact = {
@@ -319,18 +288,27 @@ def make_derivation(ctx: Context) -> None:
 
 
 def pull_layers(ctx: Context) -> None:
-    layers = ctx.manifest.layers
-    diff_ids = (ctx.config.get("rootfs") or {}).get("diff_ids") or []
-    if len(diff_ids) != len(layers):
+    image, layers = ctx.recipe.image, ctx.manifest.layers
+    rootfs = ctx.config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        count = len(diff_ids) if isinstance(diff_ids, list) else "no list of"
         raise InputError(
-            f"{ctx.recipe.image}: the image config lists {len(diff_ids)} diff_ids for "
-            f"{len(layers)} layers",
+            f"{image}: the image config lists {count} diff_ids for {len(layers)} layers",
             reason=Reason.CONFIG_MISMATCH,
         )
-    ctx.reporter.step(f"pulling {len(layers)} layers of {ctx.recipe.image}")
-    for desc, diff_id in zip(layers, diff_ids, strict=True):
-        path = ctx.client.blob(ctx.recipe.image, desc)
-        ctx.layers.append(LayerInput(desc.digest, path, Digest.parse(str(diff_id))))
+    uncompressed = []
+    for diff_id in diff_ids:
+        try:
+            uncompressed.append(Digest.parse(diff_id if isinstance(diff_id, str) else ""))
+        except ReferenceSyntaxError:
+            raise InputError(
+                f"{image}: the image config lists an invalid diff_id {diff_id!r:.100}",
+                reason=Reason.CONFIG_MISMATCH,
+            ) from None
+    ctx.reporter.step(f"pulling {len(layers)} layers of {image}")
+    for desc, diff_id in zip(layers, uncompressed, strict=True):
+        ctx.layers.append(LayerInput(desc.digest, ctx.source.blob(image, desc), diff_id))
 
 
 def flatten_layers(ctx: Context) -> None:

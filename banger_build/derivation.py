@@ -19,7 +19,7 @@ from typing import Any
 from banger_build.entries import Injected, Staged
 from banger_build.ext4 import MKFS
 from banger_build.inputs import modules_version
-from banger_build.oci import ImageManifest
+from banger_build.oci.manifest import ImageManifest
 from banger_build.recipe import Recipe
 
 #: Bump when the meaning of a derivation field changes.

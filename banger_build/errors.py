@@ -38,6 +38,7 @@ class Reason(StrEnum):
     DISK_FULL = "disk-full"
     PERMISSION = "permission"
     OUT_OF_MEMORY = "out-of-memory"
+    TOO_LARGE = "too-large"  # a recipe, template, manifest or config past its bound
     INTERRUPTED = "interrupted"
     TIMEOUT = "timeout"
     BAD_ARGUMENT = "bad-argument"
@@ -51,7 +52,6 @@ class Reason(StrEnum):
     CONFLICTING_KEYS = "conflicting-keys"
     DUPLICATE_DEST = "duplicate-dest"
     NOT_LOCKED = "not-locked"
-    TOO_LARGE = "too-large"
     # local inputs (InputError)
     INPUT_INVALID = "input-invalid"
     MISSING_INPUT = "missing-input"
@@ -96,6 +96,9 @@ class Reason(StrEnum):
     INVALID_REFERENCE = "invalid-reference"
     INSECURE = "insecure"
     PROTOCOL = "protocol"
+    STALLED = "stalled"
+    TOO_MANY_LAYERS = "too-many-layers"
+    INVALID_CONFIG = "invalid-config"
     # layers (LayerError)
     LAYER_INVALID = "layer-invalid"
     CORRUPT = "corrupt"

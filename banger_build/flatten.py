@@ -41,7 +41,7 @@ from typing import IO
 import zstandard
 
 from banger_build.errors import LayerError, Reason
-from banger_build.reference import Digest
+from banger_build.oci.reference import Digest
 from banger_build.tree import (
     BLK,
     CHR,

@@ -33,7 +33,7 @@ import tomli_w
 
 from banger_build.errors import Reason, RecipeError
 from banger_build.fsutil import fsync_dir
-from banger_build.reference import Digest, Platform, Reference, ReferenceSyntaxError
+from banger_build.oci.reference import Digest, Platform, Reference, ReferenceSyntaxError
 from banger_build.schema import (
     ARRAY_OF_TABLES,
     INTEGER,

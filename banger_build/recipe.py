@@ -44,7 +44,7 @@ from typing import Any
 from banger_build import guest as guest_set
 from banger_build.entries import Where as Where
 from banger_build.errors import Reason, RecipeError
-from banger_build.reference import Platform, Reference
+from banger_build.oci.reference import Platform, Reference
 from banger_build.schema import (
     ARRAY_OF_TABLES,
     BOOLEAN,

@@ -30,7 +30,7 @@ from typing import Any
 
 from banger_build.entries import Where
 from banger_build.errors import Reason, RecipeError
-from banger_build.reference import Platform, Reference, ReferenceSyntaxError
+from banger_build.oci.reference import Platform, Reference, ReferenceSyntaxError
 from banger_build.tomlpos import KeyPath, PositionIndex, format_key_path
 
 

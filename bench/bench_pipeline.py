@@ -86,7 +86,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from banger_build import ext4
 from banger_build.flatten import Flattener, LayerInput
-from banger_build.reference import Digest
+from banger_build.oci.reference import Digest
 work = Path({work!r})
 t0 = time.perf_counter()
 f = Flattener(work / "staging", 1)

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.support.registry",
+    "tests.support.faultproxy",
     "tests.support.e2e",
     "tests.support.debian",
     "tests.support.kernel",

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from banger_build import blobs
-from banger_build.blobs import EMPTY_SHA256, BlobCache, BlobMismatch
-from banger_build.reference import Digest
+from banger_build.errors import StoreError
+from banger_build.oci import blobs
+from banger_build.oci.blobs import EMPTY_SHA256, BlobCache, BlobMismatch, CacheError
+from banger_build.oci.failure import Failure
+from banger_build.oci.reference import Digest
 
 
 def digest_of(data: bytes) -> Digest:
@@ -190,3 +194,104 @@ def test_blob_mismatch_message_names_both_digests() -> None:
     a, b = digest_of(b"a"), digest_of(b"b")
     text = str(BlobMismatch(a, b, 1))
     assert str(a) in text and str(b) in text
+
+
+# -- reading whole small blobs ---------------------------------------------------
+
+
+def test_read_returns_the_verified_bytes(cache: BlobCache) -> None:
+    data = b'{"config": true}'
+    d = digest_of(data)
+    assert cache.read(d, limit=100) is None
+    cache.put_bytes(d, data)
+    assert BlobCache(cache.root).read(d, len(data), limit=100) == data
+    assert cache.read(d, len(data) + 1, limit=100) is None  # wrong size: removed
+    assert not cache.path(d).exists()
+
+
+def test_read_removes_a_corrupt_blob(cache: BlobCache) -> None:
+    data = b"manifest bytes"
+    d = digest_of(data)
+    cache.put_bytes(d, data).write_bytes(b"tampered bytes")
+    assert BlobCache(cache.root).read(d, limit=100) is None
+    assert not cache.path(d).exists()
+
+
+def test_read_refuses_past_its_limit(cache: BlobCache) -> None:
+    data = b"x" * 101
+    d = digest_of(data)
+    cache.put_bytes(d, data)
+    with pytest.raises(Failure) as info:
+        cache.read(d, limit=100)
+    assert info.value.reason == "too-large" and "101 bytes" in str(info.value)
+
+
+# -- temp roots -------------------------------------------------------------------
+
+
+class Roots:
+    """A fake ``BlobRoots`` that runs ``on_add`` when a root is added."""
+
+    def __init__(self, on_add: Callable[[str], None] = lambda hex_digest: None) -> None:
+        self.added: list[str] = []
+        self.on_add = on_add
+        self.guarded = 0
+
+    def add(self, hex_digest: str) -> None:
+        self.added.append(hex_digest)
+        self.on_add(hex_digest)
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        self.guarded += 1
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("method", ["get", "read"])
+def test_reads_root_the_blob_before_touching_it(tmp_path: Path, method: str) -> None:
+    """The fake root writes the blob as it is added: a read that looked at the
+    file before adding its root would have found nothing."""
+    data = b"the blob"
+    d = digest_of(data)
+    cache = BlobCache(tmp_path / "blobs")
+
+    def appear(hex_digest: str) -> None:
+        cache.path(Digest(hex_digest)).parent.mkdir(parents=True, exist_ok=True)
+        cache.path(Digest(hex_digest)).write_bytes(data)
+
+    roots = Roots(appear)
+    cache.roots = roots
+    if method == "get":
+        assert cache.get(d) == cache.path(d)
+    else:
+        assert cache.read(d, limit=100) == data
+    assert roots.added == [d.hex]
+
+
+def test_writes_root_the_blob_before_creating_any_file(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "blobs")
+    seen: list[list[str]] = []
+    roots = Roots(lambda hex_digest: seen.append(sorted(str(p) for p in tmp_path.rglob("*"))))
+    cache.roots = roots
+    data = b"new blob"
+    cache.put_bytes(digest_of(data), data)
+    assert roots.added == [digest_of(data).hex]
+    assert seen == [[]]  # not even the cache's directories existed yet
+
+
+def test_a_write_failure_is_a_cache_error_naming_the_cache(
+    cache: BlobCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(blobs.os, "write", full)
+    data = b"does not fit"
+    with pytest.raises(CacheError) as info:
+        cache.put_bytes(digest_of(data), data)
+    assert str(info.value) == (
+        f"cannot write {digest_of(data)} to the blob cache {cache.root}: No space left on device"
+    )
+    error = info.value.error_for("r.example/app:1")
+    assert isinstance(error, StoreError) and error.reason == "blob-cache"
+    assert str(error).startswith("r.example/app:1: cannot write ")
+    assert leftovers(cache) == [] and not cache.path(digest_of(data)).exists()

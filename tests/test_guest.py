@@ -28,9 +28,9 @@ from banger_build import guest
 from banger_build.derivation import derive
 from banger_build.errors import InputError, RecipeError
 from banger_build.inputs import Injected, resolve_injected, resolve_kernel
-from banger_build.oci import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.reference import Digest
 from banger_build.recipe import Recipe, load_recipe
-from banger_build.reference import Digest
 from tests.support.e2e import BASE, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import fsck, read_image
 from tests.support.registry import RegistryServer

@@ -1,34 +1,37 @@
 """A warm build needs no network, so it must not pay for the HTTP stack.
 
-``banger_build.registry`` is the only module importing oras and requests
-(and, through oras, jsonschema): ~0.25 s of a ~0.65 s cached build. The
-build imports it only when it needs the registry client; a pinned image
-whose manifest and config are in the blob cache is resolved by
-``banger_build.oci`` alone.
+``banger_build.oci.wire``, ``.transport`` and ``.remote`` are the only
+modules importing oras and requests (and, through oras, jsonschema): ~0.25 s
+of a ~0.65 s cached build. ``oci.source.Source`` creates the remote on first
+need; a pinned image whose manifest and config are in the blob cache is
+resolved without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from banger_build.blobs import BlobCache
+import banger_build
 from banger_build.build import BuildOptions, build
 from banger_build.errors import RegistryError
 from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci import OCI_CONFIG, OCI_MANIFEST, Descriptor
-from banger_build.reference import Digest, Platform, Reference
-from banger_build.registry_config import RegistryOptions
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.store import Store
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer, free_port
 
 HEAVY = ("oras", "requests", "jsonschema", "urllib3")
+HTTP_MODULES = ("banger_build.oci.remote", "banger_build.oci.transport", "banger_build.oci.wire")
 
 #: runs the CLI, then reports which of HEAVY were imported, on stderr
 CLI_SCRIPT = f"""
@@ -57,15 +60,33 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_importing_the_build_and_cli_loads_no_http_stack() -> None:
+    """Every module of the package but the three that talk HTTP."""
+    package = Path(banger_build.__file__).parent
+    modules = sorted(
+        "banger_build." + ".".join(path.relative_to(package).with_suffix("").parts)
+        for path in package.rglob("*.py")
+        if path.name != "__main__.py"
+    )
+    light = [m.removesuffix(".__init__") for m in modules if m not in HTTP_MODULES]
+    assert "banger_build.oci.source" in light and "banger_build.build" in light
     code = (
-        "import sys, banger_build.build, banger_build.cli, banger_build.derivation, "
-        "banger_build.oci, banger_build.registry_config\n"
+        f"import sys\nfor m in {light!r}: __import__(m)\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_only_the_wire_modules_import_the_http_stack() -> None:
+    package = Path(banger_build.__file__).parent
+    importing = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(import|from) (oras|requests|urllib3)\b", path.read_text(), re.M)
+    )
+    assert importing == ["oci/remote.py", "oci/transport.py", "oci/wire.py"]
 
 
 def test_warm_build_loads_no_http_stack(tmp_path: Path, registry: RegistryServer) -> None:
@@ -132,19 +153,19 @@ def test_missing_config_falls_back_to_the_registry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Manifest cached, config not: only the config is asked of the registry."""
-    from banger_build import registry
+    from banger_build.oci import remote as registry
 
     config = b'{"architecture": "amd64", "os": "linux"}'
     recipe, options = _pin(tmp_path, _manifest(config), None)
     asked: list[str] = []
 
-    def blob(self: registry.RegistryClient, ref: Reference, desc: Descriptor) -> Path:
+    def blob(self: registry.Remote, ref: Reference, desc: Descriptor) -> Path:
         asked.append(str(desc.digest))
         raise RegistryError("not here", reference=str(ref), reason="test-stop")
 
-    monkeypatch.setattr(registry.RegistryClient, "blob", blob)
+    monkeypatch.setattr(registry.Remote, "blob", blob)
     monkeypatch.setattr(
-        registry.RegistryClient,
+        registry.Remote,
         "manifest",
         lambda *a: pytest.fail("the cached manifest was fetched"),
     )

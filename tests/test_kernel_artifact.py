@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from banger_build.blobs import BlobCache
 from banger_build.errors import RecipeError
-from banger_build.kernel_artifact import ARTIFACT_TYPE, LAYERS, write_modules_tar
 from banger_build.lockfile import KernelPin, Lock
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.kernel import ARTIFACT_TYPE, LAYERS, write_modules_tar
+from banger_build.oci.reference import Digest, Reference
 from banger_build.recipe import load_recipe
-from banger_build.reference import Digest, Reference
 from tests.support.e2e import BASE, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import read_image
 from tests.support.registry import RegistryServer

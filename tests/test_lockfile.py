@@ -10,7 +10,7 @@ import pytest
 
 from banger_build.errors import RecipeError
 from banger_build.lockfile import HEADER, ImagePin, Lock, lock_path_for
-from banger_build.reference import Digest, Platform, Reference
+from banger_build.oci.reference import Digest, Platform, Reference
 
 DEBIAN = Reference.parse("debian:bookworm")
 ALPINE = Reference.parse("alpine:3.20")

@@ -16,10 +16,10 @@ from banger_build.derivation import derive
 from banger_build.entries import Injected, Where
 from banger_build.errors import Reason, RecipeError
 from banger_build.inputs import resolve_injected, resolve_kernel
-from banger_build.oci import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest
 from banger_build.recipe import load_recipe
-from banger_build.reference import Digest
-from banger_build.registry_config import RegistryOptions
 from tests.support.e2e import BASE, push
 from tests.support.registry import RegistryServer
 

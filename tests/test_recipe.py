@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from banger_build.errors import RecipeError
+from banger_build.oci.reference import Platform, Reference
 from banger_build.recipe import Recipe, SizeSpec, Where, load_recipe
-from banger_build.reference import Platform, Reference
 from banger_build.tomlpos import PositionIndex, format_key_path
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from banger_build.reference import Digest, Platform, Reference, ReferenceSyntaxError
+from banger_build.oci.reference import Digest, Platform, Reference, ReferenceSyntaxError
 
 HEX = "a" * 64
 

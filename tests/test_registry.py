@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 import requests
 
-from banger_build.blobs import BlobCache
 from banger_build.errors import BangerError, InputError, RegistryError
-from banger_build.oci import Descriptor, ImageManifest
-from banger_build.reference import Digest, Platform, Reference
-from banger_build.registry import RegistryClient
-from banger_build.registry_auth import normalise_scope, parse_challenge
-from banger_build.registry_config import RegistryOptions, options_from_env, parse_mirrors
+from banger_build.oci.auth import normalise_scope, parse_challenge
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.manifest import Descriptor, ImageManifest
+from banger_build.oci.options import RegistryOptions, options_from_env, parse_mirrors
+from banger_build.oci.reference import Digest, Platform, Reference
+from banger_build.oci.remote import Remote
+from banger_build.oci.source import Source
 from tests.support.oci import (
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -75,15 +76,15 @@ def small_layers() -> list[bytes]:
     ]
 
 
-def new_client(tmp_path: Path, **options: Any) -> RegistryClient:
-    return RegistryClient(BlobCache(tmp_path / "blobs"), RegistryOptions(**options))
+def new_client(tmp_path: Path, **options: Any) -> Source:
+    return Source(BlobCache(tmp_path / "blobs"), RegistryOptions(**options))
 
 
 def ref_of(server: RegistryServer, repo: str, tag: str = "v1") -> Reference:
     return Reference.parse(f"{server.host}/{repo}:{tag}")
 
 
-def pull_all(client: RegistryClient, ref: Reference, platform: Platform = AMD64) -> ImageManifest:
+def pull_all(client: Source, ref: Reference, platform: Platform = AMD64) -> ImageManifest:
     manifest = client.manifest(ref, client.resolve(ref, platform))
     for desc in (manifest.config, *manifest.layers):
         client.blob(ref, desc)
@@ -472,7 +473,7 @@ def test_basic_auth_wrong_password(basic_registry: RegistryServer, tmp_path: Pat
     assert "HTTP 401" in str(info.value)
     assert secret not in all_text(info.value)
     assert secret not in repr(client) and secret not in repr(
-        client._auth.creds.get(basic_registry.host)
+        client.remote._auth.creds.get(basic_registry.host)
     )
 
 
@@ -505,9 +506,9 @@ def test_token_auth_scopes_per_repository_and_push_after_pull(
     source = ref_of(token_registry, "team/alpha")
     m = pulled["alpha"]
     for desc in (m.config, *m.layers):
-        client.push_blob(target, client.blob(source, desc), desc.digest, desc.size)
+        client.remote.push_blob(target, client.blob(source, desc), desc.digest, desc.size)
     data = client.cache.path(m.digest).read_bytes()
-    assert client.push_manifest(target, data, m.media_type) == m.digest
+    assert client.remote.push_manifest(target, data, m.media_type) == m.digest
     # one token per scope, each fetched once despite many requests
     assert sorted(tokens.scopes) == [
         "repository:team/alpha:pull",
@@ -546,7 +547,7 @@ def test_token_auth_wrong_password(token_registry: RegistryServer, tmp_path: Pat
 def test_docker_hub_credentials_key(tmp_path: Path) -> None:
     config = write_docker_config(tmp_path, {"https://index.docker.io/v1/": ("hubuser", "pw")})
     client = new_client(tmp_path, docker_config=config)
-    creds = client._auth.creds.get("docker.io")
+    creds = client.remote._auth.creds.get("docker.io")
     assert creds is not None and creds.username == "hubuser"
     assert "pw" not in repr(creds)
 
@@ -613,7 +614,7 @@ def test_docker_io_mirror(registry: RegistryServer, tmp_path: Path) -> None:
     client = new_client(tmp_path, mirrors={"docker.io": (registry.url,)})
     ref = Reference.parse(f"{name}:stable")
     assert str(ref) == f"docker.io/library/{name}:stable"
-    assert client.endpoint_urls(ref) == [registry.url, "https://registry-1.docker.io"]
+    assert client.remote.endpoint_urls(ref) == [registry.url, "https://registry-1.docker.io"]
     assert str(client.resolve(ref, AMD64)) == img.manifest_digest
     pull_all(client, ref)
 
@@ -656,11 +657,11 @@ def test_non_loopback_http_mirror_refused(tmp_path: Path) -> None:
         mirrors={"docker.io": ("http://192.0.2.10:5000",)},
         insecure=frozenset({"192.0.2.10:5000"}),
     )
-    assert allowed.endpoint_urls(ref)[0] == "http://192.0.2.10:5000"
+    assert allowed.remote.endpoint_urls(ref)[0] == "http://192.0.2.10:5000"
 
 
 def test_upstream_urls() -> None:
-    up = RegistryClient.upstream_url
+    up = Remote.upstream_url
     assert up("docker.io") == "https://registry-1.docker.io"
     assert up("ghcr.io") == "https://ghcr.io"
     assert up("127.0.0.1:5000") == "http://127.0.0.1:5000"
@@ -732,23 +733,23 @@ def test_push_blob_streams_and_skips_existing(registry: RegistryServer, tmp_path
     path.write_bytes(data)
     digest = Digest(hashlib.sha256(data).hexdigest())
     seen: list[tuple[str, int, int | None]] = []
-    client = RegistryClient(
+    client = Source(
         BlobCache(tmp_path / "blobs"), RegistryOptions(), progress=lambda *a: seen.append(a)
     )
     repo = unique("pushed")
     ref = ref_of(registry, repo)
-    client.push_blob(ref, path, digest, len(data))
+    client.remote.push_blob(ref, path, digest, len(data))
     assert seen and seen[-1][1] == len(data)
     r = requests.get(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=10)
     assert r.status_code == 200 and r.content == data
     seen.clear()
-    client.push_blob(ref, path, digest, len(data))
+    client.remote.push_blob(ref, path, digest, len(data))
     assert seen == []  # HEAD found it: nothing uploaded
     with pytest.raises(InputError):
-        client.push_blob(ref, path, digest, len(data) + 1)
+        client.remote.push_blob(ref, path, digest, len(data) + 1)
     # a wrong digest is refused by the registry, and reported
     with pytest.raises(RegistryError) as info:
-        client.push_blob(ref, path, Digest("5" * 64), len(data))
+        client.remote.push_blob(ref, path, Digest("5" * 64), len(data))
     assert info.value.status == 400 and "DIGEST_INVALID" in str(info.value)
 
 
@@ -762,7 +763,7 @@ def test_push_manifest_then_pull(registry: RegistryServer, tmp_path: Path) -> No
         p = tmp_path / f"l{i}"
         p.write_bytes(blob)
         d = Digest(hashlib.sha256(blob).hexdigest())
-        client.push_blob(ref, p, d, len(blob))
+        client.remote.push_blob(ref, p, d, len(blob))
         descs.append({"mediaType": OCI_LAYER_GZIP, "digest": str(d), "size": len(blob)})
     config = json.dumps(
         {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
@@ -770,7 +771,7 @@ def test_push_manifest_then_pull(registry: RegistryServer, tmp_path: Path) -> No
     cp = tmp_path / "config"
     cp.write_bytes(config)
     cd = Digest(hashlib.sha256(config).hexdigest())
-    client.push_blob(ref, cp, cd, len(config))
+    client.remote.push_blob(ref, cp, cd, len(config))
     manifest = json.dumps(
         {
             "schemaVersion": 2,
@@ -783,7 +784,7 @@ def test_push_manifest_then_pull(registry: RegistryServer, tmp_path: Path) -> No
             "layers": descs,
         }
     ).encode()
-    digest = client.push_manifest(ref, manifest, OCI_MANIFEST)
+    digest = client.remote.push_manifest(ref, manifest, OCI_MANIFEST)
     assert str(digest) == sha256(manifest)
     fresh = new_client(tmp_path / "fresh")
     assert fresh.resolve(ref, AMD64) == digest
@@ -995,7 +996,7 @@ def test_stalled_blob_times_out(scripted: tuple[str, Script], tmp_path: Path) ->
 def test_credentials_from_a_docker_credential_helper(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from banger_build.registry_auth import CredentialStore
+    from banger_build.oci.auth import CredentialStore
     from banger_build.run import find_tool
 
     bin_dir = tmp_path / "bin"

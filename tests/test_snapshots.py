@@ -16,9 +16,9 @@ import pytest
 from banger_build import ext4
 from banger_build.derivation import derive
 from banger_build.inputs import resolve_injected, resolve_kernel, template_context
-from banger_build.oci import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
+from banger_build.oci.reference import Digest
 from banger_build.recipe import load_recipe
-from banger_build.reference import Digest
 from banger_build.templating import render_template
 from banger_build.tree import DIR, REG, SYMLINK, Inode
 

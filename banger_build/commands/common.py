@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from banger_build.build import BuildOptions, Context
-    from banger_build.registry_config import RegistryOptions
+    from banger_build.oci.options import RegistryOptions
 
 
 def add_home(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def home(args: argparse.Namespace) -> Path:
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
-    from banger_build.registry_config import options_from_env
+    from banger_build.oci.options import options_from_env
 
     return options_from_env(args.mirror, args.insecure_registry)
 

@@ -33,19 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.blobs import BlobCache
     from banger_build.fsutil import hash_file
     from banger_build.inputs import modules_version
-    from banger_build.kernel_artifact import (
+    from banger_build.oci.blobs import BlobCache
+    from banger_build.oci.kernel import (
         CONFIG_TYPE,
         LAYERS,
         config_bytes,
         manifest_bytes,
         write_modules_tar,
     )
-    from banger_build.oci import OCI_MANIFEST, Descriptor
-    from banger_build.reference import Digest, Reference, ReferenceSyntaxError
-    from banger_build.registry import RegistryClient
+    from banger_build.oci.manifest import OCI_MANIFEST, Descriptor
+    from banger_build.oci.reference import Digest, Reference, ReferenceSyntaxError
+    from banger_build.oci.remote import Remote
     from banger_build.store import Store
 
     try:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--modules {args.modules}: not a directory", reason=Reason.MISSING_INPUT)
 
     store = Store(common.home(args))
-    client = RegistryClient(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
+    client = Remote(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
 
     def push(path: Path, media_type: str) -> Descriptor:
         hexdigest, size = hash_file(path)

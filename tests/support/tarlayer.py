@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from banger_build.flatten import LayerInput
-from banger_build.reference import Digest
+from banger_build.oci.reference import Digest
 from tests.support.oci import compress, tar_bytes
 
 MTIME = 1_700_000_000

@@ -1,6 +1,6 @@
-"""Registry options: mirrors, insecure hosts, timeouts; from CLI arguments and env.
+"""Registry options: mirrors, insecure hosts, timeouts, retries; from CLI arguments and env.
 
-Pure data and validation, no network (``banger_build.registry`` uses them).
+Pure data and validation, no network (``transport`` and ``remote`` use them).
 Plain HTTP is allowed only to loopback hosts and hosts listed as insecure.
 Credentials never belong in a mirror URL and never appear in messages.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger_build.errors import InputError, Reason
-from banger_build.reference import DOCKER_HUB
+from banger_build.oci.reference import DOCKER_HUB
 
 ENV_MIRRORS = "BANGER_BUILD_MIRRORS"
 ENV_INSECURE = "BANGER_BUILD_INSECURE_REGISTRIES"
@@ -28,8 +28,16 @@ class RegistryOptions:
     mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     #: hosts (``host`` or ``host:port``) where plain HTTP is allowed besides loopback
     insecure: frozenset[str] = frozenset()
+    #: seconds to wait for a connection's next bytes (response headers included)
     timeout: float = 30.0
+    #: retries of one request, all causes together (refused or reset connection,
+    #: 429/5xx, a stalled or cut transfer, its token request): one total bound
     retries: int = 3
+    #: a transfer slower than ``low_speed`` bytes/s for ``low_speed_time`` seconds is
+    #: abandoned as stalled (curl's --speed-limit / --speed-time); a registry that
+    #: trickles a byte every few seconds fails in about ``low_speed_time``
+    low_speed: int = 1024
+    low_speed_time: float = 30.0
     docker_config: Path | None = None
 
 

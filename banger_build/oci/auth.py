@@ -7,10 +7,10 @@ token; tokens are cached per ``(realm, service, scope)`` and bound per
 ``(endpoint, repository, pull|push)``, so a second repository or a push
 after a pull gets its own token instead of a 401.
 
-This module decides what to send; ``banger_build.registry`` sends it (the
-token request itself is a ``TokenFetcher`` the transport passes in). No
-network here. Failures raise ``AuthError``; credentials and tokens never
-appear in messages or reprs.
+This module decides what to send; ``transport`` sends it (the token request
+itself is a ``TokenFetcher`` the transport passes in). No network here.
+Failures raise ``AuthError`` (a ``failure.Failure``); credentials and tokens
+never appear in messages or reprs.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger_build.errors import Reason, ToolError
-from banger_build.reference import DOCKER_HUB
-from banger_build.registry_config import RegistryOptions, canonical_host, plain_http_allowed
+from banger_build.oci.failure import Failure
+from banger_build.oci.options import RegistryOptions, canonical_host, plain_http_allowed
+from banger_build.oci.reference import DOCKER_HUB
 from banger_build.run import run
 
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
@@ -36,16 +37,13 @@ DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 ScopeKey = tuple[str, str]  # (repository, "pull" | "push")
 
 
-class AuthError(Exception):
-    """An authentication failure; ``reason`` is a RegistryError reason."""
+class AuthError(Failure):
+    """An authentication failure (the Docker config, a token, the realm)."""
 
     def __init__(
         self, message: str, *, reason: Reason = Reason.AUTH, status: int | None = None
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-        self.status = status
+        super().__init__(message, reason=reason, status=status)
 
 
 # -- credentials -----------------------------------------------------------------

@@ -1,15 +1,11 @@
-"""OCI / Docker image manifests: media types, descriptors and parsing.
+"""OCI / Docker image manifests: media types, descriptors, parsing, size limits.
 
 Pure functions over bytes that were already verified against their digest;
-no network. ``cached_manifest`` reads a manifest from the ``BlobCache``, so a
-build whose image is pinned and cached needs neither the registry client nor
-its HTTP stack (``banger_build.registry`` imports oras and requests; this
-module must not).
-
-Parsing failures raise ``ManifestError`` with a ``RegistryError`` reason
-(``invalid-manifest``, ``unsupported-media-type``, ``no-platform``); the
-caller, who knows the reference, turns it into a ``RegistryError`` with
-``error_for``.
+no network, no cache. Parsing failures raise ``ManifestError`` (a
+``failure.Failure``) with a reason (``invalid-manifest``,
+``unsupported-media-type``, ``no-platform``, ``too-many-layers``); the
+boundary (``source``, ``remote``), which knows the reference, turns it into
+a ``RegistryError``.
 """
 
 from __future__ import annotations
@@ -19,9 +15,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from banger_build.blobs import BlobCache
-from banger_build.errors import Reason, RegistryError
-from banger_build.reference import Digest, Platform, ReferenceSyntaxError
+from banger_build.errors import Reason
+from banger_build.oci.failure import Failure
+from banger_build.oci.reference import Digest, Platform, ReferenceSyntaxError
+
+# -- limits --------------------------------------------------------------------
+
+#: bytes of one manifest or index: containerd's limit; real ones are a few KiB
+MAX_MANIFEST = 4 << 20
+#: bytes of an image (or kernel) config. Real configs are a few KiB, tens with a
+#: long history; parsing costs up to ~26 bytes of memory per byte of JSON (a 4 MiB
+#: config of empty objects takes ~106 MB, measured), so twice the manifest limit
+#: would already cost a fifth of a GiB.
+MAX_CONFIG = 4 << 20
+#: layers of one image: Docker refuses images deeper than 125 layers and overlayfs
+#: snapshotters mount ~128, so nothing runnable elsewhere is refused; a 4 MiB
+#: manifest could otherwise list ~25,000 layers, each a download and a flatten pass.
+MAX_LAYERS = 256
+#: image indexes inside image indexes (one level is normal, two is rare)
+MAX_INDEX_DEPTH = 4
 
 # -- media types ---------------------------------------------------------------
 
@@ -74,19 +86,8 @@ class ImageManifest:
     layers: tuple[Descriptor, ...]
 
 
-class ManifestError(Exception):
-    """A manifest or index that cannot be used. ``reason`` is a RegistryError reason."""
-
-    status: int | None = None  # never an HTTP failure; shaped like the registry's failures
-
-    def __init__(self, message: str, *, reason: Reason) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-
-    def error_for(self, reference: str) -> RegistryError:
-        """This failure as the ``RegistryError`` for ``reference``."""
-        return RegistryError(self.message, reference=reference, reason=self.reason)
+class ManifestError(Failure):
+    """A manifest, index or config that cannot be used (never an HTTP failure)."""
 
 
 # -- parsing -------------------------------------------------------------------
@@ -130,7 +131,7 @@ def media_type_of(data: bytes, header: str | None) -> tuple[str, dict[str, Any]]
     )
 
 
-def _descriptor(obj: object, what: str) -> Descriptor:
+def descriptor(obj: object, what: str) -> Descriptor:
     if not isinstance(obj, dict):
         raise ManifestError(f"{what} is not a descriptor object", reason=Reason.INVALID_MANIFEST)
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
@@ -169,7 +170,7 @@ def parse_image_manifest(digest: Digest, data: bytes, header: str | None = None)
             f"unsupported schemaVersion {body.get('schemaVersion')!r}",
             reason=Reason.INVALID_MANIFEST,
         )
-    config = _descriptor(body.get("config"), "config")
+    config = descriptor(body.get("config"), "config")
     if config.media_type not in CONFIG_TYPES:
         raise ManifestError(
             f"config media type {config.media_type} is not an image config "
@@ -179,7 +180,12 @@ def parse_image_manifest(digest: Digest, data: bytes, header: str | None = None)
     raw_layers = body.get("layers")
     if not isinstance(raw_layers, list):
         raise ManifestError("the manifest has no layers list", reason=Reason.INVALID_MANIFEST)
-    layers = tuple(_descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
+    if len(raw_layers) > MAX_LAYERS:
+        raise ManifestError(
+            f"the image has {len(raw_layers)} layers, more than the limit of {MAX_LAYERS}",
+            reason=Reason.TOO_MANY_LAYERS,
+        )
+    layers = tuple(descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise ManifestError(
@@ -206,7 +212,7 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
         )
     available: list[str] = []
     for i, entry in enumerate(entries):
-        desc = _descriptor(entry, f"index entry {i}")
+        desc = descriptor(entry, f"index entry {i}")
         spec = desc.platform or {}
         if desc.platform is not None:
             text = platform_text(spec)
@@ -225,16 +231,24 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
     )
 
 
-# -- the cache -------------------------------------------------------------------
+def check_config_size(config: Descriptor) -> None:
+    """Refuse a config descriptor larger than ``MAX_CONFIG`` before it is read."""
+    if config.size > MAX_CONFIG:
+        raise ManifestError(
+            f"the config {config.digest} is {config.size} bytes, more than the limit of "
+            f"{MAX_CONFIG} bytes",
+            reason=Reason.TOO_LARGE,
+        )
 
 
-def cached_manifest(cache: BlobCache, digest: Digest) -> ImageManifest | None:
-    """The image manifest ``digest`` from the blob cache (verified), or None if absent.
-
-    No network. Raises ManifestError when the cached bytes are not a usable
-    image manifest.
-    """
-    path = cache.get(digest)
-    if path is None:
-        return None
-    return parse_image_manifest(digest, path.read_bytes())
+def parse_config(data: bytes) -> dict[str, Any]:
+    """A config blob's JSON object (the bytes are verified and at most ``MAX_CONFIG``)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(
+            f"the config is not valid JSON: {exc}", reason=Reason.INVALID_CONFIG
+        ) from None
+    if not isinstance(body, dict):
+        raise ManifestError("the config is not a JSON object", reason=Reason.INVALID_CONFIG)
+    return body

@@ -14,6 +14,8 @@ directory: entries relative to it, sorted, root-owned, mtime 0, directories
 0755, files 0644, symlinks kept. Same inputs, same bytes, same digest.
 
 Pure functions over files and bytes; no network (and no HTTP stack import).
+Manifest and config failures are ``manifest.ManifestError``s, for the
+boundary (``source``) to name the reference.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ from typing import IO
 
 from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
-from banger_build.oci import OCI_MANIFEST, Descriptor, ManifestError, _descriptor, media_type_of
-from banger_build.reference import Digest
+from banger_build.oci.manifest import (
+    OCI_MANIFEST,
+    Descriptor,
+    ManifestError,
+    descriptor,
+    media_type_of,
+    parse_config,
+)
+from banger_build.oci.reference import Digest
 
 ARTIFACT_TYPE = "application/vnd.banger.kernel.v1"
 CONFIG_TYPE = "application/vnd.banger.kernel.config.v1+json"
@@ -135,7 +144,7 @@ def parse_kernel_manifest(digest: Digest, data: bytes) -> KernelArtifact:
             "`banger-build kernel push`)",
             reason=Reason.UNSUPPORTED_MEDIA_TYPE,
         )
-    config = _descriptor(body.get("config"), "config")
+    config = descriptor(body.get("config"), "config")
     if body.get("artifactType") != ARTIFACT_TYPE and config.media_type != CONFIG_TYPE:
         raise ManifestError(
             f"{digest} is not a kernel artifact (artifactType "
@@ -148,7 +157,7 @@ def parse_kernel_manifest(digest: Digest, data: bytes) -> KernelArtifact:
     by_type = {mt: name for name, mt in LAYERS.items()}
     files: dict[str, Descriptor] = {}
     for i, item in enumerate(raw):
-        layer = _descriptor(item, f"layer {i}")
+        layer = descriptor(item, f"layer {i}")
         name = by_type.get(layer.media_type)
         if name is None:
             raise ManifestError(
@@ -167,14 +176,11 @@ def parse_kernel_manifest(digest: Digest, data: bytes) -> KernelArtifact:
     return KernelArtifact(digest, config, files)
 
 
-def read_version(config: bytes, what: str) -> str:
-    try:
-        body = json.loads(config)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what}: kernel config is not valid JSON: {exc}") from exc
-    version = body.get("version", "") if isinstance(body, dict) else None
+def parse_kernel_config(data: bytes) -> str:
+    """The modules version a kernel artifact's config records ('' for none)."""
+    version = parse_config(data).get("version", "")
     if not isinstance(version, str):
-        raise InputError(f"{what}: kernel config has no version string")
+        raise ManifestError("the kernel config has no version string", reason=Reason.INVALID_CONFIG)
     return version
 
 
@@ -229,6 +235,6 @@ __all__ = [
     "extract_modules",
     "manifest_bytes",
     "parse_kernel_manifest",
-    "read_version",
+    "parse_kernel_config",
     "write_modules_tar",
 ]
