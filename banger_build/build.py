@@ -426,10 +426,10 @@ def write_manifest(ctx: Context) -> None:
 
 RESOLVE: tuple[Callable[[Context], None], ...] = (
     read_recipe,
+    resolve_inputs,  # local files and templates first: their errors need no network
     resolve_image,
     choose_epoch,
     resolve_kernel_artifact,
-    resolve_inputs,
     read_tool_versions,
     make_derivation,
 )
