@@ -23,11 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from banger_build import __version__, ext4
+from banger_build import __version__, ext4, signals
 from banger_build.derivation import Derivation, derive
 from banger_build.errors import HostError, InputError, Reason, RecipeError, StoreError, host_error
 from banger_build.flatten import Flattener, LayerInput
-from banger_build.fsutil import ContentChanged, copy_verified, hash_file
+from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove_tree
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
@@ -109,6 +109,7 @@ class Context:
         self.inode_count = 0
         self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
         self.timings: dict[str, float] = {}  # step name -> seconds
+        self.differences: list[str] = []  # check: how the rebuild differs from the store
 
     @property
     def key(self) -> str:
@@ -356,7 +357,12 @@ def make_filesystem(ctx: Context) -> None:
     ext4.make_filesystem(
         ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
     )
-    shutil.rmtree(ctx.staging)  # free the disk early; the image holds it all now
+    removal = remove_tree(ctx.staging)  # free the disk early; the image holds it all now
+    if not removal.ok:
+        raise HostError(
+            "make filesystem: cannot remove the staging tree: " + "; ".join(removal.failures[:3]),
+            reason=Reason.IO,
+        )
 
 
 def restore_metadata(ctx: Context) -> None:
@@ -474,12 +480,17 @@ def boundary(ctx: Context, step: Step) -> Iterator[None]:
         raise host_error(name, exc) from exc
     except MemoryError as exc:
         raise HostError(f"{name}: out of memory", reason=Reason.OUT_OF_MEMORY) from exc
+    except RecursionError as exc:  # a host tree nested past Python's stack
+        raise HostError(
+            f"{name}: a directory tree is nested too deeply", reason=Reason.TOO_DEEP
+        ) from exc
     finally:
         ctx.timings[name] = time.monotonic() - started
 
 
 def run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:
     for step in steps:
+        signals.checkpoint()  # a terminating signal whose raise was lost ends it here
         with boundary(ctx, step):
             step(ctx)
 
@@ -494,8 +505,9 @@ def _link(ctx: Context, path: Path) -> None:
     """The out-link and its gc root, made while the key lock is held."""
     link = ctx.options.out_link
     if link is not None:
-        set_out_link(link, path)
-        ctx.store.add_root(link)
+        with ctx.store.gc_guard():  # gc prunes roots under the exclusive lock
+            set_out_link(link, path)
+            ctx.store.add_root(link)
 
 
 def build(
@@ -519,6 +531,7 @@ def build(
 def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> BuildResult:
     reporter = ctx.reporter
     run_steps(ctx, RESOLVE)
+    save_lock(ctx)  # the pins are what was resolved, whatever the build does next
     name, key = ctx.derivation.name, ctx.key
     result: BuildResult | None = None
     with ctx.store.key_lock(key, shared=True):  # a cache hit: gc waits for us
@@ -543,7 +556,6 @@ def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> Buil
             result = BuildResult(path, key, cached, ctx.derivation)
             if on_ready is not None:
                 on_ready(result)
-    save_lock(ctx)
     if not result.cached and ctx.timings:
         reporter.note(
             "steps: " + ", ".join(f"{n} {t:.1f}s" for n, t in ctx.timings.items() if t >= 0.05)
@@ -600,20 +612,26 @@ def _check(ctx: Context) -> CheckResult:
     reporter = ctx.reporter
     run_steps(ctx, RESOLVE)
     name, key = ctx.derivation.name, ctx.key
-    path = ctx.store.lookup(key, name)
-    if path is None:
-        raise StoreError(
-            f"{name} (key {key}) is not in the store: build it before checking it",
-            reason=Reason.NOT_BUILT,
-        )
 
     def waiting() -> None:
         reporter.step("waiting for a build of this key")
 
-    with ctx.store.key_lock(key, shared=True, on_wait=waiting), ctx.store.build_dir(key) as work:
-        ctx.work = work
-        run_steps(ctx, BUILD)
-        reporter.step(f"comparing the rebuild with {path}")
-        differences = compare_outputs(path, ctx.out)
+    # shared: gc keeps the stored path until the comparison is done
+    with ctx.store.key_lock(key, shared=True, on_wait=waiting):
+        path = ctx.store.lookup(key, name)
+        if path is None:
+            raise StoreError(
+                f"{name} (key {key}) is not in the store: build it before checking it",
+                reason=Reason.NOT_BUILT,
+            )
+        with ctx.store.build_dir(key) as work:
+            ctx.work = work
+            run_steps(ctx, (*BUILD, compare_with_store))
     reporter.done()
-    return CheckResult(path, key, tuple(differences))
+    return CheckResult(path, key, tuple(ctx.differences))
+
+
+def compare_with_store(ctx: Context) -> None:
+    path = ctx.store.path_for(ctx.key, ctx.derivation.name)
+    ctx.reporter.step(f"comparing the rebuild with {path}")
+    ctx.differences = compare_outputs(path, ctx.out)

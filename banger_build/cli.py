@@ -21,10 +21,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from banger_build import __version__
+from banger_build import __version__, signals
 from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
 from banger_build.commands import build as build_command
 from banger_build.commands import render as render_command
@@ -69,26 +69,8 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
-class Terminated(KeyboardInterrupt):
-    """A terminating signal arrived; raised in the main thread so every cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # One signal starts the cleanup; more of them must not cut it short.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
-
-
-def install_signal_handlers() -> None:
-    """SIGINT, SIGTERM and SIGHUP end a command the same way: an exception in
-    the main thread, so subprocess groups are killed and temp dirs removed."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+class StdoutClosed(Exception):
+    """Our stdout's reader went away (``banger-build render R | head``)."""
 
 
 class _WholeWrites(io.RawIOBase):
@@ -110,8 +92,11 @@ class _WholeWrites(io.RawIOBase):
     def write(self, data: ReadableBuffer) -> int:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):
-            done += os.write(self._fd, view[done:])
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        except BrokenPipeError as exc:
+            raise StdoutClosed() from exc
         return done
 
 
@@ -137,6 +122,38 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a reader that went away is found here, not at exit
+        signals.checkpoint()  # a signal whose raise was lost still ends the command
+        return status
+    except StdoutClosed:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc.signum if isinstance(exc, signals.Terminated) else None)
+    except BangerError as exc:
+        if debug:
+            raise
+        if signals.pending() is not None:  # the error is the interruption's doing
+            return _interrupted(None)
+        print(f"banger-build: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one line, a distinct status
+        if debug:
+            raise
+        if signals.pending() is not None:
+            return _interrupted(None)
+        print(
+            f"banger-build: internal error: {type(exc).__name__}: {exc} "
+            "(a bug in banger-build; BANGER_BUILD_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     names = {m.NAME for m in COMMANDS}
     if args_list and not args_list[0].startswith("-") and args_list[0] not in names:
@@ -146,40 +163,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
-    try:
-        status = int(args.handler(args))
-        sys.stdout.flush()  # a reader that went away is found here, not at exit
-        return status
-    except BangerError as exc:
-        if debug:
-            raise
-        print(f"banger-build: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:
-        _quiet_stdout()
-        return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+    return int(args.handler(args))
+
+
+def _interrupted(signum: int | None) -> int:
+    signals.delivered()
+    signum = signum or signals.pending_or(signal.SIGINT)
+    with contextlib.suppress(OSError, ValueError):
         print(f"banger-build: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
-    except Exception as exc:  # a bug: one line, a distinct status
-        if debug:
-            raise
-        print(
-            f"banger-build: internal error: {type(exc).__name__}: {exc} "
-            "(a bug in banger-build; BANGER_BUILD_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+    return 128 + signum
 
 
 def entry_point() -> int:
     """The ``banger-build`` console script: ``main`` with signals handled."""
-    install_signal_handlers()
+    signals.install()
     _reliable_stdout()
     try:
         return main()
+    except KeyboardInterrupt as exc:  # one that arrived while main was reporting
+        return _interrupted(exc.signum if isinstance(exc, signals.Terminated) else None)
     finally:
         with contextlib.suppress(BrokenPipeError, OSError, ValueError):
             sys.stdout.flush()

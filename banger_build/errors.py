@@ -39,6 +39,7 @@ class Reason(StrEnum):
     PERMISSION = "permission"
     OUT_OF_MEMORY = "out-of-memory"
     TOO_LARGE = "too-large"  # a recipe, template, manifest or config past its bound
+    TOO_DEEP = "too-deep"  # a tree nested past a bound
     INTERRUPTED = "interrupted"
     TIMEOUT = "timeout"
     BAD_ARGUMENT = "bad-argument"

@@ -109,9 +109,13 @@ class _Frame:
         self.fd = fd
         self.rel = rel
         self.own = own
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+            self.names = iter(sorted(os.listdir(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
         self.ident = (st.st_dev, st.st_ino)
-        self.names = iter(sorted(os.listdir(fd)))
 
 
 def walk(root: Path, *, topdown: bool = True) -> Iterator[Entry]:
@@ -121,6 +125,7 @@ def walk(root: Path, *, topdown: bool = True) -> Iterator[Entry]:
     relative to its parent and listed once, so neither depth nor path length
     is limited. ``topdown=False`` yields a directory after its contents (for
     removal). An entry's ``parent_fd`` is open while it is being yielded.
+    Entries that vanish while the walk runs are skipped.
     """
     stack = [_Frame(_open_dir(os.fspath(root), None), "", None)]
     try:
@@ -129,20 +134,29 @@ def walk(root: Path, *, topdown: bool = True) -> Iterator[Entry]:
             name = next(top.names, None)
             if name is None:
                 stack.pop()
-                if stack and stack[-1].fd < 0:
-                    _reopen_parent(stack[-1], top.fd)
-                os.close(top.fd)
+                try:
+                    if stack and stack[-1].fd < 0:
+                        _reopen_parent(stack[-1], top.fd)
+                finally:
+                    os.close(top.fd)
                 if top.own is not None and not topdown:  # its parent's fd may be a new one
                     yield dataclasses.replace(top.own, parent_fd=stack[-1].fd)
                 continue
-            st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+            try:
+                st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             entry = Entry(top.fd, name, st, f"{top.rel}/{name}" if top.rel else name)
             if not entry.is_dir:
                 yield entry
                 continue
             if topdown:
                 yield entry
-            stack.append(_Frame(_open_dir(name, top.fd), entry.path, entry))
+            try:
+                child = _open_dir(name, top.fd)
+            except FileNotFoundError:
+                continue
+            stack.append(_Frame(child, entry.path, entry))
             if len(stack) > MAX_OPEN_DIRS and stack[-MAX_OPEN_DIRS - 1].fd >= 0:
                 frame = stack[-MAX_OPEN_DIRS - 1]
                 os.close(frame.fd)
@@ -174,11 +188,13 @@ class Removal:
 
 
 def _make_writable(root: Path) -> None:
-    """Give the owner rwx on every directory (published trees are 0555)."""
-    os.chmod(root, stat.S_IRWXU, follow_symlinks=False)
+    """Give the owner rwx on every directory (published trees are 0555). The
+    entries were just lstat'ed as directories of our own private tree, so the
+    plain chmod (which needs no /proc, unlike the no-follow variant) is safe."""
+    os.chmod(root, stat.S_IRWXU)
     for entry in walk(root):
         if entry.is_dir and entry.st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-            os.chmod(entry.name, stat.S_IRWXU, dir_fd=entry.parent_fd, follow_symlinks=False)
+            os.chmod(entry.name, stat.S_IRWXU, dir_fd=entry.parent_fd)
 
 
 def remove_tree(path: Path) -> Removal:
@@ -216,6 +232,8 @@ def remove_tree(path: Path) -> Removal:
     except OSError as exc:
         if not (exc.errno == errno.ENOTEMPTY and result.failures):
             result.failures.append(f"{path}: {exc.strerror}")
+    if not result.failures and os.path.lexists(path):  # something appeared meanwhile
+        result.failures.append(f"{path}: still there after removing it")
     return result
 
 

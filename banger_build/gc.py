@@ -22,10 +22,12 @@ gc never crashes on what it cannot remove: ``GcReport.failures`` names it.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from banger_build.errors import StoreError
 from banger_build.fsutil import disk_usage, remove_tree
 from banger_build.store import Store, StoreEntry, live_temp_roots, try_flock
 
@@ -116,44 +118,84 @@ def _delete_path(store: Store, entry: Entry, report: GcReport, *, dry_run: bool)
             report.kept_rooted.append(entry)
             return
         if not dry_run:
-            removal = remove_tree(entry.path)
-            if not removal.ok:
-                report.failures += removal.failures
-                return
+            report.failures += store.discard(entry.path).failures
             meta = store.entry(entry.path).meta_file
-            if meta is not None:
-                meta.unlink(missing_ok=True)
+            try:
+                if meta is not None:
+                    meta.unlink(missing_ok=True)
+            except OSError as exc:
+                report.failures.append(f"{meta}: {exc.strerror}")
         report.deleted.append(entry)
 
 
-def _unheld(path: Path) -> bool:
-    """Does nobody hold an flock on ``path`` (a temp dir or a partial download)?"""
-    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if path.is_dir() else 0)
+def _collect_broken(store: Store, report: GcReport, *, dry_run: bool) -> None:
+    """Store dirs without a manifest.json (never published whole: left by a tool
+    of an older version, or by hand) whose key nobody holds."""
+    for path in sorted(store.store.iterdir()):
+        try:
+            entry = store.entry(path)
+        except StoreError:
+            continue
+        if entry.exists():
+            continue
+        with store.try_key_lock(entry.key) as free:
+            if free and not entry.exists():
+                size = disk_usage(path)
+                if not dry_run:
+                    report.failures += store.discard(path).failures
+                report.tmp_deleted += 1
+                report.tmp_bytes += size
+
+
+def _claim(path: Path) -> int | None:
+    """An fd holding ``path``'s flock if nobody else holds it (a stale temp dir or
+    partial download: ours to remove), else None. Anything that is neither a
+    directory nor a regular file (a symlink, a FIFO) is stale by nature: -1."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW)
+        st = os.lstat(path)
     except OSError:
-        return False  # cannot tell: leave it
+        return None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        return -1
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return try_flock(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, flags | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0))
+    except OSError:
+        return None  # cannot tell: leave it
+    if try_flock(fd):
+        return fd
+    os.close(fd)
+    return None
 
 
-def _collect_temp(store: Store, report: GcReport, *, dry_run: bool) -> None:
-    """Temp dirs of any command and partial downloads nobody holds (under the gc lock)."""
-    stale = [p for p in sorted(store.tmp.iterdir()) if p.is_symlink() or _unheld(p)]
+def _claim_temp(store: Store) -> list[tuple[Path, int]]:
+    """Claim the temp dirs and partial downloads nobody holds (under the gc lock)."""
+    claimed = []
     partial = store.blobs / "tmp"
-    if partial.is_dir():
-        stale += [p for p in sorted(partial.iterdir()) if p.is_symlink() or _unheld(p)]
-    for path in stale:
-        size = disk_usage(path)
-        if not dry_run:
-            removal = remove_tree(path)
-            if not removal.ok:
-                report.failures += removal.failures
-                continue
-        report.tmp_deleted += 1
-        report.tmp_bytes += size
+    for directory in (store.tmp, partial):
+        if directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                fd = _claim(path)
+                if fd is not None:
+                    claimed.append((path, fd))
+    return claimed
+
+
+def _remove_claimed(claimed: list[tuple[Path, int]], report: GcReport, *, dry_run: bool) -> None:
+    """Remove what ``_claim_temp`` claimed (its flocks keep everyone else off it)."""
+    for path, fd in claimed:
+        try:
+            size = disk_usage(path)
+            if not dry_run:
+                removal = remove_tree(path)
+                if not removal.ok:
+                    report.failures += removal.failures
+                    continue
+            report.tmp_deleted += 1
+            report.tmp_bytes += size
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _collect_blobs(store: Store, report: GcReport, deleted: set[Path], *, dry_run: bool) -> None:
@@ -191,7 +233,8 @@ def collect(
     max_size: int | None = None,
 ) -> GcReport:
     report = GcReport()
-    roots = store.rooted(prune=not dry_run)
+    with store.gc_guard(exclusive=True):  # out-links are rooted under the shared lock
+        roots = store.rooted(prune=not dry_run)
     all_entries = entries(store)
     candidates = _select(
         report,
@@ -204,7 +247,16 @@ def collect(
     )
     for entry in candidates:
         _delete_path(store, entry, report, dry_run=dry_run)
+    _collect_broken(store, report, dry_run=dry_run)
     with store.gc_guard(exclusive=True):
-        _collect_temp(store, report, dry_run=dry_run)
-        _collect_blobs(store, report, {e.path for e in report.deleted}, dry_run=dry_run)
+        claimed = _claim_temp(store)
+        try:
+            _collect_blobs(store, report, {e.path for e in report.deleted}, dry_run=dry_run)
+        except BaseException:
+            for _, fd in claimed:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+    # the big removals happen without the gc lock: builds need not wait for them
+    _remove_claimed(claimed, report, dry_run=dry_run)
     return report

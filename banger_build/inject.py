@@ -16,7 +16,7 @@ from pathlib import Path
 from banger_build.entries import Where
 from banger_build.errors import BangerError, InputError, Reason
 from banger_build.flatten import check_name
-from banger_build.fsutil import ContentChanged, copy_verified
+from banger_build.fsutil import ContentChanged, copy_verified, remove_tree
 from banger_build.inputs import Injected
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
 
@@ -192,7 +192,12 @@ def install_modules(tree: Tree, staging: Path, modules: Path, version: str, *, e
     assert parent.children is not None
     if version in parent.children:  # the image's own modules for this version: replaced
         del parent.children[version]
-        shutil.rmtree(staging / real / version)
+        removal = remove_tree(staging / real / version)
+        if not removal.ok:
+            raise InputError(
+                "cannot replace the image's own modules: " + "; ".join(removal.failures[:3]),
+                reason=Reason.IO,
+            )
     top = new_dir(mtime=epoch)
     parent.children[version] = top
     os.mkdir(staging / real / version, 0o755)

@@ -22,8 +22,9 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from banger_build import signals
 from banger_build.errors import Reason, ToolError
 
 # e2fsprogs lives in /sbin on Debian; an unprivileged user's PATH often lacks it.
@@ -70,7 +71,13 @@ def _argv(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
-    """Kill ``proc``'s process group (TERM, then KILL) and reap it."""
+    """Kill ``proc``'s process group (TERM, then KILL) and reap it; a signal
+    arriving meanwhile waits until the group is gone."""
+    with signals.deferred():
+        _stop(proc, grace)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
             break
@@ -84,6 +91,11 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen in a new process group; the group is ours to kill, whatever happens."""
+    return subprocess.Popen(argv, process_group=0, **kwargs)
 
 
 def _signal_words(returncode: int) -> str:
@@ -111,15 +123,15 @@ def run(
     """
     args = [os.fspath(a) for a in argv]
     try:
-        proc = subprocess.Popen(
-            _argv(args),
-            stdin=subprocess.PIPE if input is not None else stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env) if env is not None else tool_env(),
-            cwd=cwd,
-            process_group=0,
-        )
+        with signals.deferred():  # started and recorded, or not started at all
+            proc = _popen(
+                _argv(args),
+                stdin=subprocess.PIPE if input is not None else stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env) if env is not None else tool_env(),
+                cwd=cwd,
+            )
     except OSError as exc:
         if isinstance(exc, FileNotFoundError):
             raise ToolError(f"{args[0]} not found", argv=args, reason=Reason.TOOL_MISSING) from exc
@@ -165,14 +177,14 @@ def spawned(
     reaped when the block ends, however it ends."""
     args = [os.fspath(a) for a in argv]
     try:
-        proc = subprocess.Popen(
-            _argv(args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env) if env is not None else tool_env(),
-            process_group=0,
-        )
+        with signals.deferred():
+            proc = _popen(
+                _argv(args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env) if env is not None else tool_env(),
+            )
     except OSError as exc:
         reason = Reason.TOOL_MISSING if isinstance(exc, FileNotFoundError) else Reason.TOOL_FAILED
         raise ToolError(

@@ -45,6 +45,7 @@ from typing import Any
 
 from banger_build.errors import Reason, StoreError, host_error
 from banger_build.fsutil import (
+    Removal,
     disk_usage,
     fsync_dir,
     fsync_tree,
@@ -213,12 +214,20 @@ class StoreEntry:
             if isinstance(ref, str) and ref.startswith("sha256:")
         }
 
-    def write_meta(self, recipe: Path) -> None:
+    def write_meta(self, recipe: Path) -> bool:
+        """Record the recipe and time (for ``ls``; not an input): best effort,
+        False when it could not be written."""
         assert self.meta_file is not None, "only entries of a store have meta records"
         info = {"recipe": str(recipe.absolute()), "time": int(time.time())}
         tmp = self.meta_file.with_name(f".{self.meta_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, self.meta_file)
+        try:
+            tmp.write_text(json.dumps(info) + "\n")
+            os.replace(tmp, self.meta_file)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        return True
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -250,7 +259,10 @@ class TempRoots:
         with self._store.gc_guard():
             if self._fd is None:
                 self._fd = self._create()
-            os.write(self._fd, hex_digest.encode("ascii") + b"\n")
+            line = hex_digest.encode("ascii") + b"\n"
+            written = 0
+            while written < len(line):  # a short write would merge two digests
+                written += os.write(self._fd, line[written:])
         self._added.add(hex_digest)
 
     def guard(self) -> contextlib.AbstractContextManager[None]:
@@ -285,7 +297,8 @@ def live_temp_roots(store: Store, *, prune: bool) -> set[str]:
         try:
             if try_flock(fd):
                 if prune:
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
                 continue
             with os.fdopen(os.dup(fd), "rb") as f:
                 live.update(line.strip().decode("ascii", "replace") for line in f if line.strip())
@@ -299,7 +312,14 @@ def live_temp_roots(store: Store, *, prune: bool) -> set[str]:
 
 class Store:
     def __init__(self, home: Path) -> None:
-        self.home = home.absolute()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            # One spelling of the home for every path we record (out-links, roots):
+            # a symlinked $HOME elsewhere must not make gc think nothing is rooted.
+            self.home = home.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise StoreError(f"cannot use the store at {home}: {why}", reason=Reason.IO) from exc
         self.store = self.home / "store"
         self.tmp = self.home / "tmp"
         self.locks = self.home / "locks"
@@ -363,9 +383,9 @@ class Store:
                 found.append(entry)
         return sorted(found, key=lambda e: (e.built_at, e.path.name))
 
-    def record(self, path: Path, recipe: Path) -> None:
+    def record(self, path: Path, recipe: Path) -> bool:
         """Remember which recipe produced a store path, for ``ls`` (not an input)."""
-        self.entry(path).write_meta(recipe)
+        return self.entry(path).write_meta(recipe)
 
     # -- locks and roots
     def key_lock(
@@ -404,8 +424,9 @@ class Store:
         link = link.absolute()
         name = hashlib.sha256(os.fsencode(link)).hexdigest()[:32]
         entry = self.roots / name
-        if entry.is_symlink() and os.readlink(entry) == str(link):
-            return
+        with contextlib.suppress(OSError):
+            if os.readlink(entry) == str(link):
+                return
         set_out_link(entry, link)
 
     def rooted(self, *, prune: bool = False) -> set[str]:
@@ -414,13 +435,15 @@ class Store:
         live: set[str] = set()
         for record in self.roots.iterdir():
             try:
-                target = Path(os.readlink(Path(os.readlink(record))))
-            except OSError:
+                link = Path(os.readlink(record))
+                target = link.parent.resolve() / os.readlink(link)
+            except (OSError, RuntimeError):
                 target = None  # the out-link is gone
-            if target is not None and target.parent == self.store:
+            if target is not None and target.parent.resolve() == self.store:
                 live.add(target.name)
             elif prune:
-                record.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    record.unlink()
         return live
 
     # -- building
@@ -452,23 +475,41 @@ class Store:
     def publish(self, built: Path, key: str, name: str) -> Path:
         """fsync ``built``, make it read-only and rename it into the store."""
         final = self.path_for(key, name)
+        if os.path.lexists(final) and self.lookup(key, name) is None:
+            self.discard(final)  # a leftover without its manifest (we hold the key lock)
         try:
             make_read_only(built)
             fsync_tree(built)
+            # Moving a directory to a new parent rewrites its '..': it must stay
+            # writable until after the rename (for anyone but root).
+            os.chmod(built, 0o755)
         except OSError as exc:
             raise host_error("publish", exc) from exc
-        # Moving a directory to a new parent rewrites its '..': it must stay
-        # writable until after the rename (for anyone but root).
-        os.chmod(built, 0o755)
         try:
             os.rename(built, final)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and self.lookup(key, name):
                 return final  # someone else published the same key first
             raise StoreError(f"cannot publish {final}: {exc.strerror}", reason=Reason.IO) from exc
-        os.chmod(final, 0o555)
+        with contextlib.suppress(OSError):
+            os.chmod(final, 0o555)
         fsync_dir(self.store)
         return final
+
+    def discard(self, path: Path) -> Removal:
+        """Take a store path out of the store in one rename (into ``tmp``), then
+        remove it: an interrupted removal never leaves a path that looks built
+        with files missing. The caller holds the path's key lock; what cannot
+        be removed stays in ``tmp``, where gc collects it later."""
+        aside = self.tmp / f"gc-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.chmod(path, 0o755)  # its '..' changes: writable until moved (for non-root)
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return Removal()
+        except OSError as exc:
+            return Removal([f"{path}: {exc.strerror}"])
+        return remove_tree(aside)
 
 
 def set_out_link(link: Path, target: Path) -> None:

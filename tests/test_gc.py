@@ -75,17 +75,17 @@ def test_gc_never_touches_a_path_whose_build_holds_the_lock(three: tuple[Path, l
 
 def test_gc_selection_options(three: tuple[Path, list[Path]]) -> None:
     home, (rooted, old, new) = three
-    run_cli(home, "gc", "--older-than", "90m")  # old is 2h old, new 1h
+    assert run_cli(home, "gc", "--older-than", "90m")[0] == 0  # old is 2h old, new 1h
     assert not old.exists() and new.exists() and rooted.exists()
 
 
 def test_gc_keep_last_and_max_size(three: tuple[Path, list[Path]]) -> None:
     home, (rooted, old, new) = three
-    run_cli(home, "gc", "--keep-last", "1")  # same name: keep only the newest unrooted
+    assert run_cli(home, "gc", "--keep-last", "1")[0] == 0  # the newest unrooted of a name
     assert not old.exists() and new.exists()
-    run_cli(home, "gc", "--max-size", "1TiB")
+    assert run_cli(home, "gc", "--max-size", "1TiB")[0] == 0
     assert new.exists()
-    run_cli(home, "gc", "--max-size", "0")
+    assert run_cli(home, "gc", "--max-size", "0")[0] == 0
     assert not new.exists() and rooted.exists()
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from banger_build.commands import common
-from banger_build.errors import InputError, Reason
+from banger_build.errors import InputError, Reason, StoreError
 
 if TYPE_CHECKING:
     from banger_build.progress import Reporter
+    from banger_build.store import Store
 
 NAME = "boot"
 HELP = "boot a store path (or a recipe, built first) in a qemu microVM"
@@ -88,6 +89,25 @@ def store_path_of(args: argparse.Namespace, reporter: Reporter) -> Path:
     raise InputError(f"{target}: no such store path or recipe", reason=Reason.BAD_ARGUMENT)
 
 
+def protect(
+    stack: contextlib.ExitStack, store: Store, args: argparse.Namespace, reporter: Reporter
+) -> Path:
+    """The store path to boot, held under its shared key lock until the boot ends
+    (gc keeps it meanwhile). A recipe's path collected between its build and the
+    lock is built again, once; a path outside this store is booted as it is."""
+    for _ in range(2):
+        path = store_path_of(args, reporter)
+        try:
+            entry = store.entry_of(path)
+        except StoreError:
+            return path  # not in this store: nothing of ours to protect
+        stack.enter_context(store.key_lock(entry.key, shared=True))
+        if entry.exists():
+            return path
+        stack.close()
+    raise StoreError(f"{path} was garbage-collected before it could boot", reason=Reason.IO)
+
+
 def console_writer(binary: BinaryIO | None, text: TextIO) -> Callable[[bytes], None]:
     """Write console bytes as they come: to ``binary``, else decoded to ``text``."""
 
@@ -115,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from banger_build.store import Store
 
     reporter = Reporter(quiet=args.quiet)
-    target = resolve_target(store_path_of(args, reporter), args.kernel, args.initrd)
+    store = Store(common.home(args))
     with contextlib.ExitStack() as stack:
+        path = protect(stack, store, args, reporter)
+        target = resolve_target(path, args.kernel, args.initrd)
         binary: BinaryIO | None = getattr(sys.stdout, "buffer", None)
         if args.console_log is not None:
             binary = stack.enter_context(open_console_log(args.console_log))
@@ -129,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             append=args.append,
             console=console_writer(binary, sys.stdout),
         )
-        workdir = stack.enter_context(Store(common.home(args)).temp_dir("boot"))
+        workdir = stack.enter_context(store.temp_dir("boot"))
         result = boot(target, options, note=reporter.step, workdir=workdir)
     what = "all expected texts seen" if result.how == "expected" else "the guest powered off"
     reporter.step(f"boot ok under {result.accel} in {result.seconds:.1f} s: {what}")

@@ -33,6 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from banger_build.errors import host_error
+
+    try:
+        return push_kernel(args)
+    except OSError as exc:  # the host's files (a kernel that cannot be read, a full disk)
+        raise host_error("kernel push", exc) from exc
+
+
+def push_kernel(args: argparse.Namespace) -> int:
     from banger_build.fsutil import hash_file
     from banger_build.inputs import modules_version
     from banger_build.oci.blobs import BlobCache
