@@ -31,6 +31,7 @@ from banger_build.fsutil import hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
 from banger_build.kernel_artifact import extract_modules, parse_kernel_manifest, read_version
+from banger_build.limits import Limits
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci import ImageManifest, ManifestError, cached_manifest
 from banger_build.progress import Reporter
@@ -59,6 +60,8 @@ class BuildOptions:
     update_input: str | None = None
     #: resolve with this lock file instead of the one beside the recipe (read-only)
     lock_path: Path | None = None
+    #: bounds on what the image may make the build do (``--max-image-size``)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ def pull_layers(ctx: Context) -> None:
 
 def flatten_layers(ctx: Context) -> None:
     ctx.reporter.step("flattening layers")
-    flattener = Flattener(ctx.staging, ctx.epoch)
+    flattener = Flattener(ctx.staging, ctx.epoch, ctx.options.limits)
     for layer in ctx.layers:
         stats = flattener.apply(layer)
         ctx.reporter.note(

@@ -63,6 +63,7 @@ def run(
     *,
     input: bytes | None = None,
     stdin: IO[bytes] | int | None = None,
+    stdout: IO[bytes] | int | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     check: bool = True,
@@ -70,7 +71,9 @@ def run(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` (tool name resolved with find_tool) and capture its output.
 
-    ``env`` is the complete environment (default: ``tool_env()``).
+    ``env`` is the complete environment (default: ``tool_env()``). ``stdout``
+    sends the tool's output there (e.g. ``subprocess.DEVNULL``) instead of
+    capturing it; stderr is always captured.
     """
     args = [os.fspath(a) for a in argv]
     exe = find_tool(args[0]) if "/" not in args[0] else args[0]
@@ -79,7 +82,8 @@ def run(
             [exe, *args[1:]],
             input=input,
             stdin=stdin if input is None else None,
-            capture_output=True,
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
             env=dict(env) if env is not None else tool_env(),
             cwd=cwd,
             check=False,

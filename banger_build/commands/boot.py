@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="write the console to FILE instead of stdout",
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
 
@@ -75,7 +76,10 @@ def store_path_of(args: argparse.Namespace, reporter: Reporter) -> Path:
         from banger_build.build import BuildOptions, build
 
         options = BuildOptions(
-            home=common.home(args), registry=common.registry_options(args), out_link=None
+            home=common.home(args),
+            registry=common.registry_options(args),
+            out_link=None,
+            limits=common.limits(args),
         )
         return build(target, options, reporter).path
     if target.exists():

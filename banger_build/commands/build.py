@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rebuild the existing store path from scratch and compare (see `check`)",
     )  # fmt: skip
     common.add_lock_options(p)
+    common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
 

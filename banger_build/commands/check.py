@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", type=Path, help="a recipe, or a store path (e.g. ./result)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     common.add_lock_options(p)
+    common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
 
