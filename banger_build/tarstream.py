@@ -47,6 +47,10 @@ MAX_HEADER_CHAIN = 8
 MAX_GLOBAL_KEYS = 1024
 #: Segments of one sparse map (tarfile keeps the whole map in memory).
 MAX_SPARSE = 65_536
+#: Reads that return nothing, past the end of the stream. tarfile skips a member's
+#: content by reading it, one buffer at a time, even past the end: a size field of
+#: 2^95 (base-256) would spin for ever on an empty stream.
+MAX_EMPTY_READS = 64
 #: Largest file ext4 holds with 4 KiB blocks: 2^32 - 1 blocks (32-bit logical
 #: block numbers in extents).
 MAX_FILE_SIZE = (2**32 - 1) * 4096
@@ -98,11 +102,16 @@ class LayerReader:
         self.budget = budget
         self.count = 0
         self.sha = hashlib.sha256()
+        self._empty = 0
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > _CHUNK:
             n = _CHUNK  # never decompress more than a chunk at once
         data = self._raw.read(n)
+        if not data:
+            self._empty += 1
+            if self._empty > MAX_EMPTY_READS:
+                raise Refused("the layer ends in the middle of an entry", Reason.CORRUPT)
         self.count += len(data)
         if self.count > self.budget:
             raise BudgetExceeded
