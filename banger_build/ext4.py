@@ -294,10 +294,10 @@ def make_filesystem(
             env=env,
         )  # fmt: skip
     except ToolError as exc:
-        if _host_full(exc.stderr, image.parent):
+        if _host_full(exc.stderr):
             raise ImageError(
                 f"the disk holding {image.parent} filled up while mkfs wrote the image "
-                f"({human(_free_bytes(image.parent))} free): free space there, or set "
+                f"({_free_bytes(image.parent)}): free space there, or set "
                 "BANGER_BUILD_HOME to a larger disk",
                 reason=Reason.HOST_DISK_FULL,
             ) from exc
@@ -310,23 +310,24 @@ def make_filesystem(
         raise
 
 
-#: Below this much free space, a failed mkfs is blamed on the host's disk.
-_HOST_SLACK = 4 * MiB
-#: strerror texts of the host refusing a write (libext2fs's own errors read otherwise).
+#: How a write refused by the host reads in mke2fs's stderr (strerror of ENOSPC and
+#: EDQUOT, or unix_io's short write); libext2fs's own "Could not allocate block in
+#: ext2 filesystem" is the image being full.
 _HOST_FULL = ("No space left on device", "Disk quota exceeded", "short write")
 
 
-def _host_full(stderr: str, directory: Path) -> bool:
+def _host_full(stderr: str) -> bool:
     """Did mkfs fail because the host's disk (not the image) filled up?"""
-    return any(text in stderr for text in _HOST_FULL) or _free_bytes(directory) < _HOST_SLACK
+    return any(text in stderr for text in _HOST_FULL)
 
 
-def _free_bytes(directory: Path) -> int:
+def _free_bytes(directory: Path) -> str:
+    """Free space of the filesystem holding ``directory``, for a message."""
     try:
         st = os.statvfs(directory)
-    except OSError:
-        return 1 << 62  # unknown: do not blame the host
-    return st.f_bavail * st.f_frsize
+    except OSError as exc:
+        return f"free space unknown: {exc.strerror}"
+    return f"{human(st.f_bavail * st.f_frsize)} free"
 
 
 def _create_image(image: Path, size: int) -> None:

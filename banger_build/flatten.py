@@ -432,7 +432,7 @@ class Flattener:
             raise self._refuse(
                 raw,
                 f"one more name for {link_raw!r}, which has {src.inode.nlink} already "
-                f"(ext4 allows {self.limits.max_links} links to an inode)",
+                f"(at most {self.limits.max_links} links to an inode)",
                 Reason.TOO_MANY_LINKS,
             )
         self._remove(parent_node, parent, base)
