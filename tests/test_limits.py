@@ -446,3 +446,27 @@ def test_mutated_layers_never_escape_as_anything_but_layer_errors(tmp_path: Path
             pytest.fail(f"run {run}: {type(exc).__name__} escaped: {exc}")
         layer.path.unlink()
     assert outcomes.get("ok", 0) > 0 and len(outcomes) > 2, outcomes
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["build", "check", "boot"])
+def test_max_image_size_reaches_the_build_options(command: str, tmp_path: Path) -> None:
+    from banger_build.cli import make_parser
+    from banger_build.commands import common
+
+    target = str(tmp_path / "r.toml")
+    args = make_parser().parse_args([command, "--max-image-size", "3GiB", target])
+    assert common.limits(args) == Limits(max_image_size=3 << 30)
+    assert common.build_options(args).limits.max_image_size == 3 << 30
+    default = make_parser().parse_args([command, target])
+    assert common.build_options(default).limits == Limits()
+
+
+def test_a_bad_max_image_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from banger_build.cli import make_parser
+
+    with pytest.raises(SystemExit) as info:
+        make_parser().parse_args(["build", "--max-image-size", "lots", "r.toml"])
+    assert info.value.code == 2 and "invalid size 'lots'" in capsys.readouterr().err
