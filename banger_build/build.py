@@ -30,6 +30,7 @@ from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove_tree
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
+from banger_build.limits import Limits
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci.blobs import BlobCache
 from banger_build.oci.kernel import extract_modules
@@ -61,6 +62,8 @@ class BuildOptions:
     lock_path: Path | None = None
     #: directories sources may lie in besides the recipe's project (--allow-source)
     source_roots: tuple[Path, ...] = ()
+    #: bounds on what the image may make the build do (``--max-image-size``)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def pull_layers(ctx: Context) -> None:
 
 def flatten_layers(ctx: Context) -> None:
     ctx.reporter.step("flattening layers")
-    flattener = Flattener(ctx.staging, ctx.epoch)
+    flattener = Flattener(ctx.staging, ctx.epoch, ctx.options.limits)
     for layer in ctx.layers:
         stats = flattener.apply(layer)
         ctx.reporter.note(

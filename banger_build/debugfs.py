@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +62,33 @@ def fake_time_env(epoch: int) -> dict[str, str]:
 
 
 def run_script(
-    image: Path, lines: Iterable[bytes], *, epoch: int, write: bool, cwd: Path | None = None
+    image: Path,
+    lines: Iterable[bytes],
+    *,
+    epoch: int,
+    write: bool,
+    cwd: Path | None = None,
+    output: bool = True,
 ) -> bytes:
-    """Run a debugfs script (``-f -``); return stdout; raise on any error line."""
-    script = b"".join(check_line(line) + b"\n" for line in lines)
+    """Run a debugfs script; return stdout (``b""`` unless ``output``); raise on any error line.
+
+    The script is checked line by line as it is written to a temp file (in
+    ``cwd`` when given), which becomes debugfs's stdin: a script of any length
+    costs no memory. debugfs echoes every line to stdout; without ``output``
+    that echo is discarded instead of held.
+    """
     argv = ["debugfs", *(["-w"] if write else []), "-f", "-", os.path.abspath(image)]
-    proc = run(argv, input=script, env=fake_time_env(epoch), cwd=cwd)
+    with tempfile.TemporaryFile(dir=cwd, prefix="debugfs-script-") as script:
+        for line in lines:
+            script.write(check_line(line) + b"\n")
+        script.seek(0)
+        proc = run(
+            argv,
+            stdin=script,
+            stdout=None if output else subprocess.DEVNULL,
+            env=fake_time_env(epoch),
+            cwd=cwd,
+        )
     errors = [line for line in proc.stderr.splitlines() if line.strip() and not _BANNER.match(line)]
     if errors:
         text = b"\n".join(errors[:20]).decode("utf-8", "replace")
@@ -75,10 +98,10 @@ def run_script(
             returncode=proc.returncode,
             stderr=proc.stderr.decode("utf-8", "replace"),
         )
-    return proc.stdout
+    return proc.stdout or b""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     ino: int
     mode: int

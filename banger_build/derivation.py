@@ -25,7 +25,7 @@ from banger_build.recipe import Recipe
 #: Bump when the meaning of a derivation field changes.
 DERIVATION_FORMAT = 1
 #: Bump when the builder would write different bytes for the same derivation.
-OUTPUT_FORMAT = 2
+OUTPUT_FORMAT = 3
 #: Characters of the key used in store paths (128 bits).
 KEY_CHARS = 32
 

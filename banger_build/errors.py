@@ -115,6 +115,16 @@ class Reason(StrEnum):
     UNSUPPORTED_TYPE = "unsupported-type"
     BAD_OWNER = "bad-owner"
     UNSAFE_XATTR = "unsafe-xattr"
+    BAD_DEVICE = "bad-device"
+    HEADER_TOO_LARGE = "header-too-large"
+    IMAGE_TOO_LARGE = "image-too-large"
+    TOO_MANY_ENTRIES = "too-many-entries"
+    DIR_TOO_LARGE = "dir-too-large"
+    PATH_TOO_LONG = "path-too-long"
+    MKE2FS_PATH = "mke2fs-path"
+    TOO_MANY_LINKS = "too-many-links"
+    XATTR_TOO_LARGE = "xattr-too-large"
+    FILE_TOO_LARGE = "file-too-large"
     # external tools (ToolError)
     TOOL_FAILED = "tool-failed"
     TOOL_MISSING = "tool-missing"
@@ -123,6 +133,8 @@ class Reason(StrEnum):
     # the image (ImageError)
     IMAGE = "image"
     SIZE_TOO_SMALL = "size-too-small"
+    SIZE_TOO_LARGE = "size-too-large"
+    HOST_DISK_FULL = "host-disk-full"
     FSCK_FAILED = "fsck-failed"
     # the store (StoreError)
     STORE = "store"

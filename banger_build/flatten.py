@@ -14,34 +14,49 @@ layer digest and the path inside it, when:
 - an ancestor of it is a symlink (``through-symlink``) or not a directory
   (``not-a-directory``): nothing is ever written through a link;
 - it is a symlink whose target leaves the root (``link-escape``), or a hard
-  link whose target is missing, a directory, or escapes (``hardlink-target``).
+  link whose target is missing, a directory, or escapes (``hardlink-target``);
+- it goes past a bound of ``Limits`` (the uncompressed size of the image,
+  depth, path length, entries, entries per directory, links per inode,
+  xattr sizes) or what ext4 and our tools can carry (file size, device
+  numbers, a path mke2fs 1.47.0 cannot copy);
+- its tar header is malformed or larger than ``tarstream`` allows.
 
 The staging tree is written only through paths checked against the Tree,
-which mirrors it exactly; only regular files, directories, symlinks and hard
-links are staged. Devices and fifos exist only in the Tree: they are created
-in the image with debugfs (the same way as root or not, so the bytes do not
-depend on who builds). Staged modes are owner-readable (0644 files, 0755
-dirs): the real modes are restored from the Tree after mkfs.
+which mirrors it exactly, and relative to the staging directory's fd (so the
+build directory's own path never counts against PATH_MAX); only regular
+files, directories, symlinks and hard links are staged. Devices and fifos
+exist only in the Tree: they are created in the image with debugfs (the same
+way as root or not, so the bytes do not depend on who builds). Staged modes
+are owner-readable (0644 files, 0755 dirs): the real modes are restored from
+the Tree after mkfs.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
+import errno
+import math
 import os
 import shutil
+import struct
 import tarfile
-import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-import zstandard
 
 from banger_build.errors import LayerError, Reason
+from banger_build.ext4 import MKE2FS_BAD_PATH, human
+from banger_build.limits import Limits
 from banger_build.oci.reference import Digest
+from banger_build.tarstream import (
+    MAX_FILE_SIZE,
+    BudgetExceeded,
+    LayerReader,
+    Refused,
+    copy_member,
+    members,
+    open_layer,
+    open_tar,
+)
 from banger_build.tree import (
     BLK,
     CHR,
@@ -59,12 +74,21 @@ from banger_build.tree import (
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-_CHUNK = 1 << 20
 MAX_ID = 0xFFFF_FFFE  # (uid_t)-1 means "no change" to the kernel
 MAX_TIME = 0x7FFF_FFFF
 MAX_TARGET = 4095  # PATH_MAX - 1
+#: Device numbers: the kernel's dev_t has a 12-bit major (ext4 stores it so; a larger
+#: one wraps); debugfs's ``mknod`` takes minors up to 65535.
+MAX_MAJOR = 4095
+MAX_MINOR = 65535
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
-_XATTR_NAMESPACES = ("security.", "trusted.", "user.", "system.posix_acl_")
+_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+_XATTR_NAMESPACES = ("security.", "trusted.", "user.", *_ACLS)
+#: Prefixes ext4 stores as a name index rather than as bytes of the name.
+_EXT4_NAME_INDEX = (*_ACLS, "security.", "trusted.", "user.")
+#: POSIX ACL xattr format: a little-endian u32 version 2, then 8-byte entries whose
+#: u16 tag is one of these (libext2fs refuses anything else with EINVAL).
+_ACL_TAGS = frozenset({0x01, 0x02, 0x04, 0x08, 0x10, 0x20})
 
 
 @dataclass(frozen=True)
@@ -78,40 +102,6 @@ class LayerInput:
 class LayerStats:
     entries: int
     bytes: int
-
-
-class _HashingReader:
-    """A read-only stream that hashes what passes through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self.sha.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
-@contextmanager
-def open_layer(path: Path) -> Iterator[IO[bytes]]:
-    """The uncompressed tar stream of a blob; gzip, zstd or plain, by magic bytes."""
-    with open(path, "rb") as raw:
-        magic = raw.read(4)
-        raw.seek(0)
-        if magic[:2] == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                yield gz  # type: ignore[misc]
-        elif magic == b"\x28\xb5\x2f\xfd":
-            dctx = zstandard.ZstdDecompressor()
-            with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
-                yield zs
-        else:
-            yield raw
 
 
 def normalize_name(name: str) -> str:
@@ -140,6 +130,13 @@ _REFUSALS = {
     Reason.PATH_ESCAPE: "path has a '..' component and would escape the image root",
     Reason.NAME_TOO_LONG: f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
 }
+#: Host errors a layer can provoke in the staging directory despite the checks (its
+#: filesystem may be stricter than ext4); disk full, EIO and the like are the host's.
+_LAYER_ERRNOS = {
+    errno.EMLINK: Reason.TOO_MANY_LINKS,
+    errno.EFBIG: Reason.FILE_TOO_LARGE,
+    errno.ENAMETOOLONG: Reason.PATH_TOO_LONG,
+}
 
 
 def link_escapes(link_dir: str, target: str) -> bool:
@@ -166,17 +163,58 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return out
 
 
-class Flattener:
-    """Replays layers into ``staging`` and records every path in ``tree``."""
+def _xattr_name_ok(name: str) -> bool:
+    """A namespace we restore, in bytes a debugfs ``ea_set`` line carries unquoted."""
+    if not name.startswith(_XATTR_NAMESPACES):
+        return False
+    if name.startswith("system.") and name not in _ACLS:
+        return False
+    return all("!" <= c <= "~" and c not in "\"'\\" for c in name)
 
-    def __init__(self, staging: Path, epoch: int = 0) -> None:
+
+def _acl_ok(value: bytes) -> bool:
+    if len(value) < 4 or (len(value) - 4) % 8 or value[:4] != b"\x02\x00\x00\x00":
+        return False
+    return all(tag in _ACL_TAGS for (tag,) in struct.iter_unpack("<H6x", value[4:]))
+
+
+def xattr_bytes(xattrs: dict[str, bytes]) -> int:
+    """Bytes the xattrs take in an ext4 xattr block: per xattr a 16-byte entry plus
+    the name (less its indexed prefix) and the value, each padded to 4; a 4-byte end."""
+    total = 4
+    for name, value in xattrs.items():
+        prefix = next((p for p in _EXT4_NAME_INDEX if name.startswith(p)), "")
+        total += 16 + _pad4(len(name) - len(prefix)) + _pad4(len(value))
+    return total
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+class Flattener:
+    """Replays layers into ``staging`` and records every path in ``tree``.
+
+    Whiteouts need to know what the current layer put where: each node
+    carries a mark, ``2n + 1`` when layer n created (or replaced, or set) it,
+    at least ``2n`` when layer n created something beneath it. Marks only
+    grow, so a mark from an older layer is always below the current ones.
+    """
+
+    def __init__(self, staging: Path, epoch: int = 0, limits: Limits | None = None) -> None:
         self.staging = staging
+        self.limits = limits or Limits()
         self.tree = Tree()
         self.tree.root.inode.mtime = epoch
         self.epoch = epoch
         self._layer = ""
-        self._created: set[str] = set()
-        self._created_ancestors: set[str] = set()
+        self._layers = 0
+        self._touched = 0  # the current layer's marks (see the class docstring)
+        self._created = 1
+        self._entries = 1  # nodes in the tree, the root included
+        self._used = 0  # uncompressed bytes of the layers applied so far
+        self._member: str | None = None  # the member being read, for errors
+        self._fd = -1  # the staging directory, while a layer is applied
         staging.mkdir(parents=True, exist_ok=True)
         os.chmod(staging, 0o755)
 
@@ -184,32 +222,57 @@ class Flattener:
 
     def apply(self, layer: LayerInput) -> LayerStats:
         self._layer = str(layer.digest)
-        self._created = set()
-        self._created_ancestors = set()
+        self._member = None
+        self._layers += 1
+        if self._layers > self.limits.max_layers:
+            raise LayerError(
+                f"the image has more than {self.limits.max_layers} layers",
+                layer=self._layer,
+                reason=Reason.TOO_MANY_LAYERS,
+            )
+        self._touched = 2 * self._layers
+        self._created = self._touched + 1
         entries = 0
         total = 0
+        self._fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with open_layer(layer.path) as stream:
-                hashing = _HashingReader(stream)
-                with tarfile.open(fileobj=hashing, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
-                    for member in tar:
-                        self._apply_member(tar, member)
+                reader = LayerReader(stream, self.limits.max_image_size - self._used)
+                with open_tar(reader) as tar:
+                    for member in members(tar):
+                        self._member = member.name
+                        total += self._apply_member(tar, member)
                         entries += 1
-                        total += member.size if member.isreg() else 0
-                hashing.drain()
-        except LayerError:
-            raise
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                        self._member = None
+                reader.drain()
+        except BudgetExceeded as exc:
             raise LayerError(
-                f"corrupt layer: {exc}", layer=self._layer, reason=Reason.CORRUPT
+                f"the image's layers uncompress to more than "
+                f"{human(self.limits.max_image_size)} (--max-image-size)",
+                layer=self._layer,
+                path=self._member,
+                reason=Reason.IMAGE_TOO_LARGE,
             ) from exc
-        except zstandard.ZstdError as exc:
+        except Refused as exc:
             raise LayerError(
-                f"corrupt zstd stream: {exc}", layer=self._layer, reason=Reason.CORRUPT
+                str(exc), layer=self._layer, path=self._member, reason=exc.reason
             ) from exc
-        if layer.diff_id is not None and hashing.sha.hexdigest() != layer.diff_id.hex:
+        except OSError as exc:
+            if exc.errno not in _LAYER_ERRNOS or self._member is None:
+                raise
             raise LayerError(
-                f"uncompressed content has digest sha256:{hashing.sha.hexdigest()}, "
+                f"the staging directory refused it: {os.strerror(exc.errno)}",
+                layer=self._layer,
+                path=self._member,
+                reason=_LAYER_ERRNOS[exc.errno],
+            ) from exc
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        self._used += reader.count
+        if layer.diff_id is not None and reader.sha.hexdigest() != layer.diff_id.hex:
+            raise LayerError(
+                f"uncompressed content has digest sha256:{reader.sha.hexdigest()}, "
                 f"but the image config's diff_id is {layer.diff_id}",
                 layer=self._layer,
                 reason=Reason.DIFF_ID_MISMATCH,
@@ -221,7 +284,8 @@ class Flattener:
     def _refuse(self, path: str, message: str, reason: Reason) -> LayerError:
         return LayerError(message, layer=self._layer, path=path, reason=reason)
 
-    def _apply_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def _apply_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> int:
+        """Apply one member; return the bytes of content it brought (regular files)."""
         raw = member.name
         path = normalize_name(raw)
         bad = check_name(path, raw)
@@ -236,37 +300,48 @@ class Flattener:
             if base == OPAQUE_MARKER:
                 if parent_node is not None:
                     self._make_opaque(parent, parent_node)
-            elif not base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-                victim = f"{parent}/{base[4:]}" if parent else base[4:]
-                if parent_node is not None and victim not in self._created:
+            elif parent_node is not None and not base.startswith(WHITEOUT_PREFIX * 2):
+                assert parent_node.children is not None
+                victim = parent_node.children.get(base[4:])
+                if victim is not None and victim.mark != self._created:  # this layer's stay
                     self._remove(parent_node, parent, base[4:])
-            return  # other .wh..wh. entries are aufs metadata: ignore
+            return 0  # other .wh..wh. entries are aufs metadata: ignore
 
         if not path:  # the root directory itself
             if member.isdir():
                 self._set_meta(self.tree.root.inode, member)
-            return
+            return 0
 
+        self._check_path(path, raw)
         parent_node = self._parent_dir(parent, raw, create=True)
         assert parent_node is not None and parent_node.children is not None
         existing = parent_node.children.get(base)
-        target = self._stage_path(path)
 
         if member.isdir():
             if existing is not None and existing.is_dir:
                 self._set_meta(existing.inode, member)
+                existing.mark = self._created
             else:
                 self._remove(parent_node, parent, base)
-                os.mkdir(target, 0o755)
                 node = new_dir()
                 self._set_meta(node.inode, member)
-                parent_node.children[base] = node
+                self._insert(parent_node, base, node, raw)
+                os.mkdir(path, 0o755, dir_fd=self._fd)
         elif member.isreg():
+            if not 0 <= member.size <= MAX_FILE_SIZE:
+                raise self._refuse(
+                    raw,
+                    f"file of {member.size} bytes: ext4 holds files up to {MAX_FILE_SIZE} bytes",
+                    Reason.FILE_TOO_LARGE,
+                )
             self._remove(parent_node, parent, base)
-            self._write_file(tar, member, target, raw)
             inode = Inode(REG, size=member.size)
             self._set_meta(inode, member)
-            parent_node.children[base] = Node(inode)
+            self._insert(parent_node, base, Node(inode), raw)
+            stored = self._write_file(tar, member, path)
+            if stored != member.size:
+                inode.data = stored
+            return int(member.size)
         elif member.issym():
             if len(name_bytes(member.linkname)) > MAX_TARGET:
                 raise self._refuse(
@@ -279,24 +354,53 @@ class Flattener:
                     Reason.LINK_ESCAPE,
                 )
             self._remove(parent_node, parent, base)
-            os.symlink(member.linkname, target)
             inode = Inode(SYMLINK, target=member.linkname, size=len(name_bytes(member.linkname)))
             self._set_meta(inode, member)
             inode.perm = 0o777
-            parent_node.children[base] = Node(inode)
+            self._insert(parent_node, base, Node(inode), raw)
+            os.symlink(member.linkname, path, dir_fd=self._fd)
         elif member.islnk():
             self._hardlink(parent_node, parent, base, member, raw)
         elif member.isfifo() or member.ischr() or member.isblk():
             kind = FIFO if member.isfifo() else CHR if member.ischr() else BLK
+            rdev = (0, 0)
+            if kind != FIFO:
+                rdev = (member.devmajor, member.devminor)
+                if not (0 <= rdev[0] <= MAX_MAJOR and 0 <= rdev[1] <= MAX_MINOR):
+                    raise self._refuse(
+                        raw,
+                        f"device number {rdev[0]}:{rdev[1]} out of range (major at most "
+                        f"{MAX_MAJOR}, minor at most {MAX_MINOR})",
+                        Reason.BAD_DEVICE,
+                    )
             self._remove(parent_node, parent, base)
-            inode = Inode(kind, rdev=(member.devmajor, member.devminor) if kind != FIFO else (0, 0))
+            inode = Inode(kind, rdev=rdev)
             self._set_meta(inode, member)
-            parent_node.children[base] = Node(inode)
+            self._insert(parent_node, base, Node(inode), raw)
         else:
             raise self._refuse(
                 raw, f"unsupported tar entry type {member.type!r}", Reason.UNSUPPORTED_TYPE
             )
-        self._mark_created(path)
+        return 0
+
+    def _check_path(self, path: str, raw: str) -> None:
+        limits = self.limits
+        depth = path.count("/") + 1
+        if depth > limits.max_depth:
+            raise self._refuse(
+                raw,
+                f"path is {depth} levels deep (at most {limits.max_depth})",
+                Reason.TOO_DEEP,
+            )
+        length = len(name_bytes(path)) + 1  # with its leading "/"
+        if length > limits.max_path:
+            raise self._refuse(
+                raw,
+                f"path is {length} bytes long (at most {limits.max_path}: PATH_MAX less its NUL)",
+                Reason.PATH_TOO_LONG,
+            )
+        if length == MKE2FS_BAD_PATH:
+            raise self._refuse(raw, _MKE2FS_PATH, Reason.MKE2FS_PATH)
 
     def _hardlink(
         self, parent_node: Node, parent: str, base: str, member: tarfile.TarInfo, raw: str
@@ -309,6 +413,9 @@ class Flattener:
             raise self._refuse(raw, f"hard link target {link_raw!r}: {_REFUSALS[bad]}", bad)
         path = f"{parent}/{base}" if parent else base
         if link == path:
+            existing = parent_node.children.get(base)
+            if existing is not None:
+                existing.mark = self._created
             return
         src = self._resolve_existing(link, raw)
         if src is None:
@@ -321,19 +428,50 @@ class Flattener:
             raise self._refuse(
                 raw, f"hard link target {link_raw!r} is a directory", Reason.HARDLINK_TARGET
             )
+        if src.inode.nlink >= self.limits.max_links and parent_node.children.get(base) is not src:
+            raise self._refuse(
+                raw,
+                f"one more name for {link_raw!r}, which has {src.inode.nlink} already "
+                f"(at most {self.limits.max_links} links to an inode)",
+                Reason.TOO_MANY_LINKS,
+            )
         self._remove(parent_node, parent, base)
         if src.inode.type not in SPECIAL:
-            os.link(self._stage_path(link), self._stage_path(path), follow_symlinks=False)
+            fd = self._fd
+            os.link(link, path, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
         src.inode.nlink += 1
-        parent_node.children[base] = Node(src.inode)
+        self._insert(parent_node, base, Node(src.inode), raw)
 
     # -- tree helpers ---------------------------------------------------------
 
-    def _stage_path(self, path: str) -> str:
-        return os.path.join(self.staging, path)
+    def _insert(
+        self, parent_node: Node, base: str, node: Node, raw: str, *, implicit: bool = False
+    ) -> None:
+        """Bind ``node`` at ``base`` (no entry there), within the entry bounds."""
+        children = parent_node.children
+        assert children is not None and base not in children
+        if len(children) >= self.limits.max_dir_entries:
+            raise self._refuse(
+                raw,
+                f"its directory would hold more than {self.limits.max_dir_entries} entries",
+                Reason.DIR_TOO_LARGE,
+            )
+        if self._entries >= self.limits.max_entries:
+            raise self._refuse(
+                raw,
+                f"the image would hold more than {self.limits.max_entries} entries",
+                Reason.TOO_MANY_ENTRIES,
+            )
+        self._entries += 1
+        node.mark = self._touched if implicit else self._created
+        children[base] = node
 
     def _parent_dir(self, parent: str, raw: str, *, create: bool) -> Node | None:
-        """The directory node for ``parent``; never through a symlink."""
+        """The directory node for ``parent``; never through a symlink.
+
+        With ``create``, missing directories are made and every directory on the
+        way is marked as holding something of this layer.
+        """
         node = self.tree.root
         walked = ""
         for part in parent.split("/") if parent else ():
@@ -343,9 +481,11 @@ class Flattener:
             if child is None:
                 if not create:
                     return None
-                os.mkdir(self._stage_path(walked), 0o755)
+                if len(name_bytes(walked)) + 1 == MKE2FS_BAD_PATH:
+                    raise self._refuse(raw, _MKE2FS_PATH, Reason.MKE2FS_PATH)
                 child = new_dir(mtime=self.epoch)
-                node.children[part] = child
+                self._insert(node, part, child, raw, implicit=True)
+                os.mkdir(walked, 0o755, dir_fd=self._fd)
             elif child.inode.type == SYMLINK:
                 raise self._refuse(
                     raw,
@@ -354,6 +494,8 @@ class Flattener:
                 )
             elif not child.is_dir:
                 raise self._refuse(raw, f"{walked!r} is not a directory", Reason.NOT_A_DIRECTORY)
+            elif create and child.mark < self._touched:
+                child.mark = self._touched
             node = child
         return node
 
@@ -370,76 +512,102 @@ class Flattener:
         if node is None:
             return
         path = f"{parent}/{base}" if parent else base
-        target = self._stage_path(path)
         if node.is_dir:
-            shutil.rmtree(target)
+            shutil.rmtree(path, dir_fd=self._fd)
         elif node.inode.type not in SPECIAL:
-            os.unlink(target)
+            os.unlink(path, dir_fd=self._fd)
         self._forget(node)
 
     def _forget(self, node: Node) -> None:
-        node.inode.nlink -= 1
-        if node.children:
-            for child in node.children.values():
-                self._forget(child)
+        """Drop a removed subtree from the link and entry counts (no recursion)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            n.inode.nlink -= 1
+            self._entries -= 1
+            if n.children:
+                stack.extend(n.children.values())
 
     def _make_opaque(self, path: str, node: Node) -> None:
         """Hide everything lower layers put under ``path``; keep this layer's."""
-        assert node.children is not None
-        for name in list(node.children):
-            child_path = f"{path}/{name}" if path else name
-            child = node.children[name]
-            if child_path in self._created_ancestors and child.is_dir:
-                self._make_opaque(child_path, child)
-            elif child_path not in self._created:
-                self._remove(node, path, name)
-
-    def _mark_created(self, path: str) -> None:
-        self._created.add(path)
-        while path and path not in self._created_ancestors:
-            self._created_ancestors.add(path)
-            path = path.rpartition("/")[0]
+        stack = [(path, node)]
+        while stack:
+            dir_path, dir_node = stack.pop()
+            assert dir_node.children is not None
+            for name in list(dir_node.children):
+                child_path = f"{dir_path}/{name}" if dir_path else name
+                child = dir_node.children[name]
+                if child.is_dir and child.mark >= self._touched:
+                    stack.append((child_path, child))
+                elif child.mark != self._created:
+                    self._remove(dir_node, dir_path, name)
 
     def _set_meta(self, inode: Inode, member: tarfile.TarInfo) -> None:
         for what, value in (("uid", member.uid), ("gid", member.gid)):
             if not 0 <= value <= MAX_ID:
                 raise self._refuse(member.name, f"{what} {value} is out of range", Reason.BAD_OWNER)
+        if not math.isfinite(member.mtime):
+            raise self._refuse(member.name, f"mtime {member.mtime} is not a time", Reason.CORRUPT)
         inode.uid = member.uid
         inode.gid = member.gid
         inode.perm = member.mode & 0o7777
         # ext4 keeps 32-bit signed seconds (plus epoch bits we do not set)
         inode.mtime = max(0, min(int(member.mtime), MAX_TIME))
         xattrs = _xattrs(member)
-        for name in xattrs:
-            if not name.startswith(_XATTR_NAMESPACES) or any(c in name for c in "\x00\r\n \"'\\"):
+        if not xattrs:
+            inode.xattrs = None
+            return
+        limits = self.limits
+        for name, data in xattrs.items():
+            if not _xattr_name_ok(name):
                 raise self._refuse(
                     member.name, f"unsupported xattr name {name!r}", Reason.UNSAFE_XATTR
                 )
+            if len(name) > limits.max_xattr_name:
+                raise self._refuse(
+                    member.name,
+                    f"xattr name of {len(name)} bytes (at most {limits.max_xattr_name})",
+                    Reason.XATTR_TOO_LARGE,
+                )
+            if name in _ACLS and not _acl_ok(data):
+                raise self._refuse(
+                    member.name, f"xattr {name} is not a POSIX ACL", Reason.UNSAFE_XATTR
+                )
+        size = xattr_bytes(xattrs)
+        if size > limits.max_xattr_bytes:
+            raise self._refuse(
+                member.name,
+                f"xattrs take {size} bytes in ext4's layout, more than one 4 KiB xattr block "
+                f"holds ({limits.max_xattr_bytes})",
+                Reason.XATTR_TOO_LARGE,
+            )
         inode.xattrs = xattrs
 
-    def _write_file(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, target: str, raw: str
-    ) -> None:
-        src = tar.extractfile(member)
-        assert src is not None
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
+        """Stage a regular member's content; the bytes that hold data (holes excluded)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644, dir_fd=self._fd)
         try:
-            with os.fdopen(fd, "wb") as out:
-                written = 0
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-                    written += len(chunk)
-        except OSError as exc:  # the host's disk: name the file we were writing
+            return copy_member(tar, member, fd)
+        except OSError as exc:  # the host's disk: name the file being written
             if exc.filename is None:
-                raise OSError(exc.errno, exc.strerror, target) from exc
+                raise OSError(exc.errno, exc.strerror, os.path.join(self.staging, path)) from exc
             raise
-        if written != member.size:
-            raise self._refuse(raw, "truncated file content", Reason.CORRUPT)
+        finally:
+            os.close(fd)
 
 
-def flatten(layers: Sequence[LayerInput], staging: Path, epoch: int = 0) -> Tree:
+_MKE2FS_PATH = (
+    f"a path of exactly {MKE2FS_BAD_PATH} bytes (with its leading '/') makes mke2fs 1.47.0 "
+    "overrun its path buffer and abort"
+)
+
+
+def flatten(
+    layers: Sequence[LayerInput], staging: Path, epoch: int = 0, limits: Limits | None = None
+) -> Tree:
     """Replay ``layers`` oldest first into ``staging``; return the Tree."""
-    flattener = Flattener(staging, epoch)
+    flattener = Flattener(staging, epoch, limits)
     for layer in layers:
         flattener.apply(layer)
     return flattener.tree

@@ -110,6 +110,7 @@ def run(
     *,
     input: bytes | None = None,
     stdin: IO[bytes] | int | None = None,
+    stdout: IO[bytes] | int | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     check: bool = True,
@@ -117,9 +118,11 @@ def run(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` (tool name resolved with find_tool) and capture its output.
 
-    ``env`` is the complete environment (default: ``tool_env()``). The tool
-    runs in its own process group, killed and reaped if anything interrupts
-    us (a signal, a timeout, an exception), so nothing outlives the command.
+    ``env`` is the complete environment (default: ``tool_env()``). ``stdout``
+    sends the tool's output there (e.g. ``subprocess.DEVNULL``) instead of
+    capturing it; stderr is always captured. The tool runs in its own process
+    group, killed and reaped if anything interrupts us (a signal, a timeout, an
+    exception), so nothing outlives the command.
     """
     args = [os.fspath(a) for a in argv]
     try:
@@ -127,7 +130,7 @@ def run(
             proc = _popen(
                 _argv(args),
                 stdin=subprocess.PIPE if input is not None else stdin,
-                stdout=subprocess.PIPE,
+                stdout=subprocess.PIPE if stdout is None else stdout,
                 stderr=subprocess.PIPE,
                 env=dict(env) if env is not None else tool_env(),
                 cwd=cwd,
@@ -139,7 +142,7 @@ def run(
             f"cannot run {args[0]}: {exc.strerror}", argv=args, reason=Reason.TOOL_FAILED
         ) from exc
     try:
-        stdout, stderr = proc.communicate(input, timeout=timeout)
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         stop(proc, grace=0)
         raise ToolError(
@@ -150,9 +153,9 @@ def run(
     except BaseException:
         stop(proc, grace=0)
         raise
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out or b"", err)
     if check and proc.returncode != 0:
-        text = stderr.decode("utf-8", "replace")
+        text = err.decode("utf-8", "replace")
         how = (
             _signal_words(proc.returncode)
             if proc.returncode < 0

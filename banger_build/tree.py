@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 REG, DIR, SYMLINK, FIFO, CHR, BLK = "reg", "dir", "symlink", "fifo", "chr", "blk"
 SPECIAL = frozenset({FIFO, CHR, BLK})
@@ -31,9 +31,13 @@ _TYPE_BITS = {
 NAME_MAX = 255
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
-    """What ext4 keeps per inode. Mutable while flattening; shared by hard links."""
+    """What ext4 keeps per inode. Mutable while flattening; shared by hard links.
+
+    Slotted, with defaults that allocate nothing (a tree holds one per entry of
+    the image: memory per entry is what bounds a build's peak).
+    """
 
     type: str
     uid: int = 0
@@ -43,9 +47,11 @@ class Inode:
     size: int = 0
     target: str = ""  # symlink target
     rdev: tuple[int, int] = (0, 0)
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: dict[str, bytes] | None = None
     nlink: int = 1
     ino: int = 0  # assigned once the filesystem exists
+    #: bytes of a sparse file that hold data (its holes take no blocks); None: ``size``
+    data: int | None = None
 
     @property
     def mode(self) -> int:
@@ -53,12 +59,14 @@ class Inode:
         return _TYPE_BITS[self.type] | (self.perm & 0o7777)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """A directory entry: a name bound to an inode (and, for dirs, children)."""
 
     inode: Inode
     children: dict[str, Node] | None = None
+    #: which layer touched the entry last, for whiteouts (``Flattener``'s marks)
+    mark: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -99,14 +107,27 @@ class Tree:
                     child = node.children[name]
                     stack.append((f"{path}/{name}" if path else name, child))
 
+    def nodes(self) -> Iterator[Node]:
+        """Every node in ``walk`` order, without building the paths."""
+        stack: list[Node] = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            if node.children:
+                children = node.children
+                stack.extend(children[n] for n in sorted(children, key=_name_key, reverse=True))
+
     def inodes(self) -> list[Inode]:
         """Distinct inodes, in walk order of their first path."""
-        seen: set[int] = set()
+        seen: set[int] = set()  # only inodes with more than one name can repeat
         out: list[Inode] = []
-        for _, node in self.walk():
-            if id(node.inode) not in seen:
-                seen.add(id(node.inode))
-                out.append(node.inode)
+        for node in self.nodes():
+            inode = node.inode
+            if inode.nlink > 1:
+                if id(inode) in seen:
+                    continue
+                seen.add(id(inode))
+            out.append(inode)
         return out
 
 

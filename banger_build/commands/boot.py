@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     common.add_sources(p)
+    common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
 
@@ -77,9 +78,12 @@ def store_path_of(args: argparse.Namespace, reporter: Reporter) -> Path:
         from banger_build.build import BuildOptions, build
 
         options = BuildOptions(
-            home=common.home(args), registry=common.registry_options(args), out_link=None,
+            home=common.home(args),
+            registry=common.registry_options(args),
+            out_link=None,
             source_roots=common.source_roots(args),
-        )  # fmt: skip
+            limits=common.limits(args),
+        )
         return build(target, options, reporter).path
     if target.exists():
         raise InputError(

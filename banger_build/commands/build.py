@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     common.add_lock_options(p)
     common.add_sources(p)
+    common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from banger_build.build import BuildOptions, Context
+    from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
 
 
@@ -28,6 +29,29 @@ def add_registry(p: argparse.ArgumentParser) -> None:
         "--insecure-registry", action="append", default=[], metavar="HOST",
         help="allow plain HTTP to HOST (loopback is always allowed)",
     )  # fmt: skip
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-image-size", type=_size, default=None, metavar="SIZE",
+        help="refuse an image whose layers uncompress to more than SIZE (default: 32GiB)",
+    )  # fmt: skip
+
+
+def _size(text: str) -> int:
+    from banger_build.recipe import Invalid, parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def limits(args: argparse.Namespace) -> Limits:
+    from banger_build.limits import Limits
+
+    size: int | None = getattr(args, "max_image_size", None)
+    return Limits() if size is None else Limits(max_image_size=size)
 
 
 def home(args: argparse.Namespace) -> Path:
@@ -82,6 +106,7 @@ def build_options(
         lock_path=lock_path,
         update_input=update_input,
         source_roots=source_roots(args),
+        limits=limits(args),
     )
 
 

@@ -1,0 +1,314 @@
+"""One layer blob as a bounded stream of tar members.
+
+The layer is decompressed (gzip, zstd or plain, by magic bytes) through a
+``LayerReader`` that hashes the uncompressed bytes (for the diff_id) and
+counts them against a budget: past it, reading stops at once, so a gzip
+bomb costs the budget, not the disk.
+
+``tarfile`` trusts its input in ways a hostile layer can exploit: it reads
+an extended header (PAX, GNU long name) of any size into memory, follows a
+chain of them by recursion, reads sparse maps of any length, keeps every
+member it has read in a list, and lets ``ValueError`` and friends escape
+from malformed numbers. ``members()`` and ``_BoundedTarInfo`` close these:
+each member is read with bounded memory, and every malformed header is one
+``Refused(reason=CORRUPT)``.
+
+``copy_member()`` writes a member's content into a staging file without
+writing zeros: a sparse member's holes (GNU or PAX sparse map) and any
+all-zero chunk of a regular member stay holes. ``mke2fs -d`` skips all-zero
+blocks either way, so the image is the same; only the staging disk is spared.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+
+from banger_build.errors import Reason
+
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+#: Bytes of one PAX extended header or GNU long name/link. Real headers hold a path
+#: (4 KiB at most), a few xattrs (4 KiB each at most) and perhaps a sparse map.
+MAX_HEADER = 1 << 20
+#: Extended headers in a row before a member (tarfile follows them by recursion);
+#: real archives use at most three (PAX, long name, long link).
+MAX_HEADER_CHAIN = 8
+#: Keys of the global PAX headers, which tarfile keeps for the rest of the stream.
+MAX_GLOBAL_KEYS = 1024
+#: Segments of one sparse map (tarfile keeps the whole map in memory).
+MAX_SPARSE = 65_536
+#: Reads that return nothing, past the end of the stream. tarfile skips a member's
+#: content by reading it, one buffer at a time, even past the end: a size field of
+#: 2^95 (base-256) would spin for ever on an empty stream.
+MAX_EMPTY_READS = 64
+#: Largest file ext4 holds with 4 KiB blocks: 2^32 - 1 blocks (32-bit logical
+#: block numbers in extents).
+MAX_FILE_SIZE = (2**32 - 1) * 4096
+
+#: tarfile's internals that typeshed does not declare (``nti``, ``members``, ...)
+_tarfile: Any = tarfile
+_EXTENDED = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+#: What decompressing a malformed blob raises.
+DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+#: What tarfile raises on malformed input (its number parsing lets ValueError and
+#: friends escape), decompression errors included. Caught only around tarfile's code.
+PARSE_ERRORS = (
+    tarfile.TarError,
+    *DECOMPRESS_ERRORS,
+    ValueError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    UnicodeError,
+)
+
+
+class Refused(Exception):
+    """The stream breaks a bound or is malformed; the caller names layer and path."""
+
+    def __init__(self, message: str, reason: Reason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BudgetExceeded(Refused):
+    """The uncompressed stream went past the reader's budget."""
+
+    def __init__(self) -> None:
+        super().__init__("uncompressed content past the budget", Reason.IMAGE_TOO_LARGE)
+
+
+class LayerReader:
+    """The uncompressed stream of a layer: hashed, counted, cut at ``budget`` bytes."""
+
+    def __init__(self, raw: IO[bytes], budget: int) -> None:
+        self._raw = raw
+        self.budget = budget
+        self.count = 0
+        self.sha = hashlib.sha256()
+        self._empty = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > _CHUNK:
+            n = _CHUNK  # never decompress more than a chunk at once
+        data = self._raw.read(n)
+        if not data:
+            self._empty += 1
+            if self._empty > MAX_EMPTY_READS:
+                raise Refused("the layer ends in the middle of an entry", Reason.CORRUPT)
+        self.count += len(data)
+        if self.count > self.budget:
+            raise BudgetExceeded
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (hash and count) what follows the tar archive's end."""
+        try:
+            while self.read(_CHUNK):
+                pass
+        except DECOMPRESS_ERRORS as exc:
+            raise Refused(f"corrupt layer: {exc}", Reason.CORRUPT) from exc
+
+
+@contextmanager
+def open_layer(path: Path) -> Iterator[IO[bytes]]:
+    """The uncompressed tar stream of a blob; gzip, zstd or plain, by magic bytes."""
+    with open(path, "rb") as raw:
+        magic = raw.read(4)
+        raw.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield gz  # type: ignore[misc]
+        elif magic == b"\x28\xb5\x2f\xfd":
+            dctx = zstandard.ZstdDecompressor()
+            with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
+                yield zs
+        else:
+            yield raw
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing with bounds on what it reads into memory.
+
+    ``_proc_member`` is tarfile's documented hook for subclasses; the sparse
+    readers are overridden because tarfile's loop over them has no bound.
+    """
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type not in _EXTENDED:
+            return _tarfile.TarInfo._proc_member(self, tar)
+        if self.size > MAX_HEADER:
+            raise Refused(
+                f"extended header of {self.size} bytes (at most {MAX_HEADER})",
+                Reason.HEADER_TOO_LARGE,
+            )
+        depth = getattr(tar, "_banger_chain", 0) + 1
+        if depth > MAX_HEADER_CHAIN:
+            raise Refused(
+                f"more than {MAX_HEADER_CHAIN} extended headers in a row", Reason.HEADER_TOO_LARGE
+            )
+        tar._banger_chain = depth
+        try:
+            member = _tarfile.TarInfo._proc_member(self, tar)
+        finally:
+            tar._banger_chain = depth - 1
+        if len(tar.pax_headers) > MAX_GLOBAL_KEYS:
+            raise Refused(
+                f"global PAX headers with more than {MAX_GLOBAL_KEYS} keys",
+                Reason.HEADER_TOO_LARGE,
+            )
+        return member
+
+    def _proc_sparse(self, tar: Any) -> Any:
+        """Old GNU sparse member: tarfile's reader, with a bound on extension blocks."""
+        structs, extended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        while extended:
+            if len(structs) > MAX_SPARSE:
+                raise Refused(f"sparse map of more than {MAX_SPARSE} segments", Reason.CORRUPT)
+            buf = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(buf) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data")
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = _tarfile.nti(buf[pos : pos + 12])
+                    numbytes = _tarfile.nti(buf[pos + 12 : pos + 24])
+                except _tarfile.InvalidHeaderError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+            extended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = tar.fileobj.tell()
+        tar.offset = self.offset_data + -(-self.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        self.size = origsize
+        return self
+
+    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tar: Any) -> None:
+        """PAX sparse 1.0: the map leads the data, as decimal lines; bounded here."""
+        numbers: list[int] = []
+        buf = b""
+        count = -1
+        while count < 0 or len(numbers) < 2 * count:
+            while b"\n" not in buf:
+                if len(buf) > 20:
+                    raise Refused("malformed sparse map", Reason.CORRUPT)
+                block = tar.fileobj.read(tarfile.BLOCKSIZE)
+                if not block:
+                    raise tarfile.ReadError("unexpected end of data")
+                buf += block
+            line, buf = buf.split(b"\n", 1)
+            if not line.isdigit() or len(line) > 20:
+                raise Refused("malformed sparse map", Reason.CORRUPT)
+            if count < 0:
+                count = int(line)
+                if count > MAX_SPARSE:
+                    raise Refused(
+                        f"sparse map of {count} segments (at most {MAX_SPARSE})", Reason.CORRUPT
+                    )
+            else:
+                numbers.append(int(line))
+        next.offset_data = tar.fileobj.tell()
+        next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a stream-mode archive, one at a time, without keeping them."""
+    while True:
+        try:
+            member = tar.next()
+        except PARSE_ERRORS as exc:
+            raise Refused(f"corrupt layer: {exc}", Reason.CORRUPT) from exc
+        if member is None:
+            return
+        _untyped(tar).members.clear()  # tarfile keeps every member it read: memory per entry
+        yield member
+
+
+def _untyped(obj: object) -> Any:
+    """``obj`` with tarfile's undeclared attributes (``members``, ``sparse``'s real type)."""
+    return obj
+
+
+def open_tar(stream: LayerReader) -> tarfile.TarFile:
+    """A stream-mode (forward only) TarFile with bounded header parsing."""
+    try:
+        return tarfile.open(  # type: ignore[call-overload,no-any-return]
+            fileobj=stream, mode="r|", errorlevel=2, tarinfo=_BoundedTarInfo
+        )
+    except PARSE_ERRORS as exc:
+        raise Refused(f"corrupt layer: {exc}", Reason.CORRUPT) from exc
+
+
+def sparse_map(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """A sparse member's data segments, checked: in order, disjoint, inside the file."""
+    raw: list[tuple[int, int]] = _untyped(member).sparse  # typeshed says bytes: wrong
+    if len(raw) > MAX_SPARSE:
+        raise Refused(f"sparse map of {len(raw)} segments (at most {MAX_SPARSE})", Reason.CORRUPT)
+    segments: list[tuple[int, int]] = []
+    end = 0
+    for offset, numbytes in raw:
+        if numbytes == 0:
+            continue  # GNU tar pads the map with empty segments
+        if offset < end or numbytes < 0 or offset + numbytes > member.size:
+            raise Refused("sparse map out of order or past the end of the file", Reason.CORRUPT)
+        segments.append((offset, numbytes))
+        end = offset + numbytes
+    return segments
+
+
+def copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> int:
+    """Write a regular member's content to ``fd``; return the bytes that hold data.
+
+    Holes (a sparse member's unmapped ranges, all-zero chunks) are left as
+    holes; the file gets the member's full size.
+    """
+    if member.sparse is not None:
+        segments = sparse_map(member)
+        stream = tar.fileobj  # the raw member data: the segments, back to back
+        assert stream is not None
+        for offset, numbytes in segments:
+            _copy(stream.read, fd, offset, numbytes)
+        stored = sum(n for _, n in segments)
+    else:
+        src = tar.extractfile(member)
+        assert src is not None
+        _copy(src.read, fd, 0, member.size)
+        stored = member.size
+    os.ftruncate(fd, member.size)
+    return stored
+
+
+def _copy(read: Callable[[int], bytes], fd: int, offset: int, length: int) -> None:
+    os.lseek(fd, offset, os.SEEK_SET)
+    while length > 0:
+        try:
+            chunk = read(min(_CHUNK, length))
+        except PARSE_ERRORS as exc:
+            raise Refused(f"corrupt file content: {exc}", Reason.CORRUPT) from exc
+        if not chunk:
+            raise Refused("truncated file content", Reason.CORRUPT)
+        if len(chunk) == _CHUNK and chunk == _ZEROS:
+            os.lseek(fd, _CHUNK, os.SEEK_CUR)
+        else:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        length -= len(chunk)
