@@ -25,7 +25,15 @@ from typing import Any
 
 from banger_build import __version__, ext4, signals
 from banger_build.derivation import Derivation, derive
-from banger_build.errors import HostError, InputError, Reason, RecipeError, StoreError, host_error
+from banger_build.errors import (
+    HostError,
+    ImageError,
+    InputError,
+    Reason,
+    RecipeError,
+    StoreError,
+    host_error,
+)
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove_tree
 from banger_build.inject import inject, install_modules
@@ -349,17 +357,32 @@ def inject_files(ctx: Context) -> None:
         ctx.reporter.step(f"installed the kernel modules at {where}")
 
 
+@contextlib.contextmanager
+def _size_at_recipe(ctx: Context) -> Iterator[None]:
+    """A size the image cannot have (too small for the tree, too large for the
+    host) is the recipe's ``rootfs.size`` (or, when it is the default, the image)."""
+    try:
+        yield
+    except ImageError as exc:
+        where = ctx.recipe.size_where or ctx.recipe.image_where
+        if exc.reason in (Reason.SIZE_TOO_SMALL, Reason.SIZE_TOO_LARGE) and where is not None:
+            raise where.error(exc.message, exc.reason) from exc
+        raise
+
+
 def size_image(ctx: Context) -> None:
     size = ctx.recipe.size
-    ctx.plan = ext4.plan_size(ctx.tree, auto=size.auto, size=size.bytes)
+    with _size_at_recipe(ctx):
+        ctx.plan = ext4.plan_size(ctx.tree, auto=size.auto, size=size.bytes)
 
 
 def make_filesystem(ctx: Context) -> None:
     ctx.reporter.step(f"making ext4 ({ctx.plan.size // ext4.MiB} MiB, {ctx.plan.inodes} inodes)")
     ctx.out.mkdir(exist_ok=True)
-    ext4.make_filesystem(
-        ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
-    )
+    with _size_at_recipe(ctx):
+        ext4.make_filesystem(
+            ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
+        )
     removal = remove_tree(ctx.staging)  # free the disk early; the image holds it all now
     if not removal.ok:
         raise HostError(

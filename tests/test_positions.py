@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,20 @@ def _last_section_line(recipe: Path, key: str) -> int:
     section = key.split("[", 1)[0]
     lines = recipe.read_text().splitlines()
     return max(n for n, text in enumerate(lines, 1) if text == f"[[{section}]]")
+
+
+def test_a_size_too_small_for_the_image_points_at_rootfs_size(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    from tests.support.e2e import run_cli, write_recipe
+    from tests.support.oci import Entry
+
+    push(registry, "positions/big", [[*BASE, Entry.file("big", os.urandom(12 << 20))]])
+    recipe = write_recipe(
+        tmp_path / "r", f"{registry.host}/positions/big:v1", extra='[rootfs]\nsize = "8MiB"\n'
+    )
+    line = recipe.read_text().splitlines().index('size = "8MiB"') + 1
+    code, _, err = run_cli(tmp_path / "home", str(recipe), "--no-link", "-q")
+    error = err.splitlines()[-1]
+    assert code == 1 and error.startswith(f"banger-build: error: {recipe}:{line}:1: rootfs.size: ")
+    assert "too small" in error
