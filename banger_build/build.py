@@ -1,12 +1,11 @@
-"""The build: small verb-named steps over one context, listed in order at the end.
+"""The build: small verb-named steps over one context, listed in order (``BUILD``).
 
-    recipe --load--> Recipe --resolve (lock, registry, files, templates)-->
-    derivation --sha256--> key --store hit?--> done
-                                --miss--> pull, flatten, inject, size, mkfs,
-                                          restore metadata, fsck, stage kernel,
-                                          manifest --> publish (one rename)
+    resolve (banger_build.resolve) --> key --store hit?--> link, done
+      --miss--> pull, flatten, stage kernel, inject, size, mkfs, restore
+                metadata, fsck, manifest --> publish (one rename) --> link
 
-Only the steps touch the outside world. Everything a miss builds lives in a
+``build()`` and ``check()`` are the library's entry points. Only the steps
+touch the outside world. Everything a miss builds lives in a
 private directory under ``<home>/tmp`` until the publishing rename, so a
 failed or interrupted build leaves nothing in the store.
 """
@@ -14,289 +13,34 @@ failed or interrupted build leaves nothing in the store.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from banger_build import __version__, ext4, signals
-from banger_build.derivation import Derivation, derive
-from banger_build.errors import (
-    HostError,
-    ImageError,
-    InputError,
-    Reason,
-    RecipeError,
-    StoreError,
-    host_error,
+from banger_build import __version__, ext4
+from banger_build.context import (
+    ROOTFS,
+    BuildOptions,
+    BuildResult,
+    Context,
+    run_steps,
 )
+from banger_build.errors import HostError, ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove_tree
 from banger_build.inject import inject, install_modules
-from banger_build.inputs import Injected, Staged, hash_tree, resolve_injected, resolve_kernel
-from banger_build.limits import Limits
-from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci.blobs import BlobCache
+from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
-from banger_build.oci.manifest import ImageManifest
-from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, ReferenceSyntaxError
-from banger_build.oci.source import Source
 from banger_build.progress import Reporter
-from banger_build.recipe import Recipe, Where, load_recipe
-from banger_build.run import tool_version
-from banger_build.store import Store, set_out_link
+from banger_build.resolve import RESOLVE, save_lock
+from banger_build.store import set_out_link
 from banger_build.store import write_manifest as write_manifest_file
-from banger_build.tree import Inode, Tree
 
-ROOTFS = "rootfs.ext4"
+__all__ = ["BUILD", "BuildOptions", "BuildResult", "CheckResult", "build", "check"]
+
 MANIFEST_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    home: Path
-    registry: RegistryOptions = field(default_factory=RegistryOptions)
-    out_link: Path | None = Path("result")
-    #: "auto": use pins, add missing ones (and say so); "locked": every input must be
-    #: pinned already; "update": re-resolve (``update_input``, or everything) and re-pin.
-    lock_mode: str = "auto"
-    update_input: str | None = None
-    #: resolve with this lock file instead of the one beside the recipe (read-only)
-    lock_path: Path | None = None
-    #: directories sources may lie in besides the recipe's project (--allow-source)
-    source_roots: tuple[Path, ...] = ()
-    #: bounds on what the image may make the build do (``--max-image-size``)
-    limits: Limits = field(default_factory=Limits)
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    path: Path
-    key: str
-    cached: bool
-    derivation: Derivation
-
-
-class Context:
-    """The one mutable object of a build. Steps read and fill it in order."""
-
-    def __init__(self, recipe_path: Path, options: BuildOptions, reporter: Reporter) -> None:
-        self.recipe_path = recipe_path
-        self.options = options
-        self.reporter = reporter
-        self.store = Store(options.home)
-        #: every image manifest, config and blob of the build comes from here
-        self.source = Source(
-            BlobCache(self.store.blobs, self.store.temp_roots),
-            options.registry,
-            progress=reporter.progress,
-        )
-        # filled by the resolve steps
-        self.recipe: Recipe
-        self.lock: Lock
-        self.lock_changed = False
-        self.lock_notes: list[str] = []
-        self.manifest: ImageManifest
-        self.config: dict[str, Any]
-        self.epoch = 1
-        self.injected: tuple[Injected, ...] = ()
-        self.kernel: tuple[Staged, ...] = ()
-        self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
-        #: a [kernel] ref artifact's manifest and config digests (for manifest.json and gc)
-        self.kernel_artifact: dict[str, str] = {}
-        self.tools: dict[str, str] = {}
-        self.derivation: Derivation
-        # filled by the build steps
-        self.work: Path
-        self.layers: list[LayerInput] = []
-        self.tree: Tree
-        self.plan: ext4.SizePlan
-        self.extra_inodes: list[Inode] = []
-        self.inode_count = 0
-        self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
-        self.timings: dict[str, float] = {}  # step name -> seconds
-        self.differences: list[str] = []  # check: how the rebuild differs from the store
-
-    @property
-    def key(self) -> str:
-        return self.derivation.key
-
-    @property
-    def staging(self) -> Path:
-        return self.work / "staging"
-
-    @property
-    def out(self) -> Path:
-        return self.work / "out"
-
-    @property
-    def image(self) -> Path:
-        return self.out / ROOTFS
-
-
-# -- resolve ------------------------------------------------------------------
-
-
-def read_recipe(ctx: Context) -> None:
-    ctx.recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
-
-
-def pin(
-    ctx: Context,
-    *,
-    input_name: str,
-    what: str,
-    key: str,
-    where: Where | None,
-    pinned: Digest | None,
-    resolve: Callable[[], Digest],
-    record: Callable[[Digest], Lock],
-) -> Digest:
-    """The digest an input is pinned to, by the lock mode: use the pin; "locked"
-    fails without one (at the recipe's ``key``); a missing pin, or "update" of
-    this input, asks the registry and records the new pin (reported, never silent)."""
-    mode = ctx.options.lock_mode
-    if pinned is None and mode == "locked":
-        lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
-        state = "does not exist" if not lock_path.exists() else "has no pin for it"
-        raise RecipeError(
-            f"{what} is not locked: {lock_path} {state}; run `banger-build lock {ctx.recipe.path}`",
-            file=str(ctx.recipe.path),
-            line=where.line if where else None,
-            col=where.col if where else None,
-            key=key,
-            reason=Reason.NOT_LOCKED,
-        )
-    refresh = mode == "update" and ctx.options.update_input in (None, input_name)
-    if pinned is not None and not refresh:
-        return pinned
-    ctx.reporter.step(f"resolving {what}")
-    digest = resolve()
-    if digest != pinned:
-        ctx.lock = record(digest)
-        ctx.lock_changed = True
-        old = f" (was {pinned})" if pinned else ""
-        ctx.lock_notes.append(f"pinned {what} to {digest}{old}")
-    return digest
-
-
-def resolve_image(ctx: Context) -> None:
-    """Lock pin (no network) or registry resolution; then manifest and config,
-    cache first (no registry client at all when they are cached)."""
-    recipe, source = ctx.recipe, ctx.source
-    ctx.lock = Lock.load(ctx.options.lock_path or lock_path_for(recipe.path))
-    digest = pin(
-        ctx,
-        input_name="image",
-        what=f"{recipe.image} ({recipe.platform})",
-        key="image.ref",
-        where=recipe.image_where,
-        pinned=ctx.lock.image_digest(recipe.image, recipe.platform),
-        resolve=lambda: source.resolve(recipe.image, recipe.platform),
-        record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
-    )
-    ctx.manifest = source.manifest(recipe.image, digest)
-    ctx.config = source.config(recipe.image, ctx.manifest)
-    arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
-    if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
-        message = (
-            f"{recipe.image}@{digest}: image is for {os_}/{arch}, the recipe asks for "
-            f"{recipe.platform}"
-        )
-        if recipe.platform_where is None:
-            raise InputError(message, reason=Reason.PLATFORM_MISMATCH)
-        raise recipe.platform_where.error(message, Reason.PLATFORM_MISMATCH)
-
-
-def choose_epoch(ctx: Context) -> None:
-    """Timestamps of what we add: SOURCE_DATE_EPOCH, else the image's creation time."""
-    env = os.environ.get("SOURCE_DATE_EPOCH")
-    if env:
-        if not env.isdigit():
-            raise InputError(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
-        ctx.epoch = max(1, int(env))
-        return
-    created = ctx.config.get("created")
-    if isinstance(created, str):
-        try:
-            when = datetime.fromisoformat(created)
-        except ValueError:
-            return
-        if when.tzinfo is None:  # never let the build host's TZ leak in
-            when = when.replace(tzinfo=UTC)
-        ctx.epoch = max(1, int(when.timestamp()))
-
-
-def resolve_kernel_artifact(ctx: Context) -> None:
-    """``[kernel] ref``: the lock pin (no network when the manifest and blobs are
-    cached) or the registry's answer for the tag (pinned then); its blobs become
-    the staged kernel files, so the derivation looks like a local kernel's."""
-    spec = ctx.recipe.kernel
-    if spec is None or spec.ref is None:
-        return
-    ref, where = spec.ref, spec.ref_where or spec.where
-    source = ctx.source
-    # a reference by digest is pinned by itself and never re-resolved
-    digest = ref.digest or pin(
-        ctx,
-        input_name="kernel",
-        what=f"kernel {ref}",
-        key="kernel.ref",
-        where=where,
-        pinned=ctx.lock.kernel_digest(ref),
-        resolve=lambda: source.digest(ref),
-        record=lambda d: ctx.lock.with_kernel(ref, d),
-    )
-    artifact = source.kernel(ref, digest)
-    config = artifact.config
-    version = source.kernel_version(ref, artifact)
-    if spec.install_modules and ("modules.tar" not in artifact.files or not version):
-        raise RecipeError(
-            f"install_modules: kernel {ref}@{digest} has no modules (push it with --modules)",
-            file=str(ctx.recipe.path), line=where.line, col=where.col,
-            key="kernel.install_modules", reason=Reason.NO_MODULES,
-        )  # fmt: skip
-    staged = []
-    for name, desc in artifact.files.items():
-        path = source.blob(ref, desc)
-        staged.append(Staged(name, path, desc.digest.hex, desc.size, where=where))
-    ctx.kernel = tuple(staged)
-    ctx.kernel_version = version
-    ctx.kernel_artifact = {
-        "reference": str(ref),
-        "manifest": str(digest),
-        "config": str(config.digest),
-    }
-
-
-def resolve_inputs(ctx: Context) -> None:
-    ctx.injected = resolve_injected(ctx.recipe)
-    if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
-        ctx.kernel = resolve_kernel(ctx.recipe.kernel, ctx.recipe.source_roots)
-
-
-def read_tool_versions(ctx: Context) -> None:
-    ctx.tools = {"mke2fs": tool_version("mke2fs"), "debugfs": tool_version("debugfs")}
-
-
-def make_derivation(ctx: Context) -> None:
-    ctx.derivation = derive(
-        ctx.recipe,
-        ctx.manifest,
-        injected=ctx.injected,
-        kernel=ctx.kernel,
-        epoch=ctx.epoch,
-        tools=ctx.tools,
-        kernel_version=ctx.kernel_version,
-    )
-
-
-# -- build --------------------------------------------------------------------
 
 
 def pull_layers(ctx: Context) -> None:
@@ -456,16 +200,6 @@ def write_manifest(ctx: Context) -> None:
     write_manifest_file(ctx.out, manifest)
 
 
-RESOLVE: tuple[Callable[[Context], None], ...] = (
-    read_recipe,
-    resolve_inputs,  # local files and templates first: their errors need no network
-    resolve_image,
-    choose_epoch,
-    resolve_kernel_artifact,
-    read_tool_versions,
-    make_derivation,
-)
-
 BUILD: tuple[Callable[[Context], None], ...] = (
     pull_layers,
     flatten_layers,
@@ -477,54 +211,6 @@ BUILD: tuple[Callable[[Context], None], ...] = (
     check_filesystem,
     write_manifest,
 )
-
-
-def save_lock(ctx: Context) -> None:
-    """Write the lock file when pins changed; a change is always reported, never silent."""
-    if not ctx.lock_changed or ctx.options.lock_path is not None:
-        return
-    path = lock_path_for(ctx.recipe.path)
-    existed = path.exists()
-    ctx.lock.save(path)
-    for note in ctx.lock_notes:
-        ctx.reporter.always(f"{'updated' if existed else 'wrote'} {path}: {note}")
-
-
-Step = Callable[[Context], None]
-
-
-@contextlib.contextmanager
-def boundary(ctx: Context, step: Step) -> Iterator[None]:
-    """Run one step: named and timed; the host's failures (a full disk, a
-    permission, an I/O error, memory) become one error naming the step, the
-    path and the errno's words."""
-    name = step.__name__.replace("_", " ")
-    started = time.monotonic()
-    try:
-        yield
-    except OSError as exc:
-        raise host_error(name, exc) from exc
-    except MemoryError as exc:
-        raise HostError(f"{name}: out of memory", reason=Reason.OUT_OF_MEMORY) from exc
-    except RecursionError as exc:  # a host tree nested past Python's stack
-        raise HostError(
-            f"{name}: a directory tree is nested too deeply", reason=Reason.TOO_DEEP
-        ) from exc
-    finally:
-        ctx.timings[name] = time.monotonic() - started
-
-
-def run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:
-    for step in steps:
-        signals.checkpoint()  # a terminating signal whose raise was lost ends it here
-        with boundary(ctx, step):
-            step(ctx)
-
-
-def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:
-    ctx = Context(recipe_path, options, reporter)
-    run_steps(ctx, RESOLVE)
-    return ctx
 
 
 def _link(ctx: Context, path: Path) -> None:

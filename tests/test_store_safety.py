@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from banger_build import build as buildmod
+from banger_build import context
 from banger_build.build import BuildOptions, build
 from banger_build.errors import BangerError, Reason
 from banger_build.fsutil import remove_tree, walk
@@ -39,7 +40,7 @@ def test_a_source_changed_during_the_build_never_enters_the_store(
     source = tmp_path / "r" / "hello.txt"
     original = source.read_bytes()
 
-    def tamper(ctx: buildmod.Context) -> None:  # after resolve hashed it, before it is copied
+    def tamper(ctx: context.Context) -> None:  # after resolve hashed it, before it is copied
         source.write_bytes(b"evil bytes\n")
 
     monkeypatch.setattr(buildmod, "BUILD", (tamper, *buildmod.BUILD))
@@ -68,7 +69,7 @@ def test_a_kernel_changed_during_the_build_never_enters_the_store(
     kernel.write_bytes(b"kernel one")
     recipe = write_recipe(tmp_path / "r", image_ref, extra='[kernel]\npath = "vmlinux"\n')
 
-    def tamper(ctx: buildmod.Context) -> None:
+    def tamper(ctx: context.Context) -> None:
         kernel.write_bytes(b"kernel two")
 
     monkeypatch.setattr(buildmod, "BUILD", (tamper, *buildmod.BUILD))

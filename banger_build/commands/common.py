@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from banger_build.build import BuildOptions, Context
+    from banger_build.build import BuildOptions
+    from banger_build.context import Context
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
 
@@ -118,8 +119,8 @@ def resolve_recipe(
     lock_path: Path | None = None,
 ) -> Context:
     """Resolve a recipe to its derivation without building (or writing the lock)."""
-    from banger_build.build import resolve
     from banger_build.progress import Reporter
+    from banger_build.resolve import resolve
 
     options = build_options(args, lock_mode=lock_mode, lock_path=lock_path)
     return resolve(recipe, options, Reporter(quiet=True))
@@ -128,9 +129,9 @@ def resolve_recipe(
 def write_lock(
     args: argparse.Namespace, recipe: Path, *, lock_mode: str, update_input: str | None = None
 ) -> int:
-    from banger_build.build import resolve, save_lock
     from banger_build.lockfile import lock_path_for
     from banger_build.progress import Reporter
+    from banger_build.resolve import resolve, save_lock
 
     options = build_options(args, lock_mode=lock_mode, update_input=update_input)
     ctx = resolve(recipe, options, Reporter())

@@ -1,0 +1,149 @@
+"""One build's context and the boundary every step runs in.
+
+``Context`` is the one mutable object of a build: the resolve steps
+(``banger_build.resolve``) fill the recipe, pins, image, inputs and the
+derivation; the build steps (``banger_build.build``) fill the work dir, the
+tree, the plan and the outputs. ``run_steps`` runs a list of steps, each
+inside ``boundary``: named, timed, and with the host's failures turned into
+one error that names the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from banger_build import ext4, signals
+from banger_build.derivation import Derivation
+from banger_build.entries import Injected, Staged
+from banger_build.errors import HostError, Reason, host_error
+from banger_build.flatten import LayerInput
+from banger_build.limits import Limits
+from banger_build.lockfile import Lock
+from banger_build.oci.blobs import BlobCache
+from banger_build.oci.manifest import ImageManifest
+from banger_build.oci.options import RegistryOptions
+from banger_build.oci.source import Source
+from banger_build.progress import Reporter
+from banger_build.recipe import Recipe
+from banger_build.store import Store
+from banger_build.tree import Inode, Tree
+
+ROOTFS = "rootfs.ext4"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    home: Path
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    out_link: Path | None = Path("result")
+    #: "auto": use pins, add missing ones (and say so); "locked": every input must be
+    #: pinned already; "update": re-resolve (``update_input``, or everything) and re-pin.
+    lock_mode: str = "auto"
+    update_input: str | None = None
+    #: resolve with this lock file instead of the one beside the recipe (read-only)
+    lock_path: Path | None = None
+    #: directories sources may lie in besides the recipe's project (--allow-source)
+    source_roots: tuple[Path, ...] = ()
+    #: bounds on what the image may make the build do (``--max-image-size``)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    key: str
+    cached: bool
+    derivation: Derivation
+
+
+class Context:
+    """The one mutable object of a build. Steps read and fill it in order."""
+
+    def __init__(self, recipe_path: Path, options: BuildOptions, reporter: Reporter) -> None:
+        self.recipe_path = recipe_path
+        self.options = options
+        self.reporter = reporter
+        self.store = Store(options.home)
+        #: every image manifest, config and blob of the build comes from here
+        self.source = Source(
+            BlobCache(self.store.blobs, self.store.temp_roots),
+            options.registry,
+            progress=reporter.progress,
+        )
+        # filled by the resolve steps
+        self.recipe: Recipe
+        self.lock: Lock
+        self.lock_changed = False
+        self.lock_notes: list[str] = []
+        self.manifest: ImageManifest
+        self.config: dict[str, Any]
+        self.epoch = 1
+        self.injected: tuple[Injected, ...] = ()
+        self.kernel: tuple[Staged, ...] = ()
+        self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
+        #: a [kernel] ref artifact's manifest and config digests (for manifest.json and gc)
+        self.kernel_artifact: dict[str, str] = {}
+        self.tools: dict[str, str] = {}
+        self.derivation: Derivation
+        # filled by the build steps
+        self.work: Path
+        self.layers: list[LayerInput] = []
+        self.tree: Tree
+        self.plan: ext4.SizePlan
+        self.extra_inodes: list[Inode] = []
+        self.inode_count = 0
+        self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
+        self.timings: dict[str, float] = {}  # step name -> seconds
+        self.differences: list[str] = []  # check: how the rebuild differs from the store
+
+    @property
+    def key(self) -> str:
+        return self.derivation.key
+
+    @property
+    def staging(self) -> Path:
+        return self.work / "staging"
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    @property
+    def image(self) -> Path:
+        return self.out / ROOTFS
+
+
+Step = Callable[[Context], None]
+
+
+@contextlib.contextmanager
+def boundary(ctx: Context, step: Step) -> Iterator[None]:
+    """Run one step: named and timed; the host's failures (a full disk, a
+    permission, an I/O error, memory) become one error naming the step, the
+    path and the errno's words."""
+    name = step.__name__.replace("_", " ")
+    started = time.monotonic()
+    try:
+        yield
+    except OSError as exc:
+        raise host_error(name, exc) from exc
+    except MemoryError as exc:
+        raise HostError(f"{name}: out of memory", reason=Reason.OUT_OF_MEMORY) from exc
+    except RecursionError as exc:  # a host tree nested past Python's stack
+        raise HostError(
+            f"{name}: a directory tree is nested too deeply", reason=Reason.TOO_DEEP
+        ) from exc
+    finally:
+        ctx.timings[name] = time.monotonic() - started
+
+
+def run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:
+    for step in steps:
+        signals.checkpoint()  # a terminating signal whose raise was lost ends it here
+        with boundary(ctx, step):
+            step(ctx)

@@ -1,0 +1,209 @@
+"""Resolve a recipe to its derivation: small verb-named steps, listed in order.
+
+    recipe --load--> Recipe --local files, templates--> entries
+      --lock pin or registry--> image manifest, config --> epoch
+      --kernel artifact--> staged kernel --> tool versions --> derivation (key)
+
+Only the image and kernel steps may touch the network, through the build's
+``Source`` (cache first). ``save_lock`` writes new pins, always reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from banger_build.context import BuildOptions, Context, run_steps
+from banger_build.derivation import derive
+from banger_build.entries import Staged, Where
+from banger_build.errors import InputError, Reason, RecipeError
+from banger_build.inputs import resolve_injected, resolve_kernel
+from banger_build.lockfile import Lock, lock_path_for
+from banger_build.oci.reference import Digest
+from banger_build.progress import Reporter
+from banger_build.recipe import load_recipe
+from banger_build.run import tool_version
+
+
+def read_recipe(ctx: Context) -> None:
+    ctx.recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
+
+
+def pin(
+    ctx: Context,
+    *,
+    input_name: str,
+    what: str,
+    key: str,
+    where: Where | None,
+    pinned: Digest | None,
+    resolve: Callable[[], Digest],
+    record: Callable[[Digest], Lock],
+) -> Digest:
+    """The digest an input is pinned to, by the lock mode: use the pin; "locked"
+    fails without one (at the recipe's ``key``); a missing pin, or "update" of
+    this input, asks the registry and records the new pin (reported, never silent)."""
+    mode = ctx.options.lock_mode
+    if pinned is None and mode == "locked":
+        lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
+        state = "does not exist" if not lock_path.exists() else "has no pin for it"
+        raise RecipeError(
+            f"{what} is not locked: {lock_path} {state}; run `banger-build lock {ctx.recipe.path}`",
+            file=str(ctx.recipe.path),
+            line=where.line if where else None,
+            col=where.col if where else None,
+            key=key,
+            reason=Reason.NOT_LOCKED,
+        )
+    refresh = mode == "update" and ctx.options.update_input in (None, input_name)
+    if pinned is not None and not refresh:
+        return pinned
+    ctx.reporter.step(f"resolving {what}")
+    digest = resolve()
+    if digest != pinned:
+        ctx.lock = record(digest)
+        ctx.lock_changed = True
+        old = f" (was {pinned})" if pinned else ""
+        ctx.lock_notes.append(f"pinned {what} to {digest}{old}")
+    return digest
+
+
+def resolve_image(ctx: Context) -> None:
+    """Lock pin (no network) or registry resolution; then manifest and config,
+    cache first (no registry client at all when they are cached)."""
+    recipe, source = ctx.recipe, ctx.source
+    ctx.lock = Lock.load(ctx.options.lock_path or lock_path_for(recipe.path))
+    digest = pin(
+        ctx,
+        input_name="image",
+        what=f"{recipe.image} ({recipe.platform})",
+        key="image.ref",
+        where=recipe.image_where,
+        pinned=ctx.lock.image_digest(recipe.image, recipe.platform),
+        resolve=lambda: source.resolve(recipe.image, recipe.platform),
+        record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
+    )
+    ctx.manifest = source.manifest(recipe.image, digest)
+    ctx.config = source.config(recipe.image, ctx.manifest)
+    arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
+    if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
+        message = (
+            f"{recipe.image}@{digest}: image is for {os_}/{arch}, the recipe asks for "
+            f"{recipe.platform}"
+        )
+        if recipe.platform_where is None:
+            raise InputError(message, reason=Reason.PLATFORM_MISMATCH)
+        raise recipe.platform_where.error(message, Reason.PLATFORM_MISMATCH)
+
+
+def choose_epoch(ctx: Context) -> None:
+    """Timestamps of what we add: SOURCE_DATE_EPOCH, else the image's creation time."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        if not env.isdigit():
+            raise InputError(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+        ctx.epoch = max(1, int(env))
+        return
+    created = ctx.config.get("created")
+    if isinstance(created, str):
+        try:
+            when = datetime.fromisoformat(created)
+        except ValueError:
+            return
+        if when.tzinfo is None:  # never let the build host's TZ leak in
+            when = when.replace(tzinfo=UTC)
+        ctx.epoch = max(1, int(when.timestamp()))
+
+
+def resolve_kernel_artifact(ctx: Context) -> None:
+    """``[kernel] ref``: the lock pin (no network when the manifest and blobs are
+    cached) or the registry's answer for the tag (pinned then); its blobs become
+    the staged kernel files, so the derivation looks like a local kernel's."""
+    spec = ctx.recipe.kernel
+    if spec is None or spec.ref is None:
+        return
+    ref, where = spec.ref, spec.ref_where or spec.where
+    source = ctx.source
+    # a reference by digest is pinned by itself and never re-resolved
+    digest = ref.digest or pin(
+        ctx,
+        input_name="kernel",
+        what=f"kernel {ref}",
+        key="kernel.ref",
+        where=where,
+        pinned=ctx.lock.kernel_digest(ref),
+        resolve=lambda: source.digest(ref),
+        record=lambda d: ctx.lock.with_kernel(ref, d),
+    )
+    artifact = source.kernel(ref, digest)
+    config = artifact.config
+    version = source.kernel_version(ref, artifact)
+    if spec.install_modules and ("modules.tar" not in artifact.files or not version):
+        raise RecipeError(
+            f"install_modules: kernel {ref}@{digest} has no modules (push it with --modules)",
+            file=str(ctx.recipe.path), line=where.line, col=where.col,
+            key="kernel.install_modules", reason=Reason.NO_MODULES,
+        )  # fmt: skip
+    staged = []
+    for name, desc in artifact.files.items():
+        path = source.blob(ref, desc)
+        staged.append(Staged(name, path, desc.digest.hex, desc.size, where=where))
+    ctx.kernel = tuple(staged)
+    ctx.kernel_version = version
+    ctx.kernel_artifact = {
+        "reference": str(ref),
+        "manifest": str(digest),
+        "config": str(config.digest),
+    }
+
+
+def resolve_inputs(ctx: Context) -> None:
+    ctx.injected = resolve_injected(ctx.recipe)
+    if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
+        ctx.kernel = resolve_kernel(ctx.recipe.kernel, ctx.recipe.source_roots)
+
+
+def read_tool_versions(ctx: Context) -> None:
+    ctx.tools = {"mke2fs": tool_version("mke2fs"), "debugfs": tool_version("debugfs")}
+
+
+def make_derivation(ctx: Context) -> None:
+    ctx.derivation = derive(
+        ctx.recipe,
+        ctx.manifest,
+        injected=ctx.injected,
+        kernel=ctx.kernel,
+        epoch=ctx.epoch,
+        tools=ctx.tools,
+        kernel_version=ctx.kernel_version,
+    )
+
+
+RESOLVE: tuple[Callable[[Context], None], ...] = (
+    read_recipe,
+    resolve_inputs,  # local files and templates first: their errors need no network
+    resolve_image,
+    choose_epoch,
+    resolve_kernel_artifact,
+    read_tool_versions,
+    make_derivation,
+)
+
+
+def save_lock(ctx: Context) -> None:
+    """Write the lock file when pins changed; a change is always reported, never silent."""
+    if not ctx.lock_changed or ctx.options.lock_path is not None:
+        return
+    path = lock_path_for(ctx.recipe.path)
+    existed = path.exists()
+    ctx.lock.save(path)
+    for note in ctx.lock_notes:
+        ctx.reporter.always(f"{'updated' if existed else 'wrote'} {path}: {note}")
+
+
+def resolve(recipe_path: Path, options: BuildOptions, reporter: Reporter) -> Context:
+    ctx = Context(recipe_path, options, reporter)
+    run_steps(ctx, RESOLVE)
+    return ctx
