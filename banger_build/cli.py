@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from banger_build import __version__, signals
+from banger_build import __version__, progress, signals
 from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
 from banger_build.commands import build as build_command
 from banger_build.commands import render as render_command
@@ -123,6 +123,7 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
+    progress.reset()
     try:
         status = _run(argv)
         sys.stdout.flush()  # a reader that went away is found here, not at exit
@@ -139,17 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signals.pending() is not None:  # the error is the interruption's doing
             return _interrupted(None)
         print(f"banger-build: error: {exc}", file=sys.stderr)
+        progress.report_error(exc.reason, str(exc), EXIT_ERROR)
         return EXIT_ERROR
     except Exception as exc:  # a bug: one line, a distinct status
         if debug:
             raise
         if signals.pending() is not None:
             return _interrupted(None)
+        message = f"internal error: {type(exc).__name__}: {exc}"
         print(
-            f"banger-build: internal error: {type(exc).__name__}: {exc} "
+            f"banger-build: {message} "
             "(a bug in banger-build; BANGER_BUILD_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
+        progress.report_error("internal", message, EXIT_INTERNAL)
         return EXIT_INTERNAL
 
 
@@ -169,8 +173,10 @@ def _run(argv: Sequence[str] | None) -> int:
 def _interrupted(signum: int | None) -> int:
     signals.delivered()
     signum = signum or signals.pending_or(signal.SIGINT)
-    with contextlib.suppress(OSError, ValueError):
-        print(f"banger-build: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    name = signal.Signals(signum).name
+    with contextlib.suppress(OSError, ValueError, StdoutClosed):
+        print(f"banger-build: interrupted by {name}", file=sys.stderr)
+        progress.report_error("interrupted", f"interrupted by {name}", 128 + signum)
     return 128 + signum
 
 

@@ -140,6 +140,7 @@ def boundary(ctx: Context, step: Step) -> Iterator[None]:
         ) from exc
     finally:
         ctx.timings[name] = time.monotonic() - started
+        ctx.reporter.timing(name, ctx.timings[name])
 
 
 def run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:

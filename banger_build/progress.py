@@ -1,10 +1,23 @@
-"""Progress for humans: a live line on a terminal, plain lines otherwise."""
+"""Progress: for humans, a live line on a terminal and plain lines otherwise
+(``Reporter``, on stderr); for CI, one JSON object per line (``JsonReporter``,
+on stdout, with ``--json``)::
+
+    {"event": "step", "t": 0.12, "message": "flattening layers"}
+    {"event": "timing", "t": 3.4, "step": "flatten layers", "seconds": 3.27}
+    {"event": "progress", "t": 0.5, "what": "3f1c2a9b", "done": 1048576, "total": 5242880}
+    {"event": "notice", "t": 0.1, "message": "wrote recipes/debian.lock: pinned ..."}
+    {"event": "result", "t": 9.8, "path": "...", "key": "...", "status": "built", ...}
+    {"event": "error", "t": 2.0, "reason": "layer-invalid", "message": "...", "exit": 1}
+
+``t`` is seconds since the command started.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class Reporter:
@@ -58,3 +71,67 @@ class Reporter:
 
     def done(self) -> None:
         self._clear()
+
+    def timing(self, step: str, seconds: float) -> None:
+        """A build step ended (humans get the summary at the end of the build)."""
+
+    def result(self, **fields: Any) -> None:
+        """What the command produced (humans get it on stdout from the command)."""
+
+
+#: the JSON reporter of this process, if ``--json`` is on (errors are reported there too)
+_json: JsonReporter | None = None
+
+
+class JsonReporter(Reporter):
+    """One JSON object per line on ``stream`` (default stdout), flushed at once."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream or sys.stdout)
+        self.tty = False
+        self._last_progress: dict[str, float] = {}
+        global _json
+        _json = self
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "t": round(time.monotonic() - self._started, 3), **fields}
+        self.stream.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self.stream.flush()
+
+    def step(self, message: str) -> None:
+        self.emit("step", message=message)
+
+    def always(self, message: str) -> None:
+        self.emit("notice", message=message)
+
+    def note(self, message: str) -> None:
+        self.emit("note", message=message)
+
+    def progress(self, what: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self._last_progress.get(what, 0.0) < 0.5:
+            return
+        self._last_progress[what] = now
+        self.emit("progress", what=what, done=done, total=total)
+
+    def done(self) -> None:
+        pass
+
+    def timing(self, step: str, seconds: float) -> None:
+        self.emit("timing", step=step, seconds=round(seconds, 3))
+
+    def result(self, **fields: Any) -> None:
+        self.emit("result", **fields)
+
+
+def reset() -> None:
+    """No JSON reporter (a new command in the same process)."""
+    global _json
+    _json = None
+
+
+def report_error(reason: str, message: str, status: int) -> None:
+    """An error ending the command, as a JSON event when ``--json`` is on."""
+    if _json is not None:
+        _json.emit("error", reason=reason, message=message, exit=status)

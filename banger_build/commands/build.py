@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from banger_build.commands import common
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--print-out-paths", action="store_true",
         help="print only the store path on stdout, and no progress",
     )  # fmt: skip
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    common.add_output(p)
     p.add_argument(
         "--check", action="store_true",
         help="rebuild the existing store path from scratch and compare (see `check`)",
@@ -38,20 +39,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from banger_build.build import BuildResult, build
     from banger_build.commands.check import run_check
-    from banger_build.progress import Reporter
 
     if args.check:
         return run_check(args, args.recipe)
 
     options = common.build_options(args, out_link=None if args.no_link else args.out_link)
-    reporter = Reporter(quiet=args.quiet or args.print_out_paths)
+    reporter = common.reporter(args, quiet=args.print_out_paths)
+    started = time.monotonic()
 
     def ready(result: BuildResult) -> None:
-        # printed while the key lock still protects the path from gc
-        print(result.path, flush=True)
+        # reported while the key lock still protects the path from gc
+        if args.json:
+            reporter.result(
+                path=str(result.path),
+                key=result.key,
+                name=result.derivation.name,
+                status="cached" if result.cached else "built",
+                out_link=None if options.out_link is None else str(options.out_link),
+                seconds=round(time.monotonic() - started, 3),
+            )
+        else:
+            print(result.path, flush=True)
 
     result = build(args.recipe, options, reporter, on_ready=ready)
-    if not (args.quiet or args.print_out_paths):
+    if not (args.quiet or args.print_out_paths or args.json):
         state = "cached" if result.cached else "built"
         reporter.step(f"{state} {result.derivation.name} (key {result.key})")
     return 0

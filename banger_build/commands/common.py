@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from banger_build.context import Context
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
+    from banger_build.progress import Reporter
 
 
 def add_home(p: argparse.ArgumentParser) -> None:
@@ -139,3 +140,23 @@ def write_lock(
     if not ctx.lock_changed:
         print(f"{lock_path_for(ctx.recipe.path)}: up to date")
     return 0
+
+
+def add_output(p: argparse.ArgumentParser) -> None:
+    """``-q`` and ``--json``: how a command reports while it works."""
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    out.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON event per line on stdout (steps, timings, progress, the result, errors)",
+    )
+
+
+def reporter(args: argparse.Namespace, *, quiet: bool = False) -> Reporter:
+    """The command's reporter: JSON events with --json, else human lines on stderr."""
+    from banger_build.progress import JsonReporter, Reporter
+
+    if getattr(args, "json", False):
+        return JsonReporter()
+    return Reporter(quiet=quiet or getattr(args, "quiet", False))

@@ -1,0 +1,55 @@
+"""--json: one JSON event per line on stdout, for CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.support.e2e import run_cli, write_recipe
+
+
+def _events(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_build_reports_steps_timings_and_its_result(tmp_path: Path, image_ref: str) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    home = tmp_path / "home"
+    code, out, err = run_cli(home, str(recipe), "--json", "-o", str(tmp_path / "result"))
+    assert code == 0 and err == "", err
+    events = _events(out)
+    kinds = {e["event"] for e in events}
+    assert {"step", "timing", "notice", "result"} <= kinds
+    assert all(isinstance(e["t"], float | int) for e in events)
+    timings = {e["step"] for e in events if e["event"] == "timing"}
+    assert {"flatten layers", "make filesystem", "resolve image"} <= timings
+    (result,) = [e for e in events if e["event"] == "result"]
+    assert result["status"] == "built" and Path(result["path"]).is_dir()
+    assert result["key"] in result["path"] and result["out_link"] == str(tmp_path / "result")
+    assert events[-1] is result or events[-1]["event"] != "error"
+
+    code, out, _ = run_cli(home, str(recipe), "--json", "--no-link")
+    (again,) = [e for e in _events(out) if e["event"] == "result"]
+    assert code == 0 and again["status"] == "cached" and again["path"] == result["path"]
+
+
+def test_an_error_is_an_event_too(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[image]\nref = "example.org/x:1"\n[rootfs]\nsise = "1GiB"\n')
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--json")
+    assert code == 1 and err.startswith("banger-build: error: ")
+    *before, event = _events(out)
+    assert all(e["event"] in ("step", "timing") for e in before)
+    assert event["event"] == "error" and event["reason"] == "unknown-key" and event["exit"] == 1
+    assert "rootfs.sise" in event["message"]
+
+
+def test_json_and_quiet_exclude_each_other(tmp_path: Path, capsys: Any) -> None:
+    import pytest
+
+    from banger_build.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "r.toml", "--json", "-q"])
+    assert exc.value.code == 2
