@@ -79,6 +79,7 @@ class Reason(StrEnum):
     DEST_INVALID = "dest-invalid"
     MIRROR_INVALID = "mirror-invalid"
     INSECURE_INVALID = "insecure-invalid"
+    INVALID_KEY = "invalid-key"
     BLOB_SIZE = "blob-size"
     RECIPE_CHANGED = "recipe-changed"
     NO_ROOTFS = "no-rootfs"
