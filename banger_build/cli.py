@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import os
 import signal
@@ -55,13 +56,49 @@ def make_parser() -> argparse.ArgumentParser:
         description="Build a bootable microVM root filesystem from a recipe, "
         "into a content-addressed store. `banger-build RECIPE` is `banger-build build RECIPE`.",
     )
-    parser.add_argument("--version", action="version", version=f"banger-build {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"banger-build {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        p = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=prose(module.__doc__ or ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(handler=module.run)
     return parser
+
+
+def prose(doc: str) -> str:
+    """A module docstring as help text: ``code`` marks dropped."""
+    return doc.replace("``", "").strip()
+
+
+def arrange(args: list[str]) -> list[str]:
+    """Put the command first, wherever it is on the line, so shared options may
+    come before it (``banger-build --home X ls``, ``banger-build -q R.toml``);
+    with no command word, the line is a build (``banger-build R.toml``). A first
+    word that is neither a command nor a path but close to a command is a typo:
+    UsageError with a suggestion."""
+    names = [m.NAME for m in COMMANDS]
+    if not args or args[0] in ("-h", "--help", "-V", "--version"):
+        return args
+    for i, word in enumerate(args):
+        if word in names:
+            return [word, *args[:i], *args[i + 1 :]]
+        if word == "--":
+            break
+    first = next((w for w in args if not w.startswith("-")), None)
+    if first is not None and "/" not in first and "." not in first and not os.path.exists(first):
+        close = difflib.get_close_matches(first, names, n=1, cutoff=0.6)
+        if close:
+            raise UsageError(f"unknown command {first!r} (did you mean {close[0]!r}?)")
+    return ["build", *args]
+
+
+class UsageError(Exception):
+    """A command line that cannot be meant as written (exit 2, like argparse's)."""
 
 
 EXIT_ERROR = 1
@@ -158,11 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    names = {m.NAME for m in COMMANDS}
-    if args_list and not args_list[0].startswith("-") and args_list[0] not in names:
-        args_list.insert(0, "build")  # `banger-build recipes/debian.toml`
     parser = make_parser()
+    try:
+        args_list = arrange(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"banger-build: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()

@@ -53,3 +53,22 @@ def test_json_and_quiet_exclude_each_other(tmp_path: Path, capsys: Any) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["build", "r.toml", "--json", "-q"])
     assert exc.value.code == 2
+
+
+def test_command_lines_as_hands_type_them(tmp_path: Path, image_ref: str) -> None:
+    from banger_build.cli import main
+
+    home = tmp_path / "home"
+    one = write_recipe(tmp_path / "a", image_ref)
+    two = write_recipe(tmp_path / "b", image_ref, name="other.toml")
+    (tmp_path / "b" / "hello.txt").write_text("another\n")
+    link = tmp_path / "result"
+    # options before the recipe, several recipes: result, result-2
+    code, out, err = run_cli(home, "-q", str(one), str(two), "-o", str(link))
+    assert code == 0, err
+    first, second = out.split()
+    assert Path(first) == link.resolve() and Path(second) == (tmp_path / "result-2").resolve()
+    assert first != second
+    # a shared option before the command
+    assert main(["--home", str(home), "ls", "--json"]) == 0
+    assert main(["bulid", str(one)]) == 2  # a typo: a suggestion, a usage error

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from banger_build.commands import common
+
+if TYPE_CHECKING:
+    from banger_build.build import BuildOptions
+    from banger_build.progress import Reporter
 
 NAME = "build"
 HELP = "build a recipe (the default command)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", type=Path, help="the recipe (TOML), e.g. recipes/debian.toml")
+    p.add_argument(
+        "recipes", type=Path, nargs="+", metavar="RECIPE",
+        help="the recipe (TOML), e.g. recipes/debian.toml; several are built in turn, "
+        "linked as result, result-2, ...",
+    )  # fmt: skip
     link = p.add_mutually_exclusive_group()
     link.add_argument(
         "-o", "--out-link", type=Path, default=Path("result"), metavar="PATH",
@@ -37,14 +46,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.build import BuildResult, build
     from banger_build.commands.check import run_check
 
     if args.check:
-        return run_check(args, args.recipe)
-
-    options = common.build_options(args, out_link=None if args.no_link else args.out_link)
+        return max(run_check(args, recipe) for recipe in args.recipes)
     reporter = common.reporter(args, quiet=args.print_out_paths)
+    for n, recipe in enumerate(args.recipes, 1):
+        link = None if args.no_link else out_link(args.out_link, n)
+        build_one(args, recipe, common.build_options(args, out_link=link), reporter)
+    return 0
+
+
+def out_link(link: Path, n: int) -> Path:
+    """The n-th recipe's out-link: ``result``, ``result-2``, ``result-3``... (as Nix)."""
+    return link if n == 1 else link.with_name(f"{link.name}-{n}")
+
+
+def build_one(
+    args: argparse.Namespace, recipe: Path, options: BuildOptions, reporter: Reporter
+) -> None:
+    from banger_build.build import BuildResult, build
+
     started = time.monotonic()
 
     def ready(result: BuildResult) -> None:
@@ -61,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(result.path, flush=True)
 
-    result = build(args.recipe, options, reporter, on_ready=ready)
+    result = build(recipe, options, reporter, on_ready=ready)
     if not (args.quiet or args.print_out_paths or args.json):
         state = "cached" if result.cached else "built"
         reporter.step(f"{state} {result.derivation.name} (key {result.key})")
-    return 0
