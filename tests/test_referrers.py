@@ -234,6 +234,25 @@ def test_a_lost_index_update_is_written_again(tmp_path: Path, registry: Registry
     assert [e["digest"] for e in index["manifests"]] == [str(art.subject.digest), str(sig)]
 
 
+def test_a_transient_400_on_the_referrer_put_is_retried(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    """distribution 2.8 answers 400 (DIGEST_INVALID, MANIFEST_BLOB_UNKNOWN) while
+    concurrent pushes rewrite a blob's link file: asked again, it succeeds."""
+    art = Pushed(tmp_path, registry.host)
+    key = SecretKey.generate("ci-1")
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Status(400, "DIGEST_INVALID"), match="/manifests/sha256:", method="PUT",
+                  times=2)  # fmt: skip
+        ref = Reference(proxy.host, art.ref.repository, "x")
+        envelope = dsse.sign(statement_for(art.entry), key)
+        remote = remote_for(tmp_path / "p")
+        sig = attach(remote, ref, art.subject, envelope, "ci-1", sleep=lambda s: None)
+        assert proxy.count("Status") == 2
+    found = list_signatures(art.remote, art.ref, art.subject.digest).found
+    assert [f.digest for f in found] == [sig]
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from banger_build.errors import Reason, RegistryError
 from banger_build.oci.failure import Failure
@@ -61,6 +62,8 @@ from banger_build.oci.reference import Digest, Reference
 
 if TYPE_CHECKING:  # the HTTP stack is imported only by who makes a Remote
     from banger_build.oci.remote import Remote
+
+T = TypeVar("T")
 
 SIGNATURE_TYPE = "application/vnd.banger.signature.v1+json"
 DSSE_TYPE = "application/vnd.dsse.envelope.v1+json"
@@ -81,11 +84,15 @@ MAX_REFERRER_MANIFEST = 64 << 10
 MAX_ENVELOPE = 64 << 10
 #: read-modify-write rounds of the fallback index before giving up
 INDEX_ATTEMPTS = 8
-#: the pause before re-reading the index: this many times the read and write took,
+#: looks at the index after a write, waiting for it to hold still (two equal reads)
+MAX_CHECKS = 4
+#: the pause before each look: this many times the slowest request of this update,
 #: within [MIN_SETTLE, MAX_SETTLE] seconds, plus up to MIN_SETTLE of jitter
 SETTLE_FACTOR = 4.0
-MIN_SETTLE = 0.05
+MIN_SETTLE = 0.1
 MAX_SETTLE = 2.0
+#: tries of one manifest PUT that the registry answers 400 (see ``_put``)
+PUT_ATTEMPTS = 4
 
 
 def fallback_tag(subject: Digest) -> str:
@@ -231,6 +238,24 @@ def _listed(entries: list[dict[str, Any]], digest: Digest) -> bool:
     return any(e.get("digest") == str(digest) for e in entries)
 
 
+def _put(action: Callable[[], T], sleep: Callable[[float], None]) -> T:
+    """``action`` (a manifest PUT), again after a pause when the registry answers 400.
+
+    distribution 2.8 rewrites a blob's or manifest's link file in place (truncate, then
+    write) each time someone pushes it, so while others push the same ``{}`` config or
+    the same signature manifest, the existence check of a PUT can read an empty link
+    and answer 400 DIGEST_INVALID / MANIFEST_BLOB_UNKNOWN (seen with 8 concurrent
+    signers). The content is there: asking again a moment later succeeds."""
+    for attempt in range(PUT_ATTEMPTS):
+        try:
+            return action()
+        except RegistryError as exc:
+            if exc.status != 400 or attempt == PUT_ATTEMPTS - 1:
+                raise
+        sleep(MIN_SETTLE * 2**attempt + random.uniform(0, MIN_SETTLE))
+    raise AssertionError("unreachable")
+
+
 def update_fallback_index(
     remote: Remote,
     ref: Reference,
@@ -239,12 +264,26 @@ def update_fallback_index(
     *,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Make the fallback index of ``subject`` list ``entry``; returns the rounds it took."""
+    """Make the fallback index of ``subject`` list ``entry``; returns the rounds it took.
+
+    A round: read, write the index with ``entry`` added (unless listed already), then
+    look again after a pause until the index holds still with ``entry`` in it (two
+    equal reads, ``MAX_CHECKS`` reads at most). A writer that read before our write
+    and writes after it drops our entry; the pause is several times the slowest
+    request seen, so its write lands before we look again, and we write again."""
     tag_ref = _tag_ref(ref, subject)
     digest = Digest.parse(entry["digest"])
-    for attempt in range(1, INDEX_ATTEMPTS + 1):
+    slowest = 0.0
+
+    def timed_read() -> list[dict[str, Any]]:
+        nonlocal slowest
         started = time.monotonic()
         entries = _read_index(remote, ref, subject)
+        slowest = max(slowest, time.monotonic() - started)
+        return entries
+
+    for attempt in range(1, INDEX_ATTEMPTS + 1):
+        entries = timed_read()
         if not _listed(entries, digest):
             if len(entries) >= MAX_REFERRERS:
                 raise RegistryError(
@@ -254,15 +293,24 @@ def update_fallback_index(
                     reason=Reason.TOO_MANY_REFERRERS,
                 )
             body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*entries, entry]}
-            remote.push_manifest(tag_ref, _canonical(body), OCI_INDEX)
-        # A writer that read before our write and writes after it drops our entry;
-        # its read-to-write gap is about as long as ours: wait a few of those, look again.
-        took = time.monotonic() - started
-        sleep(
-            min(MAX_SETTLE, max(MIN_SETTLE, SETTLE_FACTOR * took)) + random.uniform(0, MIN_SETTLE)
-        )
-        if _listed(_read_index(remote, ref, subject), digest):
-            return attempt
+            data = _canonical(body)
+            started = time.monotonic()
+            _put(partial(remote.push_manifest, tag_ref, data, OCI_INDEX), sleep)
+            slowest = max(slowest, time.monotonic() - started)
+        seen: list[dict[str, Any]] | None = None
+        for _ in range(MAX_CHECKS):
+            sleep(
+                min(MAX_SETTLE, max(MIN_SETTLE, SETTLE_FACTOR * slowest))
+                + random.uniform(0, MIN_SETTLE)
+            )
+            current = timed_read()
+            if not _listed(current, digest):
+                break  # lost to a concurrent writer: another round
+            if current == seen:
+                return attempt  # still, and listed
+            seen = current
+        else:
+            return attempt  # listed at every look while others kept writing
         sleep(random.uniform(0, min(MAX_SETTLE, MIN_SETTLE * 2**attempt)))
     raise RegistryError(
         f"could not add signature {digest.short} to the referrers index "
@@ -273,7 +321,13 @@ def update_fallback_index(
 
 
 def attach(
-    remote: Remote, ref: Reference, subject: Descriptor, envelope: bytes, key_name: str
+    remote: Remote,
+    ref: Reference,
+    subject: Descriptor,
+    envelope: bytes,
+    key_name: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Digest:
     """Push ``envelope`` as a referrer of ``subject`` in ``ref``'s repository and make
     it findable (the registry's referrers API, else the fallback index); its digest."""
@@ -287,9 +341,10 @@ def attach(
     remote.push_bytes(ref, EMPTY_JSON)
     layer = Descriptor(DSSE_TYPE, envelope_digest, len(envelope))
     data = signature_manifest(subject, layer, key_name)
-    digest, indexed = remote.push_referrer(ref, data, OCI_MANIFEST)
+    digest, indexed = _put(lambda: remote.push_referrer(ref, data, OCI_MANIFEST), sleep)
     if not indexed:
-        update_fallback_index(remote, ref, subject.digest, index_entry(digest, data, key_name))
+        entry = index_entry(digest, data, key_name)
+        update_fallback_index(remote, ref, subject.digest, entry, sleep=sleep)
     return digest
 
 

@@ -91,6 +91,7 @@ class Verdict:
     target: str
     findings: list[Finding] = field(default_factory=list)
     signers: list[str] = field(default_factory=list)
+    accepted: list[bytes] = field(default_factory=list)  # the envelopes of ``signers``
     trusted_as: str = ""  # "signed by K", "built locally"; "" when untrusted/unchecked
 
     @property
@@ -125,7 +126,9 @@ def judge_signatures(
         found = differences(result.claims, manifest)
         if found:
             bad += [Finding(CORRUPTED, f"{label} by {result.signer}: {d}") for d in found]
-        elif result.signer not in verdict.signers:
+            continue
+        verdict.accepted.append(envelope)
+        if result.signer not in verdict.signers:
             verdict.signers.append(result.signer)
     if verdict.signers:
         # a good signature stands; junk beside it is worth a warning, not a failure
@@ -331,13 +334,29 @@ def verify_reference(
     if contents:
         _check_layers(verdict, remote, ref, artifact, manifest)
     if trust:
-        envelopes: list[tuple[str, bytes]] = []
-        with _boundary(verdict, ref, content=False):
-            listing = list_signatures(remote, ref, digest)
-            verdict.findings += [Finding(0, p) for p in listing.problems]
-            envelopes = [(f"signature {f.digest}", f.envelope) for f in listing.found]
-        judge_signatures(verdict, envelopes, trusted, manifest)
+        check_signatures(verdict, remote, ref, digest, trusted, manifest)
     return verdict
+
+
+def check_signatures(
+    verdict: Verdict,
+    remote: Remote,
+    ref: Reference,
+    subject: Digest,
+    trusted: Sequence[PublicKey],
+    manifest: StoreManifest,
+) -> None:
+    """The signatures attached to artifact ``subject`` that vouch, by a trusted key, for
+    exactly ``manifest`` (the artifact's verified config): ``verdict.signers`` and
+    ``verdict.accepted`` (for ``substitution_record``), else the findings why not.
+    Substitution calls this with the store path's manifest.json before trusting a byte
+    of the bundle, whose rootfs.ext4 must then hash to ``manifest.outputs``."""
+    envelopes: list[tuple[str, bytes]] = []
+    with _boundary(verdict, ref, content=False):
+        listing = list_signatures(remote, ref, subject)
+        verdict.findings += [Finding(0, p) for p in listing.problems]
+        envelopes = [(f"signature {f.digest}", f.envelope) for f in listing.found]
+    judge_signatures(verdict, envelopes, trusted, manifest)
 
 
 def _check_layers(
@@ -389,6 +408,7 @@ __all__ = [
     "ROOTFS_ARTIFACT_TYPE",
     "UNTRUSTED",
     "Finding",
+    "check_signatures",
     "Verdict",
     "judge_signatures",
     "recorded_envelopes",
