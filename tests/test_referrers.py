@@ -72,9 +72,11 @@ class Pushed:
     """One store path pushed as a rootfs artifact, and what it takes to sign it."""
 
     def __init__(self, tmp_path: Path, host: str, *, rootfs: bytes = b"rootfs " * 5000,
-                 kernel: dict[str, bytes] | None = None, **options: Any) -> None:  # fmt: skip
+                 kernel: dict[str, bytes] | None = None,
+                 modules: dict[str, bytes] | None = None, **options: Any) -> None:  # fmt: skip
         self.home = tmp_path / f"home-{next(_counter)}"
-        self.entry: StoreEntry = make_entry(self.home, rootfs=rootfs, kernel=kernel)
+        self.entry: StoreEntry = make_entry(self.home, rootfs=rootfs, kernel=kernel,
+                                            modules=modules)  # fmt: skip
         self.remote = remote_for(self.home, **options)
         self.ref = Reference.parse(f"{host}/{unique('rootfs')}:sk-{self.entry.key}")
         self.subject = push_rootfs(self.remote, self.ref, self.entry, tmp_path / "scratch")
@@ -97,7 +99,8 @@ def verify(home: Path, *args: str) -> tuple[int, str, str]:
 
 
 def test_sign_attach_list_verify(tmp_path: Path, registry: RegistryServer) -> None:
-    art = Pushed(tmp_path, registry.host, kernel={"vmlinux": b"kernel" * 100})
+    art = Pushed(tmp_path, registry.host, kernel={"vmlinux": b"kernel" * 100},
+                 modules={"kernel/a.ko": b"module", "modules.dep": b""})  # fmt: skip
     key = SecretKey.generate("ci.example-1")
     sig = art.sign(key, tmp_path)
     # distribution 2.8 has no referrers API: 404, so the tag-schema fallback holds it

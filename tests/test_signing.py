@@ -418,3 +418,31 @@ def test_differences_name_each_mismatch(tmp_path: Path) -> None:
     assert any(line.startswith("rootfs.ext4: signed sha256") for line in found)
     assert any("names vmlinux, which the store path does not have" in line for line in found)
     assert differences(parse_claims(statement_for(entry)), read_store_manifest(entry)) == []
+
+
+def test_a_modules_directory_is_signed_by_its_deterministic_tar(tmp_path: Path) -> None:
+    import hashlib
+    import io as _io
+
+    from banger_build.oci.kernel import write_modules_tar
+
+    modules = {"kernel/fs/ext4.ko": b"\x7fELF ext4", "modules.dep": b"kernel/fs/ext4.ko:\n"}
+    one = make_entry(tmp_path / "one", modules=modules)
+    two = make_entry(tmp_path / "two", modules=modules)
+    assert statement_for(one) == statement_for(two)  # whatever the home
+    tar = _io.BytesIO()
+    write_modules_tar(one.path / "modules", tar)
+    subjects = {s["name"]: s["digest"]["sha256"] for s in json.loads(statement_for(one))["subject"]}
+    assert subjects["modules"] == hashlib.sha256(tar.getvalue()).hexdigest()
+    # a changed module changes the statement
+    os.chmod(two.path, 0o755)
+    for d in (
+        two.path / "modules",
+        two.path / "modules" / "kernel",
+        two.path / "modules" / "kernel" / "fs",
+    ):
+        os.chmod(d, 0o755)
+    ko = two.path / "modules" / "kernel" / "fs" / "ext4.ko"
+    os.chmod(ko, 0o644)
+    ko.write_bytes(b"\x7fELF evil")
+    assert statement_for(two) != statement_for(one)

@@ -167,3 +167,17 @@ def test_a_real_build_pushed_signed_and_verified(
                              "--trusted-key", str(key.public))  # fmt: skip
     assert (code, err) == (0, "")
     assert out == f"{ref.name}@{subject.digest}: ok (signed by ci.example-1)\n"
+
+
+def test_a_substituted_modules_directory_is_checked_by_its_signature(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    key = SecretKey.generate("cache-1")
+    entry = substituted(home, key, modules={"kernel/a.ko": b"module a"})
+    code, out, err = run_cli(home, "verify", str(entry.path), "--trusted-key", str(key.public))
+    assert code == 0, err
+    for d in (entry.path, entry.path / "modules", entry.path / "modules" / "kernel"):
+        os.chmod(d, 0o755)
+    os.chmod(entry.path / "modules" / "kernel" / "a.ko", 0o644)
+    (entry.path / "modules" / "kernel" / "a.ko").write_bytes(b"module b")
+    code, out, err = run_cli(home, "verify", str(entry.path), "--trusted-key", str(key.public))
+    assert code == 3 and "by cache-1: modules: signed sha256 " in err

@@ -22,7 +22,11 @@ from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.referrers import attach
 from banger_build.signing.dsse import sign
 from banger_build.signing.keys import SecretKey, load_secret_key
-from banger_build.signing.statement import read_store_manifest, statement_from_manifest
+from banger_build.signing.statement import (
+    read_store_manifest,
+    statement_from_manifest,
+    tree_digests,
+)
 from banger_build.store import StoreEntry
 
 if TYPE_CHECKING:  # the HTTP stack is imported only by who makes a Remote
@@ -57,7 +61,8 @@ def sign_and_attach(
     descriptor) in ``ref``'s repository. Returns the signature manifest's digest."""
     key = secret_key if isinstance(secret_key, SecretKey) else load_secret_key(secret_key)
     manifest = read_store_manifest(entry)
-    statement = statement_from_manifest(manifest)  # refuses a corrupted manifest.json
+    # refuses a corrupted manifest.json
+    statement = statement_from_manifest(manifest, tree_digests(entry.path, manifest))
     _check_subject(remote, ref, subject, hashlib.sha256(manifest.data).hexdigest())
     return attach(remote, ref, subject, sign(statement, key), key.name)
 

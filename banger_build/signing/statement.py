@@ -21,13 +21,18 @@ The digests are the raw sha256 of the files, never of a compressed bundle
 (what Nix signs is the NAR hash, not the .nar.xz): a signature binds content,
 whatever container carried it. ``manifest.json`` binds everything else: the
 derivation (so the key), the other outputs, tool versions. The ``modules``
-directory a local kernel may stage is covered through it only: its recorded
-digest is a tree hash of the source, taken before the store made it read-only.
+directory a local kernel may stage is a subject by the sha256 of its
+deterministic tar (``oci.kernel.write_modules_tar``: sorted, root-owned,
+mtime 0, modes 0755/0644, whatever modes the store gave it), the layer
+``push`` uploads for it; manifest.json's digest of it is a tree hash of the
+source, taken before the store made it read-only, which nothing can check
+again.
 
 ``statement_for(entry)`` is canonical JSON (sorted keys, no spaces) and a
-pure function of the entry's ``manifest.json`` bytes: every builder of a key
-signs the same bytes, and Ed25519 being deterministic, one key's signatures
-of one store path are identical on every machine.
+pure function of the store path (of its ``manifest.json`` bytes, and of the
+modules directory when there is one): every builder of a key signs the same
+bytes, and Ed25519 being deterministic, one key's signatures of one store
+path are identical on every machine.
 
 A manifest.json whose derivation does not hash to its key is refused (never
 signed); ``parse_claims`` reads a signed statement back, strictly.
@@ -41,6 +46,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from banger_build.derivation import KEY_CHARS, canonical_json
@@ -204,8 +210,22 @@ def read_store_manifest(entry: StoreEntry) -> StoreManifest:
     return manifest
 
 
-def statement_from_manifest(manifest: StoreManifest) -> bytes:
-    """The canonical statement of a store path; refused when its manifest is inconsistent."""
+def _expected(manifest: StoreManifest, trees: Mapping[str, str]) -> dict[str, str]:
+    """Subject name -> sha256 a statement of this store path names."""
+    if (MODULES_DIR in manifest.outputs) != (MODULES_DIR in trees):
+        raise StoreError(
+            f"{manifest.store_path}: the digest of the modules directory's tar is needed "
+            "exactly when manifest.json records one",
+            reason=Reason.NOT_A_STORE_PATH,
+        )
+    return {**manifest.files, **trees, MANIFEST: manifest.sha256}
+
+
+def statement_from_manifest(
+    manifest: StoreManifest, trees: Mapping[str, str] | None = None
+) -> bytes:
+    """The canonical statement of a store path; refused when its manifest is inconsistent.
+    ``trees``: the sha256 of the modules directory's tar, when the path has one."""
     if manifest.derivation_key != manifest.key:
         raise StoreError(
             f"{manifest.store_path}: manifest.json's derivation hashes to "
@@ -213,7 +233,7 @@ def statement_from_manifest(manifest: StoreManifest) -> bytes:
             "a corrupted store path",
             reason=Reason.CORRUPT,
         )
-    digests = {**manifest.files, MANIFEST: manifest.sha256}
+    digests = _expected(manifest, trees or {})
     predicate: dict[str, Any] = {
         "storeKey": manifest.key,
         "storePath": manifest.store_path,
@@ -230,9 +250,42 @@ def statement_from_manifest(manifest: StoreManifest) -> bytes:
     return canonical_json(statement)
 
 
+def tree_digests(path: os.PathLike[str] | str, manifest: StoreManifest) -> dict[str, str]:
+    """The sha256 of the deterministic tar of each directory output of store path
+    ``path`` (the modules directory, if any), as ``push`` uploads it."""
+    if MODULES_DIR not in manifest.outputs:
+        return {}
+    from banger_build.oci.kernel import write_modules_tar
+
+    sink = _HashSink()
+    try:
+        write_modules_tar(Path(path) / MODULES_DIR, sink)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise StoreError(
+            f"{path}: cannot read the modules directory: {exc.strerror or exc}",
+            reason=Reason.NOT_A_STORE_PATH,
+        ) from exc
+    return {MODULES_DIR: sink.sha.hexdigest()}
+
+
+class _HashSink:
+    """A write-only file that hashes what is written to it (tarfile's stream target)."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 def statement_for(entry: StoreEntry) -> bytes:
     """The statement a signature of store path ``entry`` signs (canonical JSON)."""
-    return statement_from_manifest(read_store_manifest(entry))
+    manifest = read_store_manifest(entry)
+    return statement_from_manifest(manifest, tree_digests(entry.path, manifest))
 
 
 # -- the verifier's side ---------------------------------------------------------------
@@ -274,14 +327,17 @@ def parse_claims(payload: bytes) -> Claims:
     return Claims(subjects, key, path, predicate)
 
 
-def differences(claims: Claims, manifest: StoreManifest) -> list[str]:
-    """How a signed statement differs from what ``manifest`` says ([] when it matches)."""
+def differences(
+    claims: Claims, manifest: StoreManifest, trees: Mapping[str, str] | None = None
+) -> list[str]:
+    """How a signed statement differs from what ``manifest`` says and ``trees`` (the
+    modules directory's tar digest, when there is one) ([] when it matches)."""
     found: list[str] = []
     if claims.store_key != manifest.key or claims.store_path != manifest.store_path:
         found.append(
             f"the signature is for store path {claims.store_path}, not {manifest.store_path}"
         )
-    expected = {**manifest.files, MANIFEST: manifest.sha256}
+    expected = {**manifest.files, **(trees or {}), MANIFEST: manifest.sha256}
     for name in sorted(set(claims.subjects) | set(expected)):
         signed, actual = claims.subjects.get(name), expected.get(name)
         if signed == actual:
@@ -308,4 +364,5 @@ __all__ = [
     "read_store_manifest",
     "statement_for",
     "statement_from_manifest",
+    "tree_digests",
 ]

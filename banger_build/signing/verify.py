@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,11 +53,13 @@ from banger_build.signing.content import (
 from banger_build.signing.keys import PublicKey
 from banger_build.signing.statement import (
     MAX_STORE_MANIFEST,
+    MODULES_DIR,
     ROOTFS,
     StoreManifest,
     differences,
     parse_store_manifest,
     read_store_manifest,
+    tree_digests,
 )
 from banger_build.store import MANIFEST, Store, StoreEntry
 
@@ -69,6 +71,8 @@ UNTRUSTED = 2
 OTHER = 4
 #: the pushed artifact's type (issue 9: one OCI 1.1 artifact per store path)
 ROOTFS_ARTIFACT_TYPE = "application/vnd.banger.rootfs.v1"
+#: the bundle layer's media type (the kernel layers are titled with their file names)
+BUNDLE_TYPE = "application/vnd.banger.rootfs.bundle.v1.tar+zstd"
 #: layers of a rootfs artifact: the bundle and at most a few kernel files
 MAX_ARTIFACT_LAYERS = 8
 #: the meta record (``<home>/meta/<entry>.json``) key of a substituted path
@@ -113,9 +117,11 @@ def judge_signatures(
     envelopes: Sequence[tuple[str, bytes]],
     trusted: Sequence[PublicKey],
     manifest: StoreManifest,
+    trees: Mapping[str, str] | None = None,
 ) -> None:
-    """Add the signers of valid signatures for exactly ``manifest``'s content to
-    ``verdict``, or the findings that say why there are none."""
+    """Add the signers of valid signatures for exactly ``manifest``'s content (and
+    ``trees``: the modules directory's tar digest, if any) to ``verdict``, or the
+    findings that say why there are none."""
     bad: list[Finding] = []
     for label, envelope in envelopes:
         result = dsse.verify(envelope, trusted)
@@ -123,7 +129,7 @@ def judge_signatures(
             bit = CORRUPTED if result.reason == Reason.SIGNATURE_INVALID else 0
             bad.append(Finding(bit, f"{label}: {result.message}"))
             continue
-        found = differences(result.claims, manifest)
+        found = differences(result.claims, manifest, trees)
         if found:
             bad += [Finding(CORRUPTED, f"{label} by {result.signer}: {d}") for d in found]
             continue
@@ -205,7 +211,12 @@ def verify_store_path(
             envelopes = recorded_envelopes(meta)
             if envelopes is not None:
                 labelled = [(f"recorded signature {i + 1}", e) for i, e in enumerate(envelopes)]
-                judge_signatures(verdict, labelled, trusted, manifest)
+                try:
+                    trees = tree_digests(entry.path, manifest)
+                except BangerError as exc:
+                    verdict.add(CORRUPTED, str(exc))
+                    return verdict
+                judge_signatures(verdict, labelled, trusted, manifest, trees)
             elif isinstance(meta.get("recipe"), str):
                 verdict.trusted_as = "built locally"
             else:
@@ -260,10 +271,7 @@ def _parse_artifact(digest: Digest, data: bytes) -> _Artifact:
         layer = descriptor(item, f"layer {i}")
         annotations = item.get("annotations") if isinstance(item, dict) else None
         title = annotations.get(TITLE) if isinstance(annotations, dict) else None
-        is_bundle = layer.media_type.endswith("+zstd") or (
-            isinstance(title, str) and title.endswith(".tar.zst")
-        )
-        if is_bundle:
+        if layer.media_type == BUNDLE_TYPE:
             bundles.append(layer)
         elif isinstance(title, str) and title and title not in files:
             files[title] = layer
@@ -334,7 +342,9 @@ def verify_reference(
     if contents:
         _check_layers(verdict, remote, ref, artifact, manifest)
     if trust:
-        check_signatures(verdict, remote, ref, digest, trusted, manifest)
+        modules = artifact.files.get(MODULES_DIR)
+        trees = {MODULES_DIR: modules.digest.hex} if modules is not None else {}
+        check_signatures(verdict, remote, ref, digest, trusted, manifest, trees)
     return verdict
 
 
@@ -345,9 +355,11 @@ def check_signatures(
     subject: Digest,
     trusted: Sequence[PublicKey],
     manifest: StoreManifest,
+    trees: Mapping[str, str] | None = None,
 ) -> None:
     """The signatures attached to artifact ``subject`` that vouch, by a trusted key, for
-    exactly ``manifest`` (the artifact's verified config): ``verdict.signers`` and
+    exactly ``manifest`` (the artifact's verified config) and ``trees`` (the digest of
+    its modules layer, when the store path has a modules directory): ``verdict.signers`` and
     ``verdict.accepted`` (for ``substitution_record``), else the findings why not.
     Substitution calls this with the store path's manifest.json before trusting a byte
     of the bundle, whose rootfs.ext4 must then hash to ``manifest.outputs``."""
@@ -356,7 +368,7 @@ def check_signatures(
         listing = list_signatures(remote, ref, subject)
         verdict.findings += [Finding(0, p) for p in listing.problems]
         envelopes = [(f"signature {f.digest}", f.envelope) for f in listing.found]
-    judge_signatures(verdict, envelopes, trusted, manifest)
+    judge_signatures(verdict, envelopes, trusted, manifest, trees)
 
 
 def _check_layers(
@@ -386,7 +398,11 @@ def _check_layers(
     wanted = {n: d for n, d in manifest.files.items() if n != ROOTFS}
     for name in sorted(set(wanted) | set(artifact.files)):
         layer = artifact.files.get(name)
-        if layer is None:
+        if name == MODULES_DIR and MODULES_DIR in manifest.outputs and layer is not None:
+            # the directory's tar: only the signature names its digest (judged there)
+            with _boundary(verdict, ref):
+                remote.blob(ref, layer)
+        elif layer is None:
             verdict.add(CORRUPTED, f"{where}: {name} is not in the artifact")
         elif name not in wanted:
             verdict.add(CORRUPTED, f"{where}: layer {name} is not an output of the store path")

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,21 @@ from typing import Any
 import zstandard
 
 from banger_build.derivation import KEY_CHARS, canonical_json
-from banger_build.oci.kernel import TITLE
+from banger_build.fsutil import make_read_only
+from banger_build.oci.kernel import TITLE, write_modules_tar
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor
 from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.remote import Remote
+from banger_build.sources import hash_tree
 from banger_build.store import Store, StoreEntry, write_manifest
 
 ROOTFS_TYPE = "application/vnd.banger.rootfs.v1"
-CONFIG_TYPE = "application/vnd.banger.rootfs.config.v1+json"
+CONFIG_TYPE = "application/vnd.banger.rootfs.manifest.v1+json"
 BUNDLE_TYPE = "application/vnd.banger.rootfs.bundle.v1.tar+zstd"
 KERNEL_TYPES = {
     "vmlinux": "application/vnd.banger.kernel.image.v1",
     "initrd.img": "application/vnd.banger.kernel.initrd.v1",
+    "modules": "application/vnd.banger.kernel.modules.v1.tar",
 }
 IMAGE_DIGEST = "sha256:" + "ab" * 32
 
@@ -45,13 +49,22 @@ def make_entry(
     *,
     rootfs: bytes = b"\x00ext4 image " * 1000,
     kernel: dict[str, bytes] | None = None,
+    modules: dict[str, bytes] | None = None,
     kernel_artifact: dict[str, str] | None = None,
     built_here: bool = True,
     epoch: int = 1_700_000_000,
 ) -> StoreEntry:
-    """A published store path (read-only, like the store's) holding ``rootfs`` and
-    ``kernel`` files, as a build of a recipe would leave it."""
+    """A published store path (read-only, like the store's) holding ``rootfs``, the
+    ``kernel`` files and a ``modules`` directory (relative path -> bytes), as a build of
+    a recipe would leave it."""
     kernel = kernel or {}
+    modules_digest = None
+    if modules is not None:
+        staging = home / "modules-source"
+        for rel, data in modules.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+        modules_digest = hash_tree(staging)
     derivation: dict[str, Any] = {
         "format": 1,
         "output_format": 3,
@@ -73,6 +86,8 @@ def make_entry(
     files = {"rootfs.ext4": rootfs, **kernel}
     for file_name, data in files.items():
         (path / file_name).write_bytes(data)
+    if modules is not None:
+        shutil.copytree(home / "modules-source", path / "modules")
     manifest: dict[str, Any] = {
         "format": 1,
         "name": name,
@@ -85,12 +100,16 @@ def make_entry(
         },
         "tools": {"banger-build": "0.1.0"},
     }
+    if modules_digest is not None:
+        manifest["outputs"]["modules"] = {"sha256": modules_digest[0], "size": modules_digest[1]}
+        derivation["kernel"]["modules"] = manifest["outputs"]["modules"]
+        key = hashlib.sha256(canonical_json(derivation)).hexdigest()[:KEY_CHARS]
+        manifest["key"] = key
+        path = path.rename(store.path_for(key, name))
     if kernel_artifact:
         manifest["kernel_artifact"] = kernel_artifact
     write_manifest(path, manifest)
-    for file_name in [*files, "manifest.json"]:
-        os.chmod(path / file_name, 0o444)
-    os.chmod(path, 0o555)
+    make_read_only(path)
     entry = store.entry(path)
     if built_here:
         store.record(path, home / "recipe.toml")
@@ -145,11 +164,17 @@ def push_rootfs(
     scratch.mkdir(parents=True, exist_ok=True)
     config = _push(remote, ref, (entry.path / "manifest.json").read_bytes(), scratch)
     layer = _push(remote, ref, bundle if bundle is not None else bundle_bytes(entry), scratch)
-    files = {
-        n: _push(remote, ref, (entry.path / n).read_bytes(), scratch)
-        for n in sorted(os.listdir(entry.path))
-        if n not in ("manifest.json", "rootfs.ext4")
-    }
+    files = {}
+    for n in sorted(os.listdir(entry.path)):
+        if n in ("manifest.json", "rootfs.ext4"):
+            continue
+        if n == "modules":
+            tar = io.BytesIO()
+            write_modules_tar(entry.path / n, tar)
+            data = tar.getvalue()
+        else:
+            data = (entry.path / n).read_bytes()
+        files[n] = _push(remote, ref, data, scratch)
     data = artifact_manifest(config, layer, files, entry.key)
     digest = remote.push_manifest(ref, data, OCI_MANIFEST)
     return Descriptor(OCI_MANIFEST, digest, len(data))
