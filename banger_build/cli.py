@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from banger_build import __version__, progress, signals
-from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
+from banger_build.commands import boot, check, gc, kernel, key, lock, ls, show, update, verify, why
 from banger_build.commands import build as build_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
@@ -47,6 +47,8 @@ COMMANDS: tuple[ModuleType, ...] = (
     boot,
     render_command,
     kernel,
+    key,
+    verify,
 )
 
 

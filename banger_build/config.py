@@ -17,7 +17,6 @@ checked like a recipe: a mistake is reported at ``file:line:col`` with its key.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,15 @@ from banger_build.schema import (
     Key,
     check_table,
 )
+from banger_build.signing.keys import (
+    ENV_TRUSTED_KEYS,
+    PublicKey,
+    parse_public_key,
+    parse_trusted_keys,
+)
 from banger_build.tomlpos import parse_toml, read_toml_text
 
 ENV_SUBSTITUTERS = "BANGER_BUILD_SUBSTITUTERS"
-ENV_TRUSTED_KEYS = "BANGER_BUILD_TRUSTED_KEYS"
-#: ``NAME:BASE64`` as Nix writes public keys (the name is the signer's, e.g. "acme-ci-1")
-_TRUSTED_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}:[A-Za-z0-9+/]{43}=")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Substituter:
 
     registry: str
     repository: str
-    trusted_keys: tuple[str, ...] = ()
+    trusted_keys: tuple[PublicKey, ...] = ()
     accept_unsigned: bool = False
 
     def __str__(self) -> str:
@@ -69,25 +71,9 @@ def parse_repository(text: str) -> tuple[str, str]:
     return ref.registry, ref.repository
 
 
-def check_trusted_key(text: str) -> str:
-    if not _TRUSTED_KEY.fullmatch(text):
-        raise ValueError(
-            f"invalid trusted key {text[:40]!r}: expected NAME:BASE64 of an Ed25519 public "
-            "key, as `banger-build key generate` writes to FILE.pub"
-        )
-    return text
-
-
 def _convert_url(value: str, doc: Doc) -> tuple[str, str]:
     try:
         return parse_repository(value)
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
-
-
-def _convert_key(value: str, doc: Doc) -> str:
-    try:
-        return check_trusted_key(value)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
 
@@ -118,24 +104,18 @@ def load_config(path: Path) -> list[Substituter]:
     checked = check_table(doc, data, CONFIG_SCHEMA)
     out = []
     for i, entry in enumerate(checked.get("substituter", ())):
-        keys = entry.get("trusted_keys", [])
-        for j, key in enumerate(keys):
-            if not isinstance(key, str):
-                raise doc.error(
-                    ("substituter", i, "trusted_keys", j), "expected a string", Reason.TYPE
-                )
+        keys: list[PublicKey] = []
+        for j, text in enumerate(entry.get("trusted_keys", [])):
+            at = ("substituter", i, "trusted_keys", j)
+            if not isinstance(text, str):
+                raise doc.error(at, "expected a string", Reason.TYPE)
             try:
-                check_trusted_key(key)
-            except ValueError as exc:
-                raise doc.error(
-                    ("substituter", i, "trusted_keys", j), str(exc), Reason.VALUE
-                ) from None
+                keys.append(parse_public_key(text))
+            except InputError as exc:
+                raise doc.error(at, str(exc), exc.reason) from None
         registry, repository = entry["url"]
-        out.append(
-            Substituter(
-                registry, repository, tuple(keys), bool(entry.get("accept_unsigned", False))
-            )
-        )
+        accept = bool(entry.get("accept_unsigned", False))
+        out.append(Substituter(registry, repository, tuple(keys), accept))
     return out
 
 
@@ -154,12 +134,7 @@ def substituters(
     """Every substituter to try, in order: the command line's, the environment's,
     then the config file's; each with the keys it trusts."""
     env = os.environ if environ is None else environ
-    global_keys = []
-    for key in [*trusted_keys, *_split(env.get(ENV_TRUSTED_KEYS))]:
-        try:
-            global_keys.append(check_trusted_key(key))
-        except ValueError as exc:
-            raise InputError(str(exc), reason=Reason.INVALID_KEY) from None
+    global_keys = parse_trusted_keys(trusted_keys, env.get(ENV_TRUSTED_KEYS))
     found: list[Substituter] = []
     for url in [*urls, *_split(env.get(ENV_SUBSTITUTERS))]:
         try:

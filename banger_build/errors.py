@@ -13,6 +13,7 @@ talks to them, with ``raise OurError(...) from exc``.
     ├── ToolError               an external tool is missing or failed (argv, exit, stderr)
     ├── ImageError              the filesystem could not be built or verified
     ├── StoreError              the store is unusable (lock, permissions, corrupt entry)
+    ├── SignatureError          a signature is malformed, untrusted or does not verify
     └── HostError               the build host failed a step: disk full, permission,
                                 I/O error, out of memory (step, path, errno's words)
 
@@ -79,7 +80,6 @@ class Reason(StrEnum):
     DEST_INVALID = "dest-invalid"
     MIRROR_INVALID = "mirror-invalid"
     INSECURE_INVALID = "insecure-invalid"
-    INVALID_KEY = "invalid-key"
     BLOB_SIZE = "blob-size"
     RECIPE_CHANGED = "recipe-changed"
     NO_ROOTFS = "no-rootfs"
@@ -151,6 +151,18 @@ class Reason(StrEnum):
     EXPECT_MISSING = "expect-missing"
     QEMU_FAILED = "qemu-failed"
     NO_KVM = "no-kvm"
+    # keys and signatures (InputError for key files and arguments, SignatureError)
+    KEY_INVALID = "key-invalid"
+    KEY_MISMATCH = "key-mismatch"
+    KEY_EXISTS = "key-exists"
+    ENVELOPE_INVALID = "envelope-invalid"
+    STATEMENT_INVALID = "statement-invalid"
+    UNTRUSTED = "untrusted"
+    SIGNATURE_INVALID = "signature-invalid"
+    STATEMENT_MISMATCH = "statement-mismatch"
+    TOO_MANY_REFERRERS = "too-many-referrers"
+    INDEX_CONTENTION = "index-contention"
+    BUNDLE_INVALID = "bundle-invalid"
 
 
 class BangerError(Exception):
@@ -261,6 +273,12 @@ class ImageError(BangerError):
 
 class StoreError(BangerError):
     reason = Reason.STORE
+
+
+class SignatureError(BangerError):
+    """A signature envelope is malformed, signed by no trusted key, or does not verify."""
+
+    reason = Reason.SIGNATURE_INVALID
 
 
 class HostError(BangerError):

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
     from banger_build.progress import Reporter
+    from banger_build.signing.keys import PublicKey
 
 
 def add_home(p: argparse.ArgumentParser) -> None:
@@ -160,3 +161,19 @@ def reporter(args: argparse.Namespace, *, quiet: bool = False) -> Reporter:
     if getattr(args, "json", False):
         return JsonReporter()
     return Reporter(quiet=quiet or getattr(args, "quiet", False))
+
+
+def add_trusted_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trusted-key", action="append", default=[], metavar="NAME:BASE64",
+        help="trust signatures by this public key (the FILE.pub of `banger-build key "
+        "generate`); repeatable; also $BANGER_BUILD_TRUSTED_KEYS, comma-separated",
+    )  # fmt: skip
+
+
+def trusted_keys(args: argparse.Namespace) -> tuple[PublicKey, ...]:
+    import os
+
+    from banger_build.signing.keys import ENV_TRUSTED_KEYS, parse_trusted_keys
+
+    return parse_trusted_keys(args.trusted_key, os.environ.get(ENV_TRUSTED_KEYS))

@@ -6,6 +6,11 @@ a blob into the ``BlobCache`` (temp file, verify, rename), and pushes blobs
 and manifests. Every byte is checked against a digest we already trust:
 the one asked for, else the ``Docker-Content-Digest`` header of a tag.
 
+For OCI 1.1 referrers (signatures, see ``referrers``) it also pushes small
+blobs from memory, pushes a manifest with a ``subject`` (reporting the
+registry's ``OCI-Subject`` answer) and asks the referrers API, whose 404
+means "no such API" (the tag-schema fallback applies).
+
 Endpoints: mirrors configured for a registry host (``options``) are tried
 in order, then the host itself; an error names every attempt. Plain HTTP is
 allowed only to loopback hosts and hosts listed as insecure; a plain-HTTP
@@ -36,7 +41,7 @@ from banger_build.errors import InputError, Reason, RegistryError
 from banger_build.oci.auth import Auth
 from banger_build.oci.blobs import BlobCache, BlobMismatch, CacheError
 from banger_build.oci.failure import Failure
-from banger_build.oci.manifest import ACCEPT, MAX_MANIFEST, Descriptor
+from banger_build.oci.manifest import ACCEPT, MAX_MANIFEST, OCI_INDEX, Descriptor
 from banger_build.oci.options import RegistryOptions, plain_http_allowed
 from banger_build.oci.reference import (
     DOCKER_HUB,
@@ -49,6 +54,9 @@ from banger_build.oci.transport import Endpoint
 from banger_build.oci.wire import CHUNK, WireError
 
 T = TypeVar("T")
+#: answers to GET /v2/<repo>/referrers/<digest> from a registry without the API: 404
+#: as the spec says (distribution 2.8), or the "unsupported" statuses some proxies give
+NO_REFERRERS_API = frozenset({400, 404, 405, 501})
 #: (short name, bytes done, bytes in all or None)
 Progress = Callable[[str, int, int | None], None]
 
@@ -190,14 +198,21 @@ class Remote:
 
     # -- manifests
     def manifest(
-        self, ref: Reference, target: str, expect: Digest | None
+        self,
+        ref: Reference,
+        target: str,
+        expect: Digest | None,
+        *,
+        limit: int = MAX_MANIFEST,
+        upstream: bool = False,
     ) -> tuple[Digest, bytes, str | None]:
         """GET the manifest ``target`` (a tag or a digest) of ``ref``'s repository.
 
-        The bytes are verified against ``expect``, else against the
-        ``Docker-Content-Digest`` header when there is one, and kept in the
-        cache as they were hashed. Returns their digest, the bytes and the
-        response's Content-Type.
+        The bytes (at most ``limit``) are verified against ``expect``, else
+        against the ``Docker-Content-Digest`` header when there is one, and
+        kept in the cache as they were hashed. Returns their digest, the
+        bytes and the response's Content-Type. ``upstream``: ask the registry
+        itself, never a mirror (a read before a write).
         """
 
         def op(ep: Endpoint) -> tuple[Digest, bytes, str | None]:
@@ -207,7 +222,7 @@ class Remote:
             def handle(resp: requests.Response) -> tuple[bytes, str, str | None]:
                 if resp.status_code != 200:
                     raise ep.fail(resp, what)
-                data = ep.read(resp, MAX_MANIFEST, f"manifest {target}")
+                data = ep.read(resp, limit, f"manifest {target}")
                 header = str(resp.headers.get("Docker-Content-Digest", "")).strip()
                 return data, header, resp.headers.get("Content-Type")
 
@@ -226,7 +241,7 @@ class Remote:
             self.cache.put_bytes(actual, data)
             return actual, data, content_type
 
-        return self._each(ref, op)
+        return self._each(ref, op, push=upstream)
 
     # -- blobs
     def blob(self, ref: Reference, desc: Descriptor) -> Path:
@@ -322,6 +337,12 @@ class Remote:
 
     def push_manifest(self, ref: Reference, data: bytes, media_type: str) -> Digest:
         """PUT manifest bytes under ``ref``'s tag (or digest); return their digest."""
+        return self._put_manifest(ref, data, media_type)[0]
+
+    def _put_manifest(
+        self, ref: Reference, data: bytes, media_type: str
+    ) -> tuple[Digest, str | None]:
+        """PUT a manifest; its digest and the response's ``OCI-Subject`` header."""
         digest = Digest(hashlib.sha256(data).hexdigest())
         if ref.digest is not None and ref.tag is None and ref.digest != digest:
             raise RegistryError(
@@ -331,15 +352,16 @@ class Remote:
             )
         target = ref.tag if ref.tag is not None else str(digest)
 
-        def op(ep: Endpoint) -> Digest:
+        def op(ep: Endpoint) -> tuple[Digest, str | None]:
             url = ep.url(ep.container(ref.repository).manifest_url(target))
 
-            def handle(resp: requests.Response) -> str:
+            def handle(resp: requests.Response) -> tuple[str, str | None]:
                 if resp.status_code not in (200, 201, 202):
                     raise ep.fail(resp, f"PUT manifest {target} to {ep.base}")
-                return str(resp.headers.get("Docker-Content-Digest", "")).strip()
+                subject = resp.headers.get("OCI-Subject")
+                return str(resp.headers.get("Docker-Content-Digest", "")).strip(), subject
 
-            header = ep.exchange(
+            header, subject = ep.exchange(
                 "PUT", url, handle, data=data, headers={"Content-Type": media_type}
             )
             if header.startswith("sha256:") and header != str(digest):
@@ -347,9 +369,85 @@ class Remote:
                     f"{ep.base} stored the manifest as {header}, expected {digest}",
                     reason=Reason.DIGEST_MISMATCH,
                 )
-            return digest
+            return digest, subject
 
         result = self._each(ref, op, push=True)
         with contextlib.suppress(CacheError):  # the cache is a convenience here
             self.cache.put_bytes(digest, data)
         return result
+
+    # -- referrers (OCI 1.1)
+    def push_bytes(self, ref: Reference, data: bytes) -> Digest:
+        """Upload a small blob held in memory (skipped when the registry has it):
+        HEAD, POST, one PUT of the bytes."""
+        digest = Digest(hashlib.sha256(data).hexdigest())
+
+        def op(ep: Endpoint) -> None:
+            container = ep.container(ref.repository)
+            if ep.exchange(
+                "HEAD",
+                ep.url(container.get_blob_url(str(digest))),
+                lambda resp: resp.status_code == 200,
+            ):
+                return
+
+            def location(resp: requests.Response) -> str:
+                if resp.status_code not in (200, 201, 202):
+                    raise ep.fail(resp, f"starting an upload to {ep.base}")
+                return str(ep._get_location(resp, container) or "")
+
+            start = ep.exchange(
+                "POST",
+                ep.url(container.upload_blob_url()),
+                location,
+                headers={"Content-Length": "0"},
+            )
+            try:
+                put_url = oras.utils.append_url_params(start, {"digest": str(digest)})
+            except ValueError:
+                put_url = ""
+            if not start or not put_url:
+                raise WireError(f"{ep.base} sent no valid upload Location", reason=Reason.PROTOCOL)
+            ep.exchange(
+                "PUT",
+                put_url,
+                _ok(ep, f"uploading blob {digest} to {ep.base}", 200, 201, 202),
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+
+        self._each(ref, op, push=True)
+        return digest
+
+    def push_referrer(self, ref: Reference, data: bytes, media_type: str) -> tuple[Digest, bool]:
+        """PUT a manifest that has a ``subject`` by its digest. Also says whether the
+        registry answered ``OCI-Subject``: then it keeps the referrers API up to date
+        itself and the tag-schema fallback index is not needed."""
+        digest = Digest(hashlib.sha256(data).hexdigest())
+        pushed, subject = self._put_manifest(
+            Reference(ref.registry, ref.repository, None, digest), data, media_type
+        )
+        return pushed, bool(subject)
+
+    def referrers(self, ref: Reference, subject: Digest, limit: int) -> bytes | None:
+        """GET ``/v2/<repo>/referrers/<subject>``: the image index the registry keeps
+        of the manifests whose ``subject`` is ``subject`` (at most ``limit`` bytes), or
+        None when the registry has no referrers API (404, distribution 2.8's ``404 page
+        not found``; see ``NO_REFERRERS_API``): the tag-schema fallback applies. The index
+        is not content-addressed: callers verify each manifest it lists."""
+
+        def op(ep: Endpoint) -> bytes | None:
+            container = ep.container(ref.repository)
+            url = ep.url(f"{container.registry}/v2/{container.api_prefix}/referrers/{subject}")
+            what = f"GET referrers of {subject.short} from {ep.base}"
+
+            def handle(resp: requests.Response) -> bytes | None:
+                if resp.status_code in NO_REFERRERS_API:
+                    return None
+                if resp.status_code != 200:
+                    raise ep.fail(resp, what)
+                return ep.read(resp, limit, f"the referrers of {subject.short}")
+
+            return ep.exchange("GET", url, handle, headers={"Accept": OCI_INDEX})
+
+        return self._each(ref, op)

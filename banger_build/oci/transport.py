@@ -65,7 +65,7 @@ T = TypeVar("T")
 
 # -- one endpoint ----------------------------------------------------------------------
 
-_REPO_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?:manifests|blobs|tags)/")
+_REPO_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?:manifests|blobs|tags|referrers)/")
 
 
 def _tell(data: object) -> int | None:

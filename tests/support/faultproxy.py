@@ -15,7 +15,9 @@ and path substring, first rule first; ``times=None``: every match):
 * ``Cut(after)``: headers (with the full Content-Length) and ``after`` bytes
   of the body, then the connection is closed;
 * ``Redirect(base)``: ``307`` to ``base`` + the request's path and query
-  (a port nobody listens on, another host name for the same registry...).
+  (a port nobody listens on, another host name for the same registry...);
+* ``Reply(code, body, headers)``: answer with exactly this (a registry that
+  serves what a test scripts: a referrers API, a hostile index).
 
 ``proxy.hits`` lists ``(method, path, what)`` for every request, ``what``
 being ``"forward"`` or the fault's name. Sleeping handlers end when the
@@ -86,7 +88,14 @@ class Redirect:
     status: int = 307
 
 
-Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect | Reply
 
 
 @dataclass
@@ -226,6 +235,9 @@ class FaultProxy:
                 ).encode()
                 up = Upstream(fault.code, "Injected", [("Content-Type", "application/json")], data)
                 self._send(h, up.head() + data)
+            elif isinstance(fault, Reply):
+                up = Upstream(fault.code, "Scripted", list(fault.headers), fault.body)
+                self._send(h, up.head() + (b"" if h.command == "HEAD" else fault.body))
             elif isinstance(fault, Redirect):
                 location = fault.base.rstrip("/") + h.path
                 up = Upstream(fault.status, "Redirect", [("Location", location)], b"")
