@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from banger_build import __version__, signals
 from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
 from banger_build.commands import build as build_command
+from banger_build.commands import bundle as bundle_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
 
@@ -46,6 +47,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     boot,
     render_command,
     kernel,
+    bundle_command,
 )
 
 
