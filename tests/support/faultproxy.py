@@ -15,7 +15,9 @@ and path substring, first rule first; ``times=None``: every match):
 * ``Cut(after)``: headers (with the full Content-Length) and ``after`` bytes
   of the body, then the connection is closed;
 * ``Redirect(base)``: ``307`` to ``base`` + the request's path and query
-  (a port nobody listens on, another host name for the same registry...).
+  (a port nobody listens on, another host name for the same registry...);
+* ``Lost()``: the upstream gets the request and answers, but the answer is
+  lost: the connection is closed without a response.
 
 ``proxy.hits`` lists ``(method, path, what)`` for every request, ``what``
 being ``"forward"`` or the fault's name. Sleeping handlers end when the
@@ -86,7 +88,12 @@ class Redirect:
     status: int = 307
 
 
-Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect
+@dataclass(frozen=True)
+class Lost:
+    pass
+
+
+Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect | Lost
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Rule:
     match: str
     method: str | None
     times: int | None
+    after: int = 0
 
 
 @dataclass
@@ -136,10 +144,16 @@ class FaultProxy:
 
     # -- rules
     def add(
-        self, fault: Fault, *, match: str = "", method: str | None = "GET", times: int | None = None
+        self,
+        fault: Fault,
+        *,
+        match: str = "",
+        method: str | None = "GET",
+        times: int | None = None,
+        after: int = 0,
     ) -> None:
         with self._lock:
-            self.rules.append(Rule(fault, match, method, times))
+            self.rules.append(Rule(fault, match, method, times, after))
 
     def clear(self) -> None:
         with self._lock:
@@ -154,6 +168,9 @@ class FaultProxy:
         with self._lock:
             for rule in self.rules:
                 if rule.match in path and rule.method in (None, method):
+                    if rule.after > 0:
+                        rule.after -= 1
+                        continue
                     if rule.times is not None:
                         if rule.times <= 0:
                             continue
@@ -226,6 +243,8 @@ class FaultProxy:
                 ).encode()
                 up = Upstream(fault.code, "Injected", [("Content-Type", "application/json")], data)
                 self._send(h, up.head() + data)
+            elif isinstance(fault, Lost):
+                self._forward(h, body)  # the registry acts on it; nobody hears back
             elif isinstance(fault, Redirect):
                 location = fault.base.rstrip("/") + h.path
                 up = Upstream(fault.status, "Redirect", [("Location", location)], b"")
