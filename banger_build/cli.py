@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from banger_build import __version__, signals
-from banger_build.commands import boot, check, gc, kernel, lock, ls, show, update, why
+from banger_build.commands import boot, check, gc, kernel, lock, ls, push, show, update, why
 from banger_build.commands import build as build_command
 from banger_build.commands import bundle as bundle_command
 from banger_build.commands import render as render_command
@@ -48,6 +48,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     render_command,
     kernel,
     bundle_command,
+    push,
 )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from banger_build.commands import common
+from banger_build.commands import common, push
+from banger_build.errors import InputError
 
 NAME = "build"
 HELP = "build a recipe (the default command)"
@@ -28,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--check", action="store_true",
         help="rebuild the existing store path from scratch and compare (see `check`)",
     )  # fmt: skip
+    p.add_argument(
+        "--push", metavar="REGISTRY/REPO[:TAG]",
+        help="then push the store path there as an OCI artifact (see `push`)",
+    )  # fmt: skip
+    push.add_sign_key(p)
     common.add_lock_options(p)
     common.add_sources(p)
     common.add_limits(p)
@@ -42,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.check:
         return run_check(args, args.recipe)
+    if args.sign_key is not None and args.push is None:
+        raise InputError("--sign-key signs what --push pushes: give --push too")
+    target = sign = None
+    if args.push is not None:  # checked before anything is built
+        from banger_build.publish import parse_target
+
+        target = parse_target(args.push)
+        sign = push.sign_function(args.sign_key)
 
     options = common.build_options(args, out_link=None if args.no_link else args.out_link)
     reporter = Reporter(quiet=args.quiet or args.print_out_paths)
@@ -54,4 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.quiet or args.print_out_paths):
         state = "cached" if result.cached else "built"
         reporter.step(f"{state} {result.derivation.name} (key {result.key})")
+    if target is not None:
+        pushed = push.push_built(args, result.path, result.key, target, reporter, sign)
+        print(pushed.ref, flush=True)
     return 0
