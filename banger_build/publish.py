@@ -26,6 +26,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from banger_build import bundle
 from banger_build.errors import InputError, Reason, RegistryError, StoreError, host_error
@@ -35,9 +36,11 @@ from banger_build.oci.failure import Failure
 from banger_build.oci.kernel import write_modules_tar
 from banger_build.oci.manifest import MAX_MANIFEST, OCI_MANIFEST, Descriptor
 from banger_build.oci.reference import Digest, Reference, ReferenceSyntaxError
-from banger_build.oci.remote import Remote
 from banger_build.progress import Reporter
 from banger_build.store import MANIFEST, Store
+
+if TYPE_CHECKING:  # the HTTP stack is imported by whoever makes the Remote
+    from banger_build.oci.remote import Remote
 from banger_build.storepath import ROOTFS, StorePath, mismatch, read_store_path
 
 
