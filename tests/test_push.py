@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -397,8 +398,9 @@ def test_attach_runs_once_the_artifact_exists_and_before_any_tag(
 
 
 def test_sign_key_without_signing_is_refused_before_anything_is_pushed(
-    tmp_path: Path, image_ref: str, registry: RegistryServer
+    tmp_path: Path, image_ref: str, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setitem(sys.modules, "banger_build.signing", None)  # import fails
     path = build(tmp_path, image_ref)
     target = f"{registry.host}/{repo('unsigned')}"
     (tmp_path / "key").write_text("secret")
@@ -408,6 +410,32 @@ def test_sign_key_without_signing_is_refused_before_anything_is_pushed(
     assert code == 1 and out == ""
     assert "signing is not available" in err and "secret" not in err
     assert tags(reader(registry, target.partition("/")[2])) == []
+
+
+def test_sign_key_calls_sign_pushed_before_any_tag(
+    tmp_path: Path, image_ref: str, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seam the signing code plugs into: ``banger_build.signing.sign_pushed``."""
+    target = f"{registry.host}/{repo('signed')}"
+    pusher = reader(registry, target.partition("/")[2])
+    calls: list[tuple[object, ...]] = []
+
+    def sign_pushed(result: PushResult, key_file: Path, *, remote: Remote, reporter: Reporter):  # type: ignore[no-untyped-def]
+        calls.append((result.manifest_digest, key_file, type(remote), tags(pusher)))
+
+    fake = types.ModuleType("banger_build.signing")
+    fake.sign_pushed = sign_pushed  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "banger_build.signing", fake)
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    key = tmp_path / "key"
+    code, out, err = run_cli(
+        tmp_path / "home", str(recipe), "--no-link", "--push", f"{target}:v1", "--sign-key",
+        str(key),
+    )  # fmt: skip
+    assert code == 0, err
+    digest = Digest.parse(out.splitlines()[1].partition("@")[2])
+    assert calls == [(digest, key, Remote, [])]  # signed before TAG and sk-<key> exist
+    assert len(tags(pusher)) == 2
 
 
 def test_build_push_prints_the_path_then_the_ref(
@@ -485,6 +513,22 @@ def test_a_large_blob_goes_up_in_chunks(tmp_path: Path, fault_proxy: FaultProxy)
     fault_proxy.clear()
     assert client.push_blob(ref, path, digest, path.stat().st_size) is False
     assert [m for m, _, _ in fault_proxy.hits] == ["HEAD"]
+
+
+def test_chunks_with_token_auth(
+    tmp_path: Path, token_registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = token_registry
+    config = write_docker_config(
+        tmp_path / "docker", {server.host: (server.username, server.password)}
+    )
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    path, digest = _blob(tmp_path, (3 << 20) + 5)
+    client = remote_for(tmp_path / "home", chunk_size=1 << 20)
+    assert client.push_blob(Reference(server.host, "tok/chunks", "x"), path, digest, (3 << 20) + 5)
+    assert get_blob(reader(server, "tok/chunks", auth=True), str(digest)) == path.read_bytes()
+    assert server.token_server is not None
+    assert "repository:tok/chunks:pull,push" in server.token_server.scopes
 
 
 def test_a_registry_refusing_chunks_gets_one_put(tmp_path: Path, fault_proxy: FaultProxy) -> None:

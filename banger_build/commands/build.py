@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from banger_build.commands import common, push
-from banger_build.errors import InputError
+from banger_build.errors import InputError, Reason
 
 NAME = "build"
 HELP = "build a recipe (the default command)"
@@ -46,10 +46,17 @@ def run(args: argparse.Namespace) -> int:
     from banger_build.commands.check import run_check
     from banger_build.progress import Reporter
 
+    if args.check and args.push is not None:
+        raise InputError(
+            "--push pushes what a build made, --check builds nothing: not both",
+            reason=Reason.BAD_ARGUMENT,
+        )
     if args.check:
         return run_check(args, args.recipe)
     if args.sign_key is not None and args.push is None:
-        raise InputError("--sign-key signs what --push pushes: give --push too")
+        raise InputError(
+            "--sign-key signs what --push pushes: give --push too", reason=Reason.BAD_ARGUMENT
+        )
     target = sign = None
     if args.push is not None:  # checked before anything is built
         from banger_build.publish import parse_target
