@@ -65,7 +65,6 @@ import contextlib
 import hashlib
 import os
 import secrets
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ import zstandard
 from banger_build.errors import HostError, Reason, host_error
 from banger_build.oci.reference import Digest
 from banger_build.store import MANIFEST
-from banger_build.storepath import ROOTFS, StorePath, damaged, mismatch
+from banger_build.storepath import ROOTFS, StorePath, damaged, mismatch, open_output
 
 FORMAT = 1
 BLOCK = 512
@@ -254,15 +253,12 @@ def compressor(workers: int | None = None) -> zstandard.ZstdCompressor:
 
 def _open_rootfs(sp: StorePath) -> tuple[int, int]:
     """An fd of the image: a regular file of the size its manifest.json records."""
-    fd = os.open(sp.file(ROOTFS), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size != sp.rootfs.size:
+    fd = open_output(sp, ROOTFS)
+    size = os.fstat(fd).st_size
+    if size != sp.rootfs.size:
         os.close(fd)
-        kind = "bytes" if stat.S_ISREG(st.st_mode) else "bytes and is not a regular file"
-        raise damaged(
-            sp, ROOTFS, f"it has {st.st_size} {kind}, {MANIFEST} records {sp.rootfs.size}"
-        )
-    return fd, st.st_size
+        raise damaged(sp, ROOTFS, f"it has {size} bytes, {MANIFEST} records {sp.rootfs.size}")
+    return fd, size
 
 
 def write_bundle(

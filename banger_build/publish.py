@@ -23,6 +23,7 @@ chunked without compressing twice.
 from __future__ import annotations
 
 import hashlib
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from banger_build.store import MANIFEST, Store
 
 if TYPE_CHECKING:  # the HTTP stack is imported by whoever makes the Remote
     from banger_build.oci.remote import Remote
-from banger_build.storepath import ROOTFS, StorePath, mismatch, read_store_path
+from banger_build.storepath import ROOTFS, StorePath, hash_output, read_store_path
 
 
 @dataclass(frozen=True)
@@ -161,16 +162,13 @@ def _kernel_layers(sp: StorePath, tmp: Path) -> list[_Blob]:
         if name not in sp.outputs:
             continue
         path = sp.file(name)
-        if name == "modules" and path.is_dir():
+        if name == "modules" and stat.S_ISDIR(path.lstat().st_mode):
             path = tmp / "modules.tar"
             with open(path, "wb") as out:
                 write_modules_tar(sp.file(name), out)
             hexdigest, size = hash_file(path)
         else:
-            hexdigest, size = hash_file(path)
-            error = mismatch(sp, name, hexdigest, size)
-            if error is not None:
-                raise error
+            hexdigest, size = hash_output(sp, name)
         layers.append(_Blob(name, path, Descriptor(media_type, Digest(hexdigest), size)))
     return layers
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from banger_build.derivation import KEY_CHARS, Derivation
 from banger_build.errors import Reason, StoreError
 from banger_build.oci.manifest import MAX_CONFIG
 from banger_build.oci.reference import Platform, ReferenceSyntaxError
+from banger_build.sources import SourceRefused, hash_regular, open_regular, read_regular
 from banger_build.store import MANIFEST
 
 ROOTFS = "rootfs.ext4"
@@ -86,19 +86,10 @@ def _bad(path: Path, what: str) -> StoreError:
 
 
 def _read_manifest(path: Path) -> bytes:
-    target = path / MANIFEST
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise _bad(path, exc.strerror or str(exc)) from exc
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_STORE_MANIFEST + 1)
-    except OSError as exc:
-        raise _bad(path, exc.strerror or str(exc)) from exc
-    if len(data) > MAX_STORE_MANIFEST:
-        raise _bad(path, f"larger than the limit of {MAX_STORE_MANIFEST} bytes")
-    return data
+        return read_regular(path / MANIFEST, MAX_STORE_MANIFEST, MANIFEST)
+    except SourceRefused as exc:
+        raise _bad(path, exc.detail) from None
 
 
 def _outputs(path: Path, raw: object) -> dict[str, Output]:
@@ -155,6 +146,27 @@ def read_store_path(path: Path) -> StorePath:
 
 def damaged(sp: StorePath, name: str, what: str) -> StoreError:
     return StoreError(f"{sp.path / name} is damaged: {what}", reason=Reason.CORRUPT)
+
+
+def open_output(sp: StorePath, name: str) -> int:
+    """A read-only descriptor of output file ``name``: a regular file, opened without
+    following a final symlink or waiting on a FIFO; ``corrupt`` otherwise."""
+    try:
+        return open_regular(sp.file(name), name)
+    except SourceRefused as exc:
+        raise damaged(sp, name, exc.detail) from None
+
+
+def hash_output(sp: StorePath, name: str) -> tuple[str, int]:
+    """sha256 and size of output file ``name``, checked against manifest.json."""
+    try:
+        digest, size = hash_regular(sp.file(name), name)
+    except SourceRefused as exc:
+        raise damaged(sp, name, exc.detail) from None
+    error = mismatch(sp, name, digest, size)
+    if error is not None:
+        raise error
+    return digest, size
 
 
 def mismatch(sp: StorePath, name: str, actual: str, size: int) -> StoreError | None:

@@ -242,6 +242,19 @@ def test_a_damaged_image_is_never_bundled(tmp_path: Path, image_ref: str) -> Non
     assert list(tmp_path.glob("*.tar.zst*")) == [] and list(tmp_path.glob(".b.tar.zst*")) == []
 
 
+@pytest.mark.parametrize("name", ["rootfs.ext4", "manifest.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_waiting(
+    tmp_path: Path, image_ref: str, name: str
+) -> None:
+    copy = _copy(built(tmp_path, image_ref), tmp_path / "copy")
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    started = time.monotonic()
+    code, _, err = run_cli(tmp_path / "home", "bundle", str(copy), "-o", str(tmp_path / "b"))
+    assert code == 1 and time.monotonic() - started < 5
+    assert "FIFO" in err and name in err and "Traceback" not in err
+
+
 def test_a_manifest_claiming_another_key_is_refused(tmp_path: Path, image_ref: str) -> None:
     copy = _copy(built(tmp_path, image_ref), tmp_path / "copy")
     manifest = json.loads((copy / "manifest.json").read_text())
