@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--push", metavar="REGISTRY/REPO[:TAG]",
-        help="then push the store path there as an OCI artifact (see `push`)",
+        help="then push the store path there as an OCI artifact (see `push`); "
+        "REGISTRY/REPO@sha256:... is printed after the store path",
     )  # fmt: skip
     push.add_sign_key(p)
     common.add_lock_options(p)
