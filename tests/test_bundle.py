@@ -127,7 +127,7 @@ def test_the_tar_inside_is_tarfiles_archive_of_exactly_the_two_files(
     assert info.manifest_sha256 == sha256_file(path / "manifest.json")
 
 
-def test_worker_count_never_changes_the_bytes() -> None:
+def test_worker_count_and_write_sizes_never_change_the_bytes() -> None:
     """libzstd's multi-threaded output is the same for 1, 2 or 3 workers (what lets
     the count follow the machine), and differs from single-threaded output (why
     the bundle pins multi-threaded mode)."""
@@ -141,6 +141,17 @@ def test_worker_count_never_changes_the_bytes() -> None:
     assert outs[1] == outs[2] == outs[3]
     single = zstandard.ZstdCompressor(level=bundle.LEVEL, write_checksum=True).compress(data)
     assert single != outs[1]
+    # the bundle's API path (a stream writer, closed once): the same bytes however the
+    # input is cut into writes; a one-shot compress() of the same input differs
+    streamed = []
+    for step in (1 << 20, 65536, 7_000_003):
+        out = io.BytesIO()
+        writer = bundle.compressor(2).stream_writer(out, size=len(data), closefd=False)
+        for i in range(0, len(data), step):
+            writer.write(data[i : i + step])
+        writer.close()
+        streamed.append(out.getvalue())
+    assert streamed[0] == streamed[1] == streamed[2] != outs[1]
 
 
 # -- the command, with real tools --------------------------------------------------------
