@@ -40,6 +40,8 @@ ROOTFS = "rootfs.ext4"
 MAX_STORE_MANIFEST = MAX_CONFIG
 _KEY = re.compile(rf"[0-9a-f]{{{KEY_CHARS}}}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: a recipe's name (recipe.py): it becomes a file name, a layer title, an annotation
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,10 @@ def read_store_path(path: Path) -> StorePath:
     if not isinstance(body, dict):
         raise _bad(path, "not a JSON object")
     key, name, derivation = body.get("key"), body.get("name"), body.get("derivation")
-    if not isinstance(key, str) or not _KEY.fullmatch(key) or not isinstance(name, str):
-        raise _bad(path, "the store key or name is malformed")
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise _bad(path, "the store key is malformed")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise _bad(path, f"the name {str(name)[:100]!r} is not a recipe's name")
     if not isinstance(derivation, dict):
         raise _bad(path, "no derivation")
     try:
@@ -139,7 +143,7 @@ def read_store_path(path: Path) -> StorePath:
         raise _bad(path, f"the derivation is malformed ({exc})") from None
     if computed != key:
         raise _bad(path, f"its derivation hashes to {computed}, not to its key {key}")
-    if drv_name != name or not name:
+    if drv_name != name:
         raise _bad(path, f"its name {name[:100]!r} is not the derivation's")
     return StorePath(path, data, key, name, epoch, platform, _outputs(path, body.get("outputs")))
 

@@ -276,6 +276,20 @@ def test_a_manifest_claiming_another_key_is_refused(tmp_path: Path, image_ref: s
     assert caught.value.reason == "not-a-store-path" and "hashes to" in str(caught.value)
 
 
+def test_a_name_that_is_no_recipe_name_is_refused(tmp_path: Path) -> None:
+    drv = Derivation({"name": "../../escape", "epoch": 1, "platform": "linux/amd64"})
+    root = tmp_path / "sp"
+    root.mkdir()
+    (root / "rootfs.ext4").write_bytes(b"")
+    empty = {"sha256": hashlib.sha256().hexdigest(), "size": 0}
+    manifest = {"key": drv.key, "name": "../../escape", "derivation": drv.data,
+                "outputs": {"rootfs.ext4": empty}}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(tmp_path / "home", "bundle", str(root))
+    assert code == 1 and "is not a recipe's name" in err
+    assert not list(tmp_path.rglob("*.tar.zst"))
+
+
 def test_not_a_store_path(tmp_path: Path) -> None:
     code, _, err = run_cli(tmp_path / "home", "bundle", str(tmp_path))
     assert code == 1 and "not a usable store path" in err and "Traceback" not in err
