@@ -26,8 +26,22 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from banger_build import __version__, progress, signals
-from banger_build.commands import boot, check, gc, kernel, key, lock, ls, show, update, verify, why
+from banger_build.commands import (
+    boot,
+    check,
+    gc,
+    kernel,
+    key,
+    lock,
+    ls,
+    push,
+    show,
+    update,
+    verify,
+    why,
+)
 from banger_build.commands import build as build_command
+from banger_build.commands import bundle as bundle_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
 
@@ -49,6 +63,8 @@ COMMANDS: tuple[ModuleType, ...] = (
     kernel,
     key,
     verify,
+    bundle_command,
+    push,
 )
 
 

@@ -101,6 +101,7 @@ class Reason(StrEnum):
     STALLED = "stalled"
     TOO_MANY_LAYERS = "too-many-layers"
     INVALID_CONFIG = "invalid-config"
+    NOT_REPRODUCIBLE = "not-reproducible"  # a registry holds other bytes for a store key
     # layers (LayerError)
     LAYER_INVALID = "layer-invalid"
     CORRUPT = "corrupt"

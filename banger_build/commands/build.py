@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from banger_build.commands import common
+from banger_build.commands import common, push
+from banger_build.errors import InputError, Reason
 
 if TYPE_CHECKING:
     from banger_build.build import BuildOptions
@@ -38,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--check", action="store_true",
         help="rebuild the existing store path from scratch and compare (see `check`)",
     )  # fmt: skip
+    p.add_argument(
+        "--push", metavar="REGISTRY/REPO[:TAG]",
+        help="then push the store path there as an OCI artifact (see `push`); "
+        "REGISTRY/REPO@sha256:... is printed after the store path",
+    )  # fmt: skip
+    push.add_sign_key(p)
     common.add_lock_options(p)
     common.add_sources(p)
     common.add_limits(p)
@@ -48,12 +55,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from banger_build.commands.check import run_check
 
+    if args.check and args.push is not None:
+        raise InputError(
+            "--push pushes what a build made, --check builds nothing: not both",
+            reason=Reason.BAD_ARGUMENT,
+        )
     if args.check:
         return max(run_check(args, recipe) for recipe in args.recipes)
+    if args.sign_key is not None and args.push is None:
+        raise InputError(
+            "--sign-key signs what --push pushes: give --push too", reason=Reason.BAD_ARGUMENT
+        )
+    target = sign = None
+    if args.push is not None:  # checked before anything is built
+        from banger_build.publish import parse_target
+
+        target = parse_target(args.push)
+        sign = push.sign_function(args.sign_key)
     reporter = common.reporter(args, quiet=args.print_out_paths)
     for n, recipe in enumerate(args.recipes, 1):
         link = None if args.no_link else out_link(args.out_link, n)
-        build_one(args, recipe, common.build_options(args, out_link=link), reporter)
+        path, key = build_one(args, recipe, common.build_options(args, out_link=link), reporter)
+        if target is not None:
+            pushed = push.push_built(args, path, key, target, reporter, sign)
+            if args.json:
+                reporter.result(pushed=str(pushed.ref), path=str(path), key=key)
+            else:
+                print(pushed.ref, flush=True)
     return 0
 
 
@@ -64,7 +92,8 @@ def out_link(link: Path, n: int) -> Path:
 
 def build_one(
     args: argparse.Namespace, recipe: Path, options: BuildOptions, reporter: Reporter
-) -> None:
+) -> tuple[Path, str]:
+    """Build one recipe and report its path (on stdout, or as a JSON result event)."""
     from banger_build.build import BuildResult, build
 
     started = time.monotonic()
@@ -87,3 +116,4 @@ def build_one(
     if not (args.quiet or args.print_out_paths or args.json):
         state = "cached" if result.cached else "built"
         reporter.step(f"{state} {result.derivation.name} (key {result.key})")
+    return result.path, result.key

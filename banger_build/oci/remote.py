@@ -17,6 +17,14 @@ allowed only to loopback hosts and hosts listed as insecure; a plain-HTTP
 mirror elsewhere is refused (reason ``insecure``). Docker Hub is
 ``https://registry-1.docker.io``.
 
+Pushes upload only what the registry lacks (a HEAD first). A blob larger than
+``chunk_size`` goes up in chunks (OCI's chunked upload: POST, a PATCH per
+chunk with its ``Content-Range``, each to the ``Location`` the previous answer
+gave, then a PUT with the digest), streamed from its file; a registry that
+refuses the first chunk gets the blob in one PUT instead, and an upload whose
+session the registry lost mid-way (a chunk answered 404 or 416, e.g. after
+an answer was lost and the chunk sent again) starts over once.
+
 The boundary: each endpoint's attempt turns every ``failure.Failure`` from
 below (``transport``, ``auth``, ``blobs``) into the user's error with the
 reference, once -- a ``RegistryError`` (with the HTTP status when there was
@@ -32,7 +40,7 @@ import os
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TypeVar, cast
 
 import oras.utils
 import requests
@@ -59,6 +67,45 @@ T = TypeVar("T")
 NO_REFERRERS_API = frozenset({400, 404, 405, 501})
 #: (short name, bytes done, bytes in all or None)
 Progress = Callable[[str, int, int | None], None]
+
+#: blobs larger than this are uploaded in chunks of this size (ECR wants >= 5 MiB
+#: chunks, a proxy in front of a registry may limit a request's body: 32 MiB fits both)
+UPLOAD_CHUNK = 32 << 20
+#: answers to the first chunk that mean "no chunked uploads here": go monolithic
+CHUNKS_REFUSED = frozenset({400, 404, 405, 415, 416, 501})
+#: answers to a later chunk that mean the registry lost the session: start over, once
+SESSION_LOST = frozenset({404, 416})
+
+
+class _Window:
+    """``size`` bytes of ``f`` from ``start``, as a file (read, seek and tell within
+    the window): one chunk's request body, replayable by ``Endpoint.exchange``."""
+
+    def __init__(self, f: IO[bytes], start: int, size: int) -> None:
+        self._f = f
+        self._start = start
+        self._size = size
+        self._pos = 0
+        f.seek(start)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        data = self._f.read(left if n is None or n < 0 else min(n, left))
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        assert whence == 0, "only absolute seeks"
+        self._pos = min(max(offset, 0), self._size)
+        self._f.seek(self._start + self._pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _SessionLost(Exception):
+    """The registry no longer knows the upload session (a chunk answered 404 or 416)."""
 
 
 class _ProgressReader:
@@ -112,10 +159,13 @@ class Remote:
         cache: BlobCache,
         options: RegistryOptions | None = None,
         progress: Progress | None = None,
+        *,
+        chunk_size: int = UPLOAD_CHUNK,
     ) -> None:
         self.cache = cache
         self.options = options or RegistryOptions()
         self.progress = progress
+        self.chunk_size = max(1, chunk_size)
         self._auth = Auth(self.options)
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
 
@@ -243,6 +293,45 @@ class Remote:
 
         return self._each(ref, op, push=upstream)
 
+    def manifest_digest(self, ref: Reference, target: str) -> Digest | None:
+        """The digest of manifest ``target`` (a tag) in ``ref``'s repository, from a
+        HEAD (no body), or None when the registry has no such manifest. Only the
+        registry's claim: fetch by this digest to trust the content. A registry that
+        sends no valid ``Docker-Content-Digest`` on HEAD is asked with a GET, whose
+        bytes are hashed. The registry itself is asked, never a mirror."""
+
+        def op(ep: Endpoint) -> tuple[bool, str]:
+            url = ep.url(ep.container(ref.repository).manifest_url(target))
+
+            def handle(resp: requests.Response) -> tuple[bool, str]:
+                if resp.status_code == 404:
+                    return False, ""
+                if resp.status_code != 200:
+                    raise ep.fail(resp, f"HEAD manifest {target} on {ep.base}")
+                return True, str(resp.headers.get("Docker-Content-Digest", "")).strip()
+
+            return ep.exchange("HEAD", url, handle, headers={"Accept": ACCEPT})
+
+        found, header = self._each(ref, op, push=True)
+        if not found:
+            return None
+        try:
+            return Digest.parse(header)
+        except ReferenceSyntaxError:
+            pushed = Reference(ref.registry, ref.repository, target)
+            return self._each(ref, lambda ep: self._get_digest(ep, pushed, target), push=True)
+
+    def _get_digest(self, ep: Endpoint, ref: Reference, target: str) -> Digest:
+        url = ep.url(ep.container(ref.repository).manifest_url(target))
+
+        def handle(resp: requests.Response) -> bytes:
+            if resp.status_code != 200:
+                raise ep.fail(resp, f"GET manifest {target} from {ep.base}")
+            return ep.read(resp, MAX_MANIFEST, f"manifest {target}")
+
+        data = ep.exchange("GET", url, handle, headers={"Accept": ACCEPT})
+        return Digest(hashlib.sha256(data).hexdigest())
+
     # -- blobs
     def blob(self, ref: Reference, desc: Descriptor) -> Path:
         """Download ``desc`` into the cache (verified) and return its path there."""
@@ -277,50 +366,30 @@ class Remote:
         return self._each(ref, op)
 
     # -- push
-    def push_blob(self, ref: Reference, path: Path, digest: Digest, size: int) -> None:
-        """Upload ``path`` as blob ``digest`` (skipped when the registry has it)."""
+    def push_blob(self, ref: Reference, path: Path, digest: Digest, size: int) -> bool:
+        """Upload ``path`` as blob ``digest`` unless the registry has it (HEAD first);
+        True when it was uploaded. Chunked past ``chunk_size`` (see the module)."""
 
-        def op(ep: Endpoint) -> None:
+        def op(ep: Endpoint) -> bool:
             container = ep.container(ref.repository)
             blob_url = ep.url(container.get_blob_url(str(digest)))
             if ep.exchange("HEAD", blob_url, lambda resp: resp.status_code == 200):
-                return
-
-            def location(resp: requests.Response) -> str:
-                if resp.status_code not in (200, 201, 202):
-                    raise ep.fail(resp, f"starting an upload to {ep.base}")
-                return str(ep._get_location(resp, container))
-
-            start = ep.exchange(
-                "POST",
-                ep.url(container.upload_blob_url()),
-                location,
-                headers={"Content-Length": "0"},
-            )
-            if not start:
-                raise WireError(
-                    f"{ep.base} started an upload without a Location", reason=Reason.PROTOCOL
-                )
-            try:
-                put_url = oras.utils.append_url_params(start, {"digest": str(digest)})
-            except ValueError:  # urllib's verdict on the Location the registry sent
-                raise WireError(
-                    f"{ep.base} sent an invalid upload Location {start[:200]!r}",
-                    reason=Reason.PROTOCOL,
-                ) from None
-            name = digest.short
+                return False
             with open(path, "rb") as f:
-                reader = _ProgressReader(f, size, lambda done: self._report(name, done, size))
-                ep.exchange(
-                    "PUT",
-                    put_url,
-                    _ok(ep, f"uploading blob {digest} to {ep.base}", 200, 201, 202),
-                    data=reader,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    },
-                )
+                if size > self.chunk_size:
+                    for attempt in (1, 2):
+                        try:
+                            if self._upload_chunks(ep, container, f, digest, size):
+                                return True
+                            break  # chunks refused: one PUT
+                        except _SessionLost as lost:
+                            if attempt == 2:
+                                raise WireError(
+                                    f"{ep.base} lost the upload of blob {digest} twice ({lost})",
+                                    reason=Reason.PROTOCOL,
+                                ) from None
+                self._upload_whole(ep, container, f, digest, size)
+            return True
 
         try:
             actual = os.stat(path).st_size
@@ -333,7 +402,134 @@ class Remote:
                 f"cannot push {path}: it has {actual} bytes, expected {size}",
                 reason=Reason.BLOB_SIZE,
             )
-        self._each(ref, op, push=True)
+        return self._each(ref, op, push=True)
+
+    def _start_upload(self, ep: Endpoint, container: oras.container.Container) -> str:
+        def location(resp: requests.Response) -> str:
+            if resp.status_code not in (200, 201, 202):
+                raise ep.fail(resp, f"starting an upload to {ep.base}")
+            return self._location(ep, resp, container)
+
+        return ep.exchange(
+            "POST", ep.url(container.upload_blob_url()), location, headers={"Content-Length": "0"}
+        )
+
+    @staticmethod
+    def _location(ep: Endpoint, resp: requests.Response, container: object) -> str:
+        where = str(ep._get_location(resp, container))
+        if not where:
+            raise WireError(
+                f"{ep.base} answered an upload request without a Location",
+                reason=Reason.PROTOCOL,
+            )
+        return where
+
+    @staticmethod
+    def _with_digest(ep: Endpoint, location: str, digest: Digest) -> str:
+        try:
+            return str(oras.utils.append_url_params(location, {"digest": str(digest)}))
+        except ValueError:  # urllib's verdict on the Location the registry sent
+            raise WireError(
+                f"{ep.base} sent an invalid upload Location {location[:200]!r}",
+                reason=Reason.PROTOCOL,
+            ) from None
+
+    def _upload_whole(
+        self,
+        ep: Endpoint,
+        container: oras.container.Container,
+        f: IO[bytes],
+        digest: Digest,
+        size: int,
+    ) -> None:
+        """POST, then one streamed PUT of the whole blob."""
+        put_url = self._with_digest(ep, self._start_upload(ep, container), digest)
+        name = digest.short
+        f.seek(0)
+        reader = _ProgressReader(f, size, lambda done: self._report(name, done, size))
+        ep.exchange(
+            "PUT",
+            put_url,
+            _ok(ep, f"uploading blob {digest} to {ep.base}", 200, 201, 202),
+            data=reader,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
+
+    def _upload_chunks(
+        self,
+        ep: Endpoint,
+        container: oras.container.Container,
+        f: IO[bytes],
+        digest: Digest,
+        size: int,
+    ) -> bool:
+        """POST, a PATCH per chunk, PUT with the digest: True when done, False when the
+        registry refused the first chunk (nothing of the blob is stored then)."""
+        location: str | None = self._start_upload(ep, container)
+        offset = 0
+        while offset < size and location is not None:
+            n = min(self.chunk_size, size - offset)
+            location = self._patch(ep, container, location, f, digest, size, offset, n)
+            offset += n
+        if location is None:
+            return False
+        ep.exchange(
+            "PUT",
+            self._with_digest(ep, location, digest),
+            _ok(ep, f"completing the upload of blob {digest} to {ep.base}", 201, 204),
+            headers={"Content-Length": "0"},
+        )
+        return True
+
+    def _patch(
+        self,
+        ep: Endpoint,
+        container: oras.container.Container,
+        location: str,
+        f: IO[bytes],
+        digest: Digest,
+        size: int,
+        offset: int,
+        n: int,
+    ) -> str | None:
+        """PATCH bytes ``offset`` to ``offset + n - 1``; the next Location, or None
+        when this first chunk was refused."""
+        last = offset + n - 1
+        what = f"uploading bytes {offset}-{last} of blob {digest} to {ep.base}"
+
+        def handle(resp: requests.Response) -> str | None:
+            if resp.status_code == 202:
+                held = str(resp.headers.get("Range", "")).strip()
+                if held and held not in (f"0-{last}", f"bytes=0-{last}"):
+                    raise WireError(
+                        f"{ep.base} holds bytes {held[:40]} of blob {digest} after the chunk "
+                        f"ending at byte {last}",
+                        reason=Reason.PROTOCOL,
+                    )
+                return self._location(ep, resp, container)
+            if offset == 0 and resp.status_code in CHUNKS_REFUSED:
+                return None
+            if offset > 0 and resp.status_code in SESSION_LOST:
+                raise _SessionLost(f"HTTP {resp.status_code} for bytes {offset}-{last}")
+            raise ep.fail(resp, what)
+
+        name = digest.short
+        body = _ProgressReader(
+            cast(IO[bytes], _Window(f, offset, n)),
+            n,
+            lambda sent: self._report(name, offset + sent, size),
+        )
+        return ep.exchange(
+            "PATCH",
+            location,
+            handle,
+            data=body,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(n),
+                "Content-Range": f"{offset}-{last}",
+            },
+        )
 
     def push_manifest(self, ref: Reference, data: bytes, media_type: str) -> Digest:
         """PUT manifest bytes under ``ref``'s tag (or digest); return their digest."""

@@ -31,6 +31,8 @@ from banger_build.store import StoreEntry
 
 if TYPE_CHECKING:  # the HTTP stack is imported only by who makes a Remote
     from banger_build.oci.remote import Remote
+    from banger_build.progress import Reporter
+    from banger_build.publish import PushResult
 
 
 def _check_subject(remote: Remote, ref: Reference, subject: Descriptor, manifest_sha: str) -> None:
@@ -67,4 +69,16 @@ def sign_and_attach(
     return attach(remote, ref, subject, sign(statement, key), key.name)
 
 
-__all__ = ["sign_and_attach"]
+def sign_pushed(
+    result: PushResult, *, secret_key: SecretKey, remote: Remote, reporter: Reporter
+) -> Digest:
+    """``push --sign-key``: sign what ``push`` just pushed (by digest, before any tag)."""
+    ref = result.reference
+    repository = Reference(ref.registry, ref.repository, digest=result.manifest_digest)
+    reporter.step(f"signing {result.name} with {secret_key.name}")
+    return sign_and_attach(
+        remote, repository, result.manifest_descriptor, StoreEntry.at(result.store_path), secret_key
+    )
+
+
+__all__ = ["sign_and_attach", "sign_pushed"]

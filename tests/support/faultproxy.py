@@ -18,6 +18,8 @@ and path substring, first rule first; ``times=None``: every match):
   (a port nobody listens on, another host name for the same registry...);
 * ``Reply(code, body, headers)``: answer with exactly this (a registry that
   serves what a test scripts: a referrers API, a hostile index).
+* ``Lost()``: the upstream gets the request and answers, but the answer is
+  lost: the connection is closed without a response.
 
 ``proxy.hits`` lists ``(method, path, what)`` for every request, ``what``
 being ``"forward"`` or the fault's name. Sleeping handlers end when the
@@ -95,7 +97,11 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect | Reply
+class Lost:
+    pass
+
+
+Fault = Status | Trickle | TrickleHeaders | Stall | Cut | Redirect | Reply | Lost
 
 
 @dataclass
@@ -104,6 +110,7 @@ class Rule:
     match: str
     method: str | None
     times: int | None
+    after: int = 0
 
 
 @dataclass
@@ -145,10 +152,16 @@ class FaultProxy:
 
     # -- rules
     def add(
-        self, fault: Fault, *, match: str = "", method: str | None = "GET", times: int | None = None
+        self,
+        fault: Fault,
+        *,
+        match: str = "",
+        method: str | None = "GET",
+        times: int | None = None,
+        after: int = 0,
     ) -> None:
         with self._lock:
-            self.rules.append(Rule(fault, match, method, times))
+            self.rules.append(Rule(fault, match, method, times, after))
 
     def clear(self) -> None:
         with self._lock:
@@ -163,6 +176,9 @@ class FaultProxy:
         with self._lock:
             for rule in self.rules:
                 if rule.match in path and rule.method in (None, method):
+                    if rule.after > 0:
+                        rule.after -= 1
+                        continue
                     if rule.times is not None:
                         if rule.times <= 0:
                             continue
@@ -238,6 +254,8 @@ class FaultProxy:
             elif isinstance(fault, Reply):
                 up = Upstream(fault.code, "Scripted", list(fault.headers), fault.body)
                 self._send(h, up.head() + (b"" if h.command == "HEAD" else fault.body))
+            elif isinstance(fault, Lost):
+                self._forward(h, body)  # the registry acts on it; nobody hears back
             elif isinstance(fault, Redirect):
                 location = fault.base.rstrip("/") + h.path
                 up = Upstream(fault.status, "Redirect", [("Location", location)], b"")
