@@ -24,6 +24,7 @@ from banger_build.context import (
     BuildOptions,
     BuildResult,
     Context,
+    boundary,
     run_steps,
 )
 from banger_build.errors import HostError, ImageError, InputError, Reason, StoreError
@@ -37,6 +38,7 @@ from banger_build.progress import Reporter
 from banger_build.resolve import RESOLVE, save_lock
 from banger_build.store import set_out_link
 from banger_build.store import write_manifest as write_manifest_file
+from banger_build.substitute import require, substitute
 
 __all__ = ["BUILD", "BuildOptions", "BuildResult", "CheckResult", "build", "check"]
 
@@ -258,17 +260,24 @@ def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> Buil
         with ctx.store.key_lock(key, on_wait=waiting):
             path = ctx.store.lookup(key, name)
             cached = path is not None
+            substituted = False
             if path is None:
+                with boundary(ctx, substitute):
+                    path = substitute(ctx)
+                substituted = path is not None
+            if path is None:
+                if ctx.options.no_build:
+                    require(ctx)
                 with ctx.store.build_dir(key) as work:
                     ctx.work = work
                     run_steps(ctx, BUILD)
                     path = ctx.store.publish(ctx.out, key, name)
                 ctx.store.record(path, ctx.recipe.path)
             _link(ctx, path)
-            result = BuildResult(path, key, cached, ctx.derivation)
+            result = BuildResult(path, key, cached, ctx.derivation, substituted)
             if on_ready is not None:
                 on_ready(result)
-    if not result.cached and ctx.timings:
+    if result.status == "built" and ctx.timings:
         reporter.note(
             "steps: " + ", ".join(f"{n} {t:.1f}s" for n, t in ctx.timings.items() if t >= 0.05)
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_build import ext4, signals
+from banger_build.config import Substituter
 from banger_build.derivation import Derivation
 from banger_build.entries import Injected, Staged
 from banger_build.errors import HostError, Reason, host_error
@@ -51,14 +52,23 @@ class BuildOptions:
     source_roots: tuple[Path, ...] = ()
     #: bounds on what the image may make the build do (``--max-image-size``)
     limits: Limits = field(default_factory=Limits)
+    #: registries to take the path from before building it (``--substituter``)
+    substituters: tuple[Substituter, ...] = ()
+    #: never build: a path no store or substituter has is an error (``--no-build``)
+    no_build: bool = False
 
 
 @dataclass(frozen=True)
 class BuildResult:
     path: Path
     key: str
-    cached: bool
+    cached: bool  # it was in the store already
     derivation: Derivation
+    substituted: bool = False  # taken from a substituter, not built here
+
+    @property
+    def status(self) -> str:
+        return "cached" if self.cached else "substituted" if self.substituted else "built"
 
 
 class Context:
@@ -122,7 +132,7 @@ Step = Callable[[Context], None]
 
 
 @contextlib.contextmanager
-def boundary(ctx: Context, step: Step) -> Iterator[None]:
+def boundary(ctx: Context, step: Callable[[Context], object]) -> Iterator[None]:
     """Run one step: named and timed; the host's failures (a full disk, a
     permission, an I/O error, memory) become one error naming the step, the
     path and the errno's words."""

@@ -143,6 +143,8 @@ class Reason(StrEnum):
     BLOB_CACHE = "blob-cache"
     OUT_LINK = "out-link"
     NOT_A_STORE_PATH = "not-a-store-path"
+    NOT_SUBSTITUTED = "not-substituted"
+    SUBSTITUTE_REFUSED = "substitute-refused"
     NOT_BUILT = "not-built"
     # boot (BootError)
     BOOT_FAILED = "boot-failed"

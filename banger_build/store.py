@@ -214,11 +214,13 @@ class StoreEntry:
             if isinstance(ref, str) and ref.startswith("sha256:")
         }
 
-    def write_meta(self, recipe: Path) -> bool:
-        """Record the recipe and time (for ``ls``; not an input): best effort,
-        False when it could not be written."""
+    def write_meta(self, recipe: Path, *, substituted: dict[str, Any] | None = None) -> bool:
+        """Record the recipe and time (for ``ls``; not an input), and where a
+        substituted path came from: best effort, False when it could not be written."""
         assert self.meta_file is not None, "only entries of a store have meta records"
-        info = {"recipe": str(recipe.absolute()), "time": int(time.time())}
+        info: dict[str, Any] = {"recipe": str(recipe.absolute()), "time": int(time.time())}
+        if substituted is not None:
+            info["substituted"] = substituted
         tmp = self.meta_file.with_name(f".{self.meta_file.name}.{os.getpid()}")
         try:
             tmp.write_text(json.dumps(info) + "\n")

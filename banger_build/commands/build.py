@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "REGISTRY/REPO@sha256:... is printed after the store path",
     )  # fmt: skip
     push.add_sign_key(p)
+    common.add_substituters(p)
+    common.add_trusted_keys(p)
     common.add_lock_options(p)
     common.add_sources(p)
     common.add_limits(p)
@@ -105,7 +107,7 @@ def build_one(
                 path=str(result.path),
                 key=result.key,
                 name=result.derivation.name,
-                status="cached" if result.cached else "built",
+                status=result.status,
                 out_link=None if options.out_link is None else str(options.out_link),
                 seconds=round(time.monotonic() - started, 3),
             )
@@ -114,6 +116,5 @@ def build_one(
 
     result = build(recipe, options, reporter, on_ready=ready)
     if not (args.quiet or args.print_out_paths or args.json):
-        state = "cached" if result.cached else "built"
-        reporter.step(f"{state} {result.derivation.name} (key {result.key})")
+        reporter.step(f"{result.status} {result.derivation.name} (key {result.key})")
     return result.path, result.key

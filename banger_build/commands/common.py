@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from banger_build.build import BuildOptions
+    from banger_build.config import Substituter
     from banger_build.context import Context
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
@@ -110,6 +111,8 @@ def build_options(
         update_input=update_input,
         source_roots=source_roots(args),
         limits=limits(args),
+        substituters=substituters(args),
+        no_build=getattr(args, "no_build", False),
     )
 
 
@@ -177,3 +180,32 @@ def trusted_keys(args: argparse.Namespace) -> tuple[PublicKey, ...]:
     from banger_build.signing.keys import ENV_TRUSTED_KEYS, parse_trusted_keys
 
     return parse_trusted_keys(args.trusted_key, os.environ.get(ENV_TRUSTED_KEYS))
+
+
+def add_substituters(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--substituter", action="append", default=[], metavar="REGISTRY/REPO",
+        help="take store paths pushed there (tag sk-<key>) instead of building them, when "
+        "signed by a trusted key; repeatable; also $BANGER_BUILD_SUBSTITUTERS and "
+        "[[substituter]] in $XDG_CONFIG_HOME/banger-build/config.toml",
+    )  # fmt: skip
+    p.add_argument(
+        "--accept-unsigned", action="store_true",
+        help="also take unsigned store paths from the substituters (not recommended)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-build", action="store_true",
+        help="never build: a path no store or substituter has is an error",
+    )  # fmt: skip
+
+
+def substituters(args: argparse.Namespace) -> tuple[Substituter, ...]:
+    from banger_build.config import substituters as configured
+
+    if not hasattr(args, "substituter"):  # a command that never substitutes
+        return ()
+    return configured(
+        getattr(args, "substituter", ()),
+        getattr(args, "trusted_key", ()),
+        accept_unsigned=getattr(args, "accept_unsigned", False),
+    )

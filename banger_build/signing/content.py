@@ -60,8 +60,12 @@ def max_bundle_size(manifest: StoreManifest) -> int:
     return raw + raw // 256 + (1 << 20)
 
 
-def read_bundle(path: Path, manifest: StoreManifest) -> BundleDigests:
-    """The members of bundle ``path`` of the store path ``manifest`` describes."""
+def read_bundle(
+    path: Path, manifest: StoreManifest, *, rootfs_to: Path | None = None
+) -> BundleDigests:
+    """The members of bundle ``path`` of the store path ``manifest`` describes;
+    with ``rootfs_to``, rootfs.ext4 is also written there (a new file, its runs
+    of zeros left as holes) as it is hashed."""
     rootfs_size = manifest.outputs[ROOTFS][1]
     budget = len(manifest.data) + rootfs_size + TAR_OVERHEAD
     where = f"bundle {path.name}"
@@ -71,7 +75,7 @@ def read_bundle(path: Path, manifest: StoreManifest) -> BundleDigests:
             with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
                 stream = LayerReader(zs, budget)
                 tar = open_tar(stream)
-                found = _members(tar, manifest, where)
+                found = _members(tar, manifest, where, rootfs_to)
                 stream.drain()
     except Refused as exc:
         raise BundleError(f"{where}: {exc}") from None
@@ -80,7 +84,9 @@ def read_bundle(path: Path, manifest: StoreManifest) -> BundleDigests:
     return found
 
 
-def _members(tar: tarfile.TarFile, manifest: StoreManifest, where: str) -> BundleDigests:
+def _members(
+    tar: tarfile.TarFile, manifest: StoreManifest, where: str, rootfs_to: Path | None
+) -> BundleDigests:
     manifest_bytes = b""
     rootfs_sha = ""
     rootfs_size = 0
@@ -95,6 +101,7 @@ def _members(tar: tarfile.TarFile, manifest: StoreManifest, where: str) -> Bundl
             )
         if member.size != size:
             raise BundleError(f"{where}: {name} is {member.size} bytes, manifest.json says {size}")
+        out = _create(rootfs_to) if name == ROOTFS and rootfs_to is not None else None
         try:
             f = tar.extractfile(member)
             assert f is not None  # a regular member always has content
@@ -104,8 +111,15 @@ def _members(tar: tarfile.TarFile, manifest: StoreManifest, where: str) -> Bundl
                 sha.update(chunk)
                 if name == MANIFEST:
                     data += chunk
+                elif out is not None:
+                    _write_sparse(out, chunk)
+            if out is not None:
+                os.ftruncate(out, member.size)
         except PARSE_ERRORS as exc:
             raise BundleError(f"{where}: {name}: {exc}") from None
+        finally:
+            if out is not None:
+                os.close(out)
         if name == MANIFEST:
             manifest_bytes = bytes(data)
         else:
@@ -113,6 +127,24 @@ def _members(tar: tarfile.TarFile, manifest: StoreManifest, where: str) -> Bundl
     if not rootfs_sha:
         raise BundleError(f"{where}: it does not hold {MANIFEST} and {ROOTFS}")
     return BundleDigests(manifest_bytes, rootfs_sha, rootfs_size)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+_ZEROS = bytes(_CHUNK)
+
+
+def _write_sparse(fd: int, chunk: bytes) -> None:
+    """Append ``chunk`` at the file offset, leaving an all-zero chunk a hole (an
+    image is mostly unused blocks; ftruncate at the end gives the size)."""
+    if chunk == _ZEROS[: len(chunk)]:
+        os.lseek(fd, len(chunk), os.SEEK_CUR)
+        return
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def hash_outputs(path: Path, manifest: StoreManifest) -> list[str]:
