@@ -6,7 +6,8 @@ tests/support/unpriv.py) runs the same recipe from an empty home with
 ``--substituter``/``--trusted-key``. The path it prints is root's, every
 output has root's bytes, its files are the user's, it reports
 ``substituted``, it built no filesystem, and neither the mirror's access log
-nor the user's blob cache shows a layer of the base image.
+nor the user's blob cache shows a layer of the base image; ``ls`` and
+``verify`` (with root's key) say where it came from and who signed it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ def test_an_unprivileged_empty_home_substitutes_roots_signed_path(
     meta = json.loads((home / "meta" / f"{built.name}.json").read_text())
     assert meta["substituted"]["signer"] == "ci-root-1"
     assert meta["substituted"]["source"].startswith(f"{cache}@sha256:")
+    (row,) = json.loads(unpriv.run(["ls", "--json"]).stdout)
+    assert (row["path"], row["origin"]) == (str(taken), "substituted")
+    assert row["substituted"] == {"source": meta["substituted"]["source"], "signer": "ci-root-1"}
     ok = unpriv.run(["verify", str(taken), "--trusted-key", public])
     assert ok.stdout.strip() == f"{taken}: ok (signed by ci-root-1)"
     untrusted = unpriv.run(["verify", str(taken)], check=False)
