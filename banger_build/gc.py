@@ -29,7 +29,7 @@ from pathlib import Path
 
 from banger_build.errors import StoreError
 from banger_build.fsutil import disk_usage, remove_tree
-from banger_build.store import Store, StoreEntry, live_temp_roots, try_flock
+from banger_build.store import Store, StoreEntry, Substitution, live_temp_roots, try_flock
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Entry:
     size: int  # bytes on disk (sparse images count what they use)
     time: float
     recipe: str | None
+    origin: str = "unknown"  # "built", "substituted" or "unknown" (``StoreEntry.origin``)
+    substituted: Substitution | None = None
 
 
 @dataclass
@@ -60,7 +62,10 @@ class GcReport:
 
 
 def _entry(e: StoreEntry) -> Entry:
-    return Entry(e.path, e.key, e.name, e.size(), e.built_at, e.recipe)
+    meta = e.meta()
+    return Entry(
+        e.path, e.key, e.name, e.size(), e.built_at, e.recipe, e.origin(meta), e.substitution(meta)
+    )
 
 
 def entries(store: Store) -> list[Entry]:

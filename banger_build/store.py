@@ -1,7 +1,8 @@
 """The content-addressed store: ``<home>/store/<key>-<name>/``, and what keeps it safe.
 
     <home>/store/<key>-<name>/   published outputs, read-only (files 0444, dirs 0555)
-    <home>/meta/<entry>.json     which recipe built an entry, and when (not an input)
+    <home>/meta/<entry>.json     which recipe built an entry, and when (not an input);
+                                 for a substituted one, where from and who signed it
     <home>/tmp/                  private temp dirs of running commands (builds, pushes)
     <home>/locks/<key>.lock      one flock per key
     <home>/gcroots/<hash>        symlinks to out-links (``./result``): gc roots
@@ -54,6 +55,11 @@ from banger_build.fsutil import (
 )
 
 MANIFEST = "manifest.json"
+#: the meta record's key of a substituted path (``substitute``; read by ``ls``, ``show``,
+#: ``verify``): ``{"source": REF@DIGEST, "signer": KEY-NAME or "", "signatures": [...]}``
+META_SUBSTITUTED = "substituted"
+#: the longest source or signer name read back from a meta record
+MAX_ORIGIN_TEXT = 1024
 _KEY_HEX = frozenset("0123456789abcdef")
 
 
@@ -106,6 +112,14 @@ def try_flock(fd: int) -> bool:
 
 
 # -- store entries --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """Where a substituted store path came from, as its meta record says."""
+
+    source: str  # REGISTRY/REPO@sha256:... of the artifact
+    signer: str  # the trusted key's name; "" when it was accepted unsigned
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,26 @@ class StoreEntry:
         recipe = self.meta().get("recipe")
         return recipe if isinstance(recipe, str) else None
 
+    def substitution(self, meta: dict[str, Any] | None = None) -> Substitution | None:
+        """Where the path was substituted from (None: not substituted), from ``meta``
+        (default: this entry's meta record)."""
+        record = (self.meta() if meta is None else meta).get(META_SUBSTITUTED)
+        if not isinstance(record, dict):
+            return None
+        source, signer = record.get("source"), record.get("signer")
+        return Substitution(
+            source[:MAX_ORIGIN_TEXT] if isinstance(source, str) else "",
+            signer[:MAX_ORIGIN_TEXT] if isinstance(signer, str) else "",
+        )
+
+    def origin(self, meta: dict[str, Any] | None = None) -> str:
+        """``substituted``, ``built`` (here, from a recipe) or ``unknown`` (no record:
+        a copied path, or a meta record that could not be written)."""
+        meta = self.meta() if meta is None else meta
+        if self.substitution(meta) is not None:
+            return "substituted"
+        return "built" if isinstance(meta.get("recipe"), str) else "unknown"
+
     @property
     def built_at(self) -> float:
         when = self.meta().get("time")
@@ -220,7 +254,7 @@ class StoreEntry:
         assert self.meta_file is not None, "only entries of a store have meta records"
         info: dict[str, Any] = {"recipe": str(recipe.absolute()), "time": int(time.time())}
         if substituted is not None:
-            info["substituted"] = substituted
+            info[META_SUBSTITUTED] = substituted
         tmp = self.meta_file.with_name(f".{self.meta_file.name}.{os.getpid()}")
         try:
             tmp.write_text(json.dumps(info) + "\n")

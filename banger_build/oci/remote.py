@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -372,23 +373,10 @@ class Remote:
 
         def op(ep: Endpoint) -> bool:
             container = ep.container(ref.repository)
-            blob_url = ep.url(container.get_blob_url(str(digest)))
-            if ep.exchange("HEAD", blob_url, lambda resp: resp.status_code == 200):
+            if self._has_blob(ep, container, digest):
                 return False
             with open(path, "rb") as f:
-                if size > self.chunk_size:
-                    for attempt in (1, 2):
-                        try:
-                            if self._upload_chunks(ep, container, f, digest, size):
-                                return True
-                            break  # chunks refused: one PUT
-                        except _SessionLost as lost:
-                            if attempt == 2:
-                                raise WireError(
-                                    f"{ep.base} lost the upload of blob {digest} twice ({lost})",
-                                    reason=Reason.PROTOCOL,
-                                ) from None
-                self._upload_whole(ep, container, f, digest, size)
+                self._upload(ep, container, f, digest, size)
             return True
 
         try:
@@ -403,6 +391,37 @@ class Remote:
                 reason=Reason.BLOB_SIZE,
             )
         return self._each(ref, op, push=True)
+
+    @staticmethod
+    def _has_blob(ep: Endpoint, container: oras.container.Container, digest: Digest) -> bool:
+        """HEAD of the blob: does the registry have it already?"""
+        url = ep.url(container.get_blob_url(str(digest)))
+        return bool(ep.exchange("HEAD", url, lambda resp: resp.status_code == 200))
+
+    def _upload(
+        self,
+        ep: Endpoint,
+        container: oras.container.Container,
+        f: IO[bytes],
+        digest: Digest,
+        size: int,
+    ) -> None:
+        """Upload ``size`` bytes of ``f`` as blob ``digest``: in chunks past
+        ``chunk_size`` (once more from the start if the session is lost, one PUT if
+        chunks are refused), else in one PUT."""
+        if size > self.chunk_size:
+            for attempt in (1, 2):
+                try:
+                    if self._upload_chunks(ep, container, f, digest, size):
+                        return
+                    break  # chunks refused: one PUT
+                except _SessionLost as lost:
+                    if attempt == 2:
+                        raise WireError(
+                            f"{ep.base} lost the upload of blob {digest} twice ({lost})",
+                            reason=Reason.PROTOCOL,
+                        ) from None
+        self._upload_whole(ep, container, f, digest, size)
 
     def _start_upload(self, ep: Endpoint, container: oras.container.Container) -> str:
         def location(resp: requests.Response) -> str:
@@ -574,43 +593,14 @@ class Remote:
 
     # -- referrers (OCI 1.1)
     def push_bytes(self, ref: Reference, data: bytes) -> Digest:
-        """Upload a small blob held in memory (skipped when the registry has it):
-        HEAD, POST, one PUT of the bytes."""
+        """Upload a small blob held in memory (skipped when the registry has it), the
+        way ``push_blob`` uploads a file; return its digest."""
         digest = Digest(hashlib.sha256(data).hexdigest())
 
         def op(ep: Endpoint) -> None:
             container = ep.container(ref.repository)
-            if ep.exchange(
-                "HEAD",
-                ep.url(container.get_blob_url(str(digest))),
-                lambda resp: resp.status_code == 200,
-            ):
-                return
-
-            def location(resp: requests.Response) -> str:
-                if resp.status_code not in (200, 201, 202):
-                    raise ep.fail(resp, f"starting an upload to {ep.base}")
-                return str(ep._get_location(resp, container) or "")
-
-            start = ep.exchange(
-                "POST",
-                ep.url(container.upload_blob_url()),
-                location,
-                headers={"Content-Length": "0"},
-            )
-            try:
-                put_url = oras.utils.append_url_params(start, {"digest": str(digest)})
-            except ValueError:
-                put_url = ""
-            if not start or not put_url:
-                raise WireError(f"{ep.base} sent no valid upload Location", reason=Reason.PROTOCOL)
-            ep.exchange(
-                "PUT",
-                put_url,
-                _ok(ep, f"uploading blob {digest} to {ep.base}", 200, 201, 202),
-                data=data,
-                headers={"Content-Type": "application/octet-stream"},
-            )
+            if not self._has_blob(ep, container, digest):
+                self._upload(ep, container, io.BytesIO(data), digest, len(data))
 
         self._each(ref, op, push=True)
         return digest

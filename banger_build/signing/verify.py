@@ -19,13 +19,14 @@ needs a valid signature by a trusted key among those recorded when it was
 substituted (``META_SUBSTITUTED``, written by substitution through
 ``substitution_record``); a path with no record is untrusted.
 
-A reference (``verify_reference``): the artifact manifest, its config (the
-manifest.json bytes) and every layer are fetched and verified against
-their digests. The bundle layer is downloaded whole (into the blob cache)
-and decompressed to re-hash ``rootfs.ext4``: the signature binds the raw
-digest, not the compressed bytes, so nothing short of that ties the layer
-to what was signed. Kernel layers are the raw files: their descriptors'
-digests are compared with manifest.json and the blobs fetched (verified).
+A reference (``verify_reference``): the artifact manifest (parsed strictly
+as ``push`` writes it, by ``oci.rootfs``), its config (the manifest.json
+bytes) and every layer are fetched and verified against their digests.
+The bundle layer is downloaded whole (into the blob cache) and decompressed
+to re-hash ``rootfs.ext4``: the signature binds the raw digest, not the
+compressed bytes, so nothing short of that ties the layer to what was signed.
+Kernel layers are the raw files: their descriptors' digests are compared with
+manifest.json and the blobs fetched (verified).
 The signatures are the referrers of the artifact manifest (``referrers``).
 """
 
@@ -40,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 from banger_build.errors import BangerError, Reason, StoreError
 from banger_build.oci.failure import Failure
-from banger_build.oci.kernel import TITLE
-from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, descriptor, media_type_of
+from banger_build.oci.manifest import Descriptor
 from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.referrers import list_signatures
+from banger_build.oci.rootfs import ARTIFACT_TYPE, RootfsArtifact, parse_rootfs_manifest
 from banger_build.signing import dsse
 from banger_build.signing.content import (
     hash_outputs,
@@ -61,7 +62,7 @@ from banger_build.signing.statement import (
     read_store_manifest,
     tree_digests,
 )
-from banger_build.store import MANIFEST, Store, StoreEntry
+from banger_build.store import MANIFEST, META_SUBSTITUTED, Store, StoreEntry
 
 if TYPE_CHECKING:  # the HTTP stack is imported only by who makes a Remote
     from banger_build.oci.remote import Remote
@@ -69,14 +70,8 @@ if TYPE_CHECKING:  # the HTTP stack is imported only by who makes a Remote
 CORRUPTED = 1
 UNTRUSTED = 2
 OTHER = 4
-#: the pushed artifact's type (issue 9: one OCI 1.1 artifact per store path)
-ROOTFS_ARTIFACT_TYPE = "application/vnd.banger.rootfs.v1"
-#: the bundle layer's media type (the kernel layers are titled with their file names)
-BUNDLE_TYPE = "application/vnd.banger.rootfs.bundle.v1.tar+zstd"
-#: layers of a rootfs artifact: the bundle and at most a few kernel files
-MAX_ARTIFACT_LAYERS = 8
-#: the meta record (``<home>/meta/<entry>.json``) key of a substituted path
-META_SUBSTITUTED = "substituted"
+#: the pushed artifact's type (``oci.rootfs``), under the name this module gave it first
+ROOTFS_ARTIFACT_TYPE = ARTIFACT_TYPE
 
 _KINDS = {CORRUPTED: "corrupted", UNTRUSTED: "untrusted", OTHER: "error", 0: "warning"}
 
@@ -86,8 +81,13 @@ class Finding:
     bit: int  # CORRUPTED, UNTRUSTED, OTHER, or 0 for a warning
     text: str
 
+    @property
+    def kind(self) -> str:
+        """``corrupted``, ``untrusted``, ``error`` or ``warning``."""
+        return _KINDS[self.bit]
+
     def line(self) -> str:
-        return f"{_KINDS[self.bit]}: {self.text}"
+        return f"{self.kind}: {self.text}"
 
 
 @dataclass
@@ -240,53 +240,6 @@ def _check_key(verdict: Verdict, manifest: StoreManifest, where: str) -> None:
 # -- a pushed artifact --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Artifact:
-    config: Descriptor
-    bundle: Descriptor
-    files: dict[str, Descriptor]  # title -> layer, the bundle aside
-
-
-def _parse_artifact(digest: Digest, data: bytes) -> _Artifact:
-    media_type, body = media_type_of(data, None)
-    if media_type != OCI_MANIFEST or body.get("artifactType") != ROOTFS_ARTIFACT_TYPE:
-        raise Failure(
-            f"{digest} is not a banger rootfs artifact (artifactType "
-            f"{str(body.get('artifactType'))[:100]!r}; push one with `banger-build push`)",
-            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
-        )
-    config = descriptor(body.get("config"), "config")
-    if config.size > MAX_STORE_MANIFEST:
-        raise Failure(
-            f"its config (manifest.json) is {config.size} bytes, more than the limit of "
-            f"{MAX_STORE_MANIFEST}",
-            reason=Reason.TOO_LARGE,
-        )
-    raw = body.get("layers")
-    if not isinstance(raw, list) or not raw or len(raw) > MAX_ARTIFACT_LAYERS:
-        raise Failure(f"it needs 1 to {MAX_ARTIFACT_LAYERS} layers", reason=Reason.INVALID_MANIFEST)
-    bundles: list[Descriptor] = []
-    files: dict[str, Descriptor] = {}
-    for i, item in enumerate(raw):
-        layer = descriptor(item, f"layer {i}")
-        annotations = item.get("annotations") if isinstance(item, dict) else None
-        title = annotations.get(TITLE) if isinstance(annotations, dict) else None
-        if layer.media_type == BUNDLE_TYPE:
-            bundles.append(layer)
-        elif isinstance(title, str) and title and title not in files:
-            files[title] = layer
-        else:
-            raise Failure(
-                f"layer {i} ({layer.digest}) is neither the bundle nor a titled file",
-                reason=Reason.INVALID_MANIFEST,
-            )
-    if len(bundles) != 1:
-        raise Failure(
-            f"it has {len(bundles)} bundle layers, expected one", reason=Reason.INVALID_MANIFEST
-        )
-    return _Artifact(config, bundles[0], files)
-
-
 def _fetch_bytes(remote: Remote, ref: Reference, desc: Descriptor, limit: int) -> bytes:
     remote.blob(ref, desc)
     data = remote.cache.read(desc.digest, desc.size, limit=limit)
@@ -325,7 +278,7 @@ def verify_reference(
         target = str(ref.digest) if ref.digest is not None else str(ref.tag)
         digest, data, _ = remote.manifest(ref, target, ref.digest)
         verdict.target = f"{ref.name}@{digest}"
-        artifact = _parse_artifact(digest, data)
+        artifact = parse_rootfs_manifest(digest, data)
         config = _fetch_bytes(remote, ref, artifact.config, MAX_STORE_MANIFEST)
     except Failure as exc:
         verdict.add(OTHER, str(exc.error_for(str(ref))))
@@ -342,7 +295,7 @@ def verify_reference(
     if contents:
         _check_layers(verdict, remote, ref, artifact, manifest)
     if trust:
-        modules = artifact.files.get(MODULES_DIR)
+        modules = artifact.kernel.get(MODULES_DIR)
         trees = {MODULES_DIR: modules.digest.hex} if modules is not None else {}
         check_signatures(verdict, remote, ref, digest, trusted, manifest, trees)
     return verdict
@@ -372,7 +325,11 @@ def check_signatures(
 
 
 def _check_layers(
-    verdict: Verdict, remote: Remote, ref: Reference, artifact: _Artifact, manifest: StoreManifest
+    verdict: Verdict,
+    remote: Remote,
+    ref: Reference,
+    artifact: RootfsArtifact,
+    manifest: StoreManifest,
 ) -> None:
     where = verdict.target
     limit = max_bundle_size(manifest)
@@ -396,8 +353,8 @@ def _check_layers(
                     f"({recorded[1]} bytes)",
                 )
     wanted = {n: d for n, d in manifest.files.items() if n != ROOTFS}
-    for name in sorted(set(wanted) | set(artifact.files)):
-        layer = artifact.files.get(name)
+    for name in sorted(set(wanted) | set(artifact.kernel)):
+        layer = artifact.kernel.get(name)
         if name == MODULES_DIR and MODULES_DIR in manifest.outputs and layer is not None:
             # the directory's tar: only the signature names its digest (judged there)
             with _boundary(verdict, ref):

@@ -23,6 +23,11 @@ Fixtures:
 * ``basic_registry``, ``token_registry`` (function): with ``username`` and
   ``password`` attributes.
 
+``RegistryServer(access_log=True)`` keeps the registry's access log;
+``accesses()`` parses it into ``Access(method, path, status, size)``, one per
+request answered so far (``size``: the body bytes sent; a benchmark's count of
+what a client downloaded).
+
 ``write_docker_config(dir, {host: (user, password)})`` writes a Docker
 ``config.json`` and returns its path.
 
@@ -38,6 +43,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -307,6 +313,19 @@ class TokenServer:
 
 # ---------------------------------------------------------------- the registry
 
+#: one line of distribution's access log (Apache combined format)
+_ACCESS = re.compile(r'^\S+ \S+ \S+ \[[^]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) ')
+
+
+@dataclass(frozen=True)
+class Access:
+    """One request the registry answered, from its access log."""
+
+    method: str
+    path: str
+    status: int
+    size: int  # bytes of the body sent (0 for HEAD, whatever the log says)
+
 
 class RegistryServer:
     """A running ``docker-registry``. Use as a context manager or call start/stop."""
@@ -319,6 +338,7 @@ class RegistryServer:
         password: str = PASSWORD,
         anonymous_pull: bool = False,
         bind: str = "127.0.0.1",
+        access_log: bool = False,
     ) -> None:
         if mode not in ("anonymous", "basic", "token"):
             raise ValueError(f"unknown registry mode {mode!r}")
@@ -326,6 +346,7 @@ class RegistryServer:
         self.username = username
         self.password = password
         self.bind = bind
+        self.access_log = access_log
         self.port = 0
         self.workdir = Path(tempfile.mkdtemp(prefix="banger-test-registry-"))
         self.storage = self.workdir / "storage"
@@ -371,7 +392,7 @@ class RegistryServer:
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "version": 0.1,
-            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "log": {"level": "error", "accesslog": {"disabled": not self.access_log}},
             "storage": {
                 "filesystem": {"rootdirectory": str(self.storage)},
                 "delete": {"enabled": True},
@@ -447,6 +468,17 @@ class RegistryServer:
             return self._log.read_text(errors="replace")
         except OSError:
             return ""
+
+    def accesses(self) -> list[Access]:
+        """The requests answered so far (needs ``access_log=True``)."""
+        found = []
+        for line in self.log_text().splitlines():
+            m = _ACCESS.match(line)
+            if m:
+                method, path, status, size = m.groups()
+                body = 0 if method == "HEAD" or size == "-" else int(size)
+                found.append(Access(method, path, int(status), body))
+        return found
 
     def _kill(self) -> None:
         if self._proc is not None:

@@ -3,10 +3,11 @@
 ``make_entry`` writes a consistent store path into a home without building
 (its manifest.json's derivation hashes to its key, its outputs are the files'
 digests), with the meta record of a path built here. ``push_rootfs`` pushes
-it as a rootfs artifact in the shape issue 9 gives (``artifactType``
-``application/vnd.banger.rootfs.v1``, manifest.json as the config, the bundle
--- zstd of a tar of manifest.json then rootfs.ext4 -- and the kernel files as
-layers) through ``Remote.push_blob``/``push_manifest``, and returns the
+it as a rootfs artifact as ``push`` does (``oci.rootfs.manifest_bytes``:
+``artifactType`` ``application/vnd.banger.rootfs.v1``, manifest.json as the
+config, the bundle -- zstd of a tar of manifest.json then rootfs.ext4, or the
+bytes a test gives -- and the kernel files as layers, the annotations from
+manifest.json) through ``Remote.push_blob``/``push_manifest``, and returns the
 artifact manifest's descriptor: what ``sign_and_attach`` signs.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -25,21 +25,14 @@ import zstandard
 
 from banger_build.derivation import KEY_CHARS, canonical_json
 from banger_build.fsutil import make_read_only
-from banger_build.oci.kernel import TITLE, write_modules_tar
+from banger_build.oci import rootfs as artifact
+from banger_build.oci.kernel import write_modules_tar
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor
 from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.remote import Remote
 from banger_build.sources import hash_tree
 from banger_build.store import Store, StoreEntry, write_manifest
 
-ROOTFS_TYPE = "application/vnd.banger.rootfs.v1"
-CONFIG_TYPE = "application/vnd.banger.rootfs.manifest.v1+json"
-BUNDLE_TYPE = "application/vnd.banger.rootfs.bundle.v1.tar+zstd"
-KERNEL_TYPES = {
-    "vmlinux": "application/vnd.banger.kernel.image.v1",
-    "initrd.img": "application/vnd.banger.kernel.initrd.v1",
-    "modules": "application/vnd.banger.kernel.modules.v1.tar",
-}
 IMAGE_DIGEST = "sha256:" + "ab" * 32
 
 
@@ -128,33 +121,33 @@ def bundle_bytes(entry: StoreEntry) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(raw.getvalue())
 
 
-def _push(remote: Remote, ref: Reference, data: bytes, directory: Path) -> Descriptor:
+def _push(remote: Remote, ref: Reference, data: bytes, directory: Path, media: str) -> Descriptor:
     digest = Digest(hashlib.sha256(data).hexdigest())
     path = directory / digest.hex
     path.write_bytes(data)
     remote.push_blob(ref, path, digest, len(data))
-    return Descriptor("", digest, len(data))
+    return Descriptor(media, digest, len(data))
 
 
 def artifact_manifest(
-    config: Descriptor, bundle: Descriptor, files: dict[str, Descriptor], entry_key: str
+    entry: StoreEntry, config: Descriptor, bundle: Descriptor, files: dict[str, Descriptor]
 ) -> bytes:
-    def desc(media_type: str, d: Descriptor, title: str | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": media_type, "digest": str(d.digest), "size": d.size}
-        if title:
-            out["annotations"] = {TITLE: title}
-        return out
-
-    body = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": ROOTFS_TYPE,
-        "config": desc(CONFIG_TYPE, config),
-        "layers": [desc(BUNDLE_TYPE, bundle, f"{entry_key}.tar.zst")]
-        + [desc(KERNEL_TYPES.get(n, "application/octet-stream"), d, n) for n, d in files.items()],
-        "annotations": {"dev.banger.store.key": entry_key},
+    """The artifact manifest ``push`` would write for ``entry`` with these blobs."""
+    outputs = entry.manifest()["outputs"]
+    annotations = {
+        artifact.CREATED: "2023-11-14T22:13:20Z",
+        artifact.KEY: entry.key,
+        artifact.NAME: entry.name,
+        artifact.ARCH: "amd64",
+        artifact.ROOTFS_SHA256: outputs["rootfs.ext4"]["sha256"],
+        artifact.MANIFEST_SHA256: config.digest.hex,
+        artifact.ZSTD: f"zstandard {zstandard.__version__}",
+        artifact.ZSTD_PARAMS: "test bundle: zstd level 3",
     }
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    kernel = [(n, files[n]) for n in artifact.KERNEL_TYPES if n in files]
+    return artifact.manifest_bytes(
+        config, (f"{entry.name}-{entry.key}.tar.zst", bundle), kernel, annotations
+    )
 
 
 def push_rootfs(
@@ -162,8 +155,10 @@ def push_rootfs(
 ) -> Descriptor:
     """Push ``entry`` as a rootfs artifact under ``ref`` (its tag); its manifest's descriptor."""
     scratch.mkdir(parents=True, exist_ok=True)
-    config = _push(remote, ref, (entry.path / "manifest.json").read_bytes(), scratch)
-    layer = _push(remote, ref, bundle if bundle is not None else bundle_bytes(entry), scratch)
+    config = _push(remote, ref, (entry.path / "manifest.json").read_bytes(), scratch,
+                   artifact.CONFIG_TYPE)  # fmt: skip
+    layer = _push(remote, ref, bundle if bundle is not None else bundle_bytes(entry), scratch,
+                  artifact.BUNDLE_TYPE)  # fmt: skip
     files = {}
     for n in sorted(os.listdir(entry.path)):
         if n in ("manifest.json", "rootfs.ext4"):
@@ -174,7 +169,7 @@ def push_rootfs(
             data = tar.getvalue()
         else:
             data = (entry.path / n).read_bytes()
-        files[n] = _push(remote, ref, data, scratch)
-    data = artifact_manifest(config, layer, files, entry.key)
+        files[n] = _push(remote, ref, data, scratch, artifact.KERNEL_TYPES[n])
+    data = artifact_manifest(entry, config, layer, files)
     digest = remote.push_manifest(ref, data, OCI_MANIFEST)
     return Descriptor(OCI_MANIFEST, digest, len(data))
