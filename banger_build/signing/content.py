@@ -73,8 +73,8 @@ def read_bundle(
         with open(path, "rb") as raw:
             dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
             with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
-                stream = LayerReader(zs, budget)
-                tar = open_tar(stream)
+                stream = LayerReader(zs, budget, hashed=False)
+                tar = open_tar(stream, bufsize=_CHUNK)
                 found = _members(tar, manifest, where, rootfs_to)
                 stream.drain()
     except Refused as exc:
