@@ -135,7 +135,7 @@ def _agree(ref: Reference, artifact: rootfs.RootfsArtifact, manifest: StoreManif
         arch = Platform.parse(manifest.image["platform"]).architecture
         created = _created(manifest)
     except (KeyError, TypeError, ValueError, OverflowError, OSError, ReferenceSyntaxError) as exc:
-        raise _bad(ref, f"its manifest.json's derivation is malformed ({exc})") from None
+        raise _bad(ref, f"its manifest.json's derivation is malformed ({str(exc)[:200]})") from None
     facts = (
         (rootfs.KEY, manifest.key),
         (rootfs.NAME, manifest.name),

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from banger_build.cli import main
+from banger_build.derivation import canonical_json
 from banger_build.oci import rootfs
 from banger_build.oci.kernel import write_modules_tar
 from tests.support.e2e import run_cli, write_recipe
@@ -334,6 +335,22 @@ def test_a_config_that_is_not_the_store_paths_manifest_is_refused(
     forged = _forge(pushed, "forged-config", change)
     err = refused(tmp_path / "reader", forged)
     assert f"{forged}: its manifest.json's derivation hashes to" in err
+
+    # a consistent forgery (key = the hash of its derivation) with a junk epoch: one
+    # bounded line, not a traceback nor the junk
+    manifest["derivation"]["epoch"] = "9" * 100 + "x" * 100_000
+    key = sha256(canonical_json(manifest["derivation"]))[:32]
+    manifest["key"] = key
+    config = json.dumps(manifest).encode()
+
+    def consistent(body: dict[str, Any]) -> None:
+        change(body)
+        body["annotations"][rootfs.KEY] = key
+
+    forged = _forge(pushed, "forged-epoch", consistent)
+    err = refused(tmp_path / "reader", forged)
+    assert f"{forged}: its manifest.json's derivation is malformed (invalid literal" in err
+    assert len(err) < 600
 
 
 def test_arguments_that_are_refused_before_any_request(tmp_path: Path, pushed: Pushed) -> None:
