@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from banger_build import __version__, progress, signals
 from banger_build.commands import (
     boot,
+    catalog,
     check,
     gc,
     kernel,
@@ -65,6 +66,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     verify,
     bundle_command,
     push,
+    catalog,
 )
 
 

@@ -196,9 +196,10 @@ def push_store_path(
     attach: Attach | None = None,
 ) -> PushResult:
     """Push the store path ``path`` (held by the caller: it must not change) to
-    ``target``; see the module docstring for the order of things."""
+    ``target``; see the module docstring for the order of things. An out-link
+    (``./result``) is resolved once, here: the store path's name is its key and name."""
     try:
-        return _push(path, target, remote, store, reporter, attach)
+        return _push(path.resolve(), target, remote, store, reporter, attach)
     except OSError as exc:  # the host's files: the store path, the temp dir
         raise host_error("push", exc) from exc
 

@@ -435,6 +435,26 @@ def test_push_sign_key_signs_before_any_tag_and_verify_trusts_it(
     assert run_cli(home, "verify", ref, "--trusted-key", untrusted)[0] == 2
 
 
+def test_push_of_an_out_link_signs_the_store_path_it_names(
+    tmp_path: Path, image_ref: str, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``push ./result --sign-key`` (what a CI job types): the statement is of the store
+    path the link names, not of a directory called ``result``."""
+    target = f"{registry.host}/{repo('out-link')}"
+    home = tmp_path / "home"
+    key = tmp_path / "ci.key"
+    assert main(["key", "generate", "ci-1", "-o", str(key)]) == 0
+    public = (tmp_path / "ci.key.pub").read_text().strip()
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(home, "-q", str(recipe))  # links ./result
+    assert code == 0, err
+    code, out, err = run_cli(home, "push", "./result", target, "--sign-key", str(key))
+    assert code == 0, err
+    ref = out.strip()
+    assert run_cli(home, "verify", ref, "--trusted-key", public)[0] == 0
+
+
 def test_build_push_prints_the_path_then_the_ref(
     tmp_path: Path, image_ref: str, registry: RegistryServer
 ) -> None:
