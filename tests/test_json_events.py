@@ -72,3 +72,21 @@ def test_command_lines_as_hands_type_them(tmp_path: Path, image_ref: str) -> Non
     # a shared option before the command
     assert main(["--home", str(home), "ls", "--json"]) == 0
     assert main(["bulid", str(one)]) == 2  # a typo: a suggestion, a usage error
+
+
+def test_bundle_and_push_report_json_results(tmp_path: Path, image_ref: str, registry: Any) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    home = tmp_path / "home"
+    code, out, err = run_cli(home, str(recipe), "--no-link", "-q")
+    assert code == 0, err
+    path = out.strip()
+    code, out, err = run_cli(home, "bundle", path, "-o", str(tmp_path), "--json")
+    assert code == 0, err
+    (bundled,) = [e for e in _events(out) if e["event"] == "result"]
+    assert Path(bundled["path"]).is_file() and bundled["zstd"] and bundled["sha256"]
+    target = f"{registry.host}/json/events"
+    code, out, err = run_cli(home, "push", path, target, "--json")
+    assert code == 0, err
+    (pushed,) = [e for e in _events(out) if e["event"] == "result"]
+    assert pushed["ref"].startswith(target + "@sha256:") and pushed["path"] == path
+    assert pushed["bundle"]["sha256"] == bundled["sha256"]  # the same bytes, pushed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from pathlib import Path
 
 from banger_build.commands import common
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-o", "--output", type=Path, metavar="FILE",
         help="where to write the bundle (default: ./<name>-<key>.tar.zst; a directory: in it)",
     )  # fmt: skip
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    common.add_output(p)
     common.add_sources(p)
     common.add_limits(p)
     common.add_home(p)
@@ -41,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from banger_build.bundle import bundle_name, write_bundle_file
     from banger_build.commands.boot import protect
-    from banger_build.progress import Reporter
     from banger_build.store import Store
     from banger_build.storepath import read_store_path
 
-    reporter = Reporter(quiet=args.quiet)
+    reporter = common.reporter(args)
+    started = time.monotonic()
     store = Store(common.home(args))
     with contextlib.ExitStack() as stack:
         sp = read_store_path(protect(stack, store, args, reporter))
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         reporter.step(f"bundling {sp.name} (key {sp.key}) into {dest}")
         info = write_bundle_file(sp, dest, reporter.progress)
     reporter.done()
+    if args.json:
+        seconds = round(time.monotonic() - started, 3)
+        reporter.result(path=str(dest), key=sp.key, name=sp.name, seconds=seconds, **info.record())
+        return 0
     reporter.step(
         f"{dest}: {info.size / 1e6:.1f} MB (rootfs.ext4 {sp.rootfs.size / 1e6:.1f} MB), "
         f"sha256 {info.digest.hex}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("ref", metavar="REGISTRY/REPO[:TAG]", help="where to push it")
     add_sign_key(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    common.add_output(p)
     common.add_sources(p)
     common.add_limits(p)
     common.add_home(p)
@@ -123,17 +124,31 @@ def push_built(
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.commands.boot import protect
-    from banger_build.progress import Reporter
     from banger_build.publish import parse_target
     from banger_build.store import Store
 
     target = parse_target(args.ref)
     sign = sign_function(args.sign_key)
-    reporter = Reporter(quiet=args.quiet)
+    reporter = common.reporter(args)
     store = Store(common.home(args))
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         path = protect(stack, store, args, reporter)
         result = push_path(args, store, path, target, reporter, sign)
+    if args.json:
+        reporter.result(
+            ref=str(result.ref),
+            path=str(result.store_path),
+            key=result.store_key,
+            name=result.name,
+            tag=result.tag,
+            key_tag=result.key_tag,
+            uploaded=[str(d) for d in result.uploaded],
+            signed=args.sign_key is not None,
+            bundle=result.bundle.record(),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return 0
     reporter.step(f"pushed {result.name}: {len(result.uploaded)} blobs uploaded")
     print(result.ref, flush=True)
     return 0
