@@ -133,18 +133,26 @@ def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
+#: holes are left at this granularity (an image's unused blocks come in runs, but
+#: rarely whole MiBs of them)
+_HOLE = 64 << 10
 _ZEROS = bytes(_CHUNK)
 
 
 def _write_sparse(fd: int, chunk: bytes) -> None:
-    """Append ``chunk`` at the file offset, leaving an all-zero chunk a hole (an
-    image is mostly unused blocks; ftruncate at the end gives the size)."""
-    if chunk == _ZEROS[: len(chunk)]:
-        os.lseek(fd, len(chunk), os.SEEK_CUR)
-        return
+    """Append ``chunk`` at the file offset, leaving each all-zero ``_HOLE`` of it a
+    hole (an image is mostly unused blocks; ftruncate at the end gives the size)."""
     view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
+    zeros = memoryview(_ZEROS)
+    pos = 0
+    while pos < len(view):
+        piece = view[pos : pos + _HOLE]
+        if piece == zeros[: len(piece)]:
+            os.lseek(fd, len(piece), os.SEEK_CUR)
+        else:
+            while piece:
+                piece = piece[os.write(fd, piece) :]
+        pos += _HOLE
 
 
 def hash_outputs(path: Path, manifest: StoreManifest) -> list[str]:
