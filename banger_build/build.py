@@ -33,7 +33,6 @@ from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
-from banger_build.oci.reference import Digest, ReferenceSyntaxError
 from banger_build.progress import Reporter
 from banger_build.resolve import RESOLVE, save_lock
 from banger_build.store import set_out_link
@@ -47,25 +46,8 @@ MANIFEST_FORMAT = 1
 
 def pull_layers(ctx: Context) -> None:
     image, layers = ctx.recipe.image, ctx.manifest.layers
-    rootfs = ctx.config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
-        count = len(diff_ids) if isinstance(diff_ids, list) else "no list of"
-        raise InputError(
-            f"{image}: the image config lists {count} diff_ids for {len(layers)} layers",
-            reason=Reason.CONFIG_MISMATCH,
-        )
-    uncompressed = []
-    for diff_id in diff_ids:
-        try:
-            uncompressed.append(Digest.parse(diff_id if isinstance(diff_id, str) else ""))
-        except ReferenceSyntaxError:
-            raise InputError(
-                f"{image}: the image config lists an invalid diff_id {diff_id!r:.100}",
-                reason=Reason.CONFIG_MISMATCH,
-            ) from None
     ctx.reporter.step(f"pulling {len(layers)} layers of {image}")
-    for desc, diff_id in zip(layers, uncompressed, strict=True):
+    for desc, diff_id in zip(layers, ctx.diff_ids, strict=True):
         ctx.layers.append(LayerInput(desc.digest, ctx.source.blob(image, desc), diff_id))
 
 
@@ -186,7 +168,17 @@ def write_manifest(ctx: Context) -> None:
         "format": MANIFEST_FORMAT,
         "name": ctx.derivation.name,
         "key": ctx.key,
-        "image": {"reference": str(ctx.recipe.image), "platform": str(ctx.recipe.platform)},
+        # how the image was fetched (the derivation has only its content: config
+        # and diff_ids): for gc, which keeps these blobs, and for signatures' pins
+        "image": {
+            "reference": str(ctx.recipe.image),
+            "platform": str(ctx.recipe.platform),
+            "manifest": str(ctx.manifest.digest),
+            "layers": [
+                {"digest": str(d.digest), "media_type": d.media_type, "size": d.size}
+                for d in ctx.manifest.layers
+            ],
+        },
         "derivation": ctx.derivation.data,
         "outputs": outputs,
         "filesystem": {

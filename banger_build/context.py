@@ -28,6 +28,7 @@ from banger_build.lockfile import Lock
 from banger_build.oci.blobs import BlobCache
 from banger_build.oci.manifest import ImageManifest
 from banger_build.oci.options import RegistryOptions
+from banger_build.oci.reference import Digest
 from banger_build.oci.source import Source
 from banger_build.progress import Reporter
 from banger_build.recipe import Recipe
@@ -92,6 +93,7 @@ class Context:
         self.lock_notes: list[str] = []
         self.manifest: ImageManifest
         self.config: dict[str, Any]
+        self.diff_ids: tuple[Digest, ...] = ()  # the layers' uncompressed digests
         self.epoch = 1
         self.injected: tuple[Injected, ...] = ()
         self.kernel: tuple[Staged, ...] = ()

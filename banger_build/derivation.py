@@ -2,7 +2,8 @@
 
 The store key is sha256 over the canonical JSON (sorted keys, no spaces,
 UTF-8) of this dict. What goes in: a format version, the name, the platform,
-the image's manifest, config and layer digests, the kernel files' digests,
+the image's config digest and its layers' uncompressed digests (diff_ids: the
+same image recompressed or re-pushed has the same key), the kernel files' digests,
 every injected path as (dest, kind, mode, owner, sha256), the size policy, the
 epoch used for timestamps, the mkfs parameters and the versions of the tools
 that shape the bytes. What stays out: the recipe's path, comments, the clock,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +22,11 @@ from banger_build.entries import Injected, Staged
 from banger_build.ext4 import MKFS
 from banger_build.inputs import modules_version
 from banger_build.oci.manifest import ImageManifest
+from banger_build.oci.reference import Digest
 from banger_build.recipe import Recipe
 
 #: Bump when the meaning of a derivation field changes.
-DERIVATION_FORMAT = 1
+DERIVATION_FORMAT = 2
 #: Bump when the builder would write different bytes for the same derivation.
 OUTPUT_FORMAT = 3
 #: Characters of the key used in store paths (128 bits).
@@ -58,6 +61,7 @@ def derive(
     recipe: Recipe,
     manifest: ImageManifest,
     *,
+    diff_ids: Sequence[Digest],
     injected: tuple[Injected, ...],
     kernel: tuple[Staged, ...],
     epoch: int,
@@ -71,17 +75,11 @@ def derive(
             "output_format": OUTPUT_FORMAT,
             "name": recipe.name,
             "platform": str(recipe.platform),
+            # the image by its content: how its layers were compressed or pushed
+            # does not change the key (the manifest digest is in manifest.json)
             "image": {
-                "manifest": str(manifest.digest),
                 "config": str(manifest.config.digest),
-                "layers": [
-                    {
-                        "digest": str(layer.digest),
-                        "media_type": layer.media_type,
-                        "size": layer.size,
-                    }
-                    for layer in manifest.layers
-                ],
+                "diff_ids": [str(d) for d in diff_ids],
             },
             "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
             **_modules_install(recipe, kernel_version),

@@ -1,6 +1,6 @@
 """Why two builds differ: flatten two derivations to named inputs and compare them.
 
-Inputs are named the way users think of them: ``image.manifest``,
+Inputs are named the way users think of them: ``image.config``, ``image.diff_ids[0]``,
 ``files[/etc/hostname].sha256``, ``files[/etc/motd].mode``, ``kernel.vmlinux``.
 """
 

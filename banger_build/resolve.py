@@ -21,7 +21,7 @@ from banger_build.entries import Staged, Where
 from banger_build.errors import InputError, Reason, RecipeError
 from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
-from banger_build.oci.reference import Digest
+from banger_build.oci.reference import Digest, ReferenceSyntaxError
 from banger_build.progress import Reporter
 from banger_build.recipe import load_recipe
 from banger_build.run import tool_version
@@ -169,10 +169,36 @@ def read_tool_versions(ctx: Context) -> None:
     ctx.tools = {"mke2fs": tool_version("mke2fs"), "debugfs": tool_version("debugfs")}
 
 
+def read_diff_ids(ctx: Context) -> None:
+    """The uncompressed digests of the layers, from the image config: with the config
+    digest they are what the derivation knows of the image (so the same image
+    recompressed or re-pushed gives the same key)."""
+    image, layers = ctx.recipe.image, ctx.manifest.layers
+    rootfs = ctx.config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        count = len(diff_ids) if isinstance(diff_ids, list) else "no list of"
+        raise InputError(
+            f"{image}: the image config lists {count} diff_ids for {len(layers)} layers",
+            reason=Reason.CONFIG_MISMATCH,
+        )
+    parsed = []
+    for diff_id in diff_ids:
+        try:
+            parsed.append(Digest.parse(diff_id if isinstance(diff_id, str) else ""))
+        except ReferenceSyntaxError:
+            raise InputError(
+                f"{image}: the image config lists an invalid diff_id {diff_id!r:.100}",
+                reason=Reason.CONFIG_MISMATCH,
+            ) from None
+    ctx.diff_ids = tuple(parsed)
+
+
 def make_derivation(ctx: Context) -> None:
     ctx.derivation = derive(
         ctx.recipe,
         ctx.manifest,
+        diff_ids=ctx.diff_ids,
         injected=ctx.injected,
         kernel=ctx.kernel,
         epoch=ctx.epoch,
@@ -185,6 +211,7 @@ RESOLVE: tuple[Callable[[Context], None], ...] = (
     read_recipe,
     resolve_inputs,  # local files and templates first: their errors need no network
     resolve_image,
+    read_diff_ids,
     choose_epoch,
     resolve_kernel_artifact,
     read_tool_versions,

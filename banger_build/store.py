@@ -226,12 +226,14 @@ class StoreEntry:
         derivation = manifest.get("derivation")
         derivation = derivation if isinstance(derivation, dict) else {}
         refs: list[object] = []
-        image = derivation.get("image")
-        if isinstance(image, dict):
-            refs += [image.get("manifest"), image.get("config")]
-            layers = image.get("layers")
-            if isinstance(layers, list):
-                refs += [layer.get("digest") for layer in layers if isinstance(layer, dict)]
+        # the blobs it was fetched from: manifest.json's "image" (older entries: the
+        # derivation's); the config from the derivation
+        for image in (manifest.get("image"), derivation.get("image")):
+            if isinstance(image, dict):
+                refs += [image.get("manifest"), image.get("config")]
+                layers = image.get("layers")
+                if isinstance(layers, list):
+                    refs += [layer.get("digest") for layer in layers if isinstance(layer, dict)]
         artifact = manifest.get("kernel_artifact")
         if isinstance(artifact, dict) and artifact:
             refs += [artifact.get("manifest"), artifact.get("config")]

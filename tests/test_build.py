@@ -29,7 +29,7 @@ def test_build_end_to_end(tmp_path: Path, image_ref: str) -> None:
     manifest = json.loads((store_path / "manifest.json").read_text())
     assert manifest["outputs"]["rootfs.ext4"]["sha256"] == sha256_file(store_path / "rootfs.ext4")
     assert store_path.name == f"{manifest['key']}-{manifest['name']}"
-    assert manifest["derivation"]["image"]["layers"][0]["digest"].startswith("sha256:")
+    assert manifest["image"]["layers"][0]["digest"].startswith("sha256:")
 
     image = store_path / "rootfs.ext4"
     assert fsck(image).returncode == 0
@@ -51,7 +51,7 @@ def test_build_end_to_end(tmp_path: Path, image_ref: str) -> None:
     assert wants.type == "symlink" and wants.target == "/lib/systemd/system/test.service"
 
     lock = recipe.with_suffix(".lock").read_text()
-    assert manifest["derivation"]["image"]["manifest"] in lock
+    assert manifest["image"]["manifest"] in lock
 
 
 def test_second_build_is_a_cache_hit_with_the_registry_stopped(tmp_path: Path) -> None:
@@ -212,3 +212,28 @@ install_modules = true
     )
     assert code == 1 and out == "" and "debugfs cannot carry" in err and "Traceback" not in err
     assert list((tmp_path / "home" / "store").iterdir()) == []
+
+
+def test_the_same_image_recompressed_or_repushed_gives_the_same_key_and_bytes(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    """The derivation knows the image by its config and diff_ids, not by how its
+    layers were compressed: gzip vs zstd, two repositories, one key, one image."""
+    from tests.support.oci import make_layer, push_image
+
+    paths = []
+    for compression in ("gzip", "zstd"):
+        repo = f"recompressed/{compression}"
+        layers = [make_layer(lay, compression=compression) for lay in (BASE, UPPER)]
+        image = push_image(registry.url, repo, "v1", layers)
+        recipe = write_recipe(tmp_path / compression, f"{registry.host}/{repo}:v1")
+        recipe.write_text('name = "same"\n' + recipe.read_text())  # else named after the repo
+        code, out, err = run_cli(tmp_path / f"home-{compression}", str(recipe), "--no-link")
+        assert code == 0, err
+        paths.append(Path(out.strip()))
+        manifest = json.loads((paths[-1] / "manifest.json").read_text())
+        assert manifest["image"]["manifest"] == image.digest  # how it was fetched
+        assert "manifest" not in manifest["derivation"]["image"]
+    gzip_path, zstd_path = paths
+    assert gzip_path.name == zstd_path.name
+    assert sha256_file(gzip_path / "rootfs.ext4") == sha256_file(zstd_path / "rootfs.ext4")

@@ -70,7 +70,7 @@ def test_builds_into_the_users_store(built: dict) -> None:  # type: ignore[type-
     assert (user.home / "result").resolve() == path  # default out-link in the cwd
     lock = built["recipe"].with_suffix(".lock").read_text()
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["derivation"]["image"]["manifest"] in lock
+    assert manifest["image"]["manifest"] in lock
     assert manifest["outputs"]["rootfs.ext4"]["sha256"] == sha256_file(path / "rootfs.ext4")
     print(f"cold build {built['cold_s']:.1f}s, warm {built['warm_s']:.2f}s")
 

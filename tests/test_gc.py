@@ -49,7 +49,7 @@ def test_gc_keeps_roots_and_frees_the_rest(tmp_path: Path, three: tuple[Path, li
     assert len(list((home / "blobs" / "sha256").iterdir())) < blobs_before
     # the rooted path's image is still buildable offline: its blobs were kept
     manifest = json.loads((rooted / "manifest.json").read_text())
-    for layer in manifest["derivation"]["image"]["layers"]:
+    for layer in manifest["image"]["layers"]:
         assert (home / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
     # removing the out-link makes it garbage; a dry run changes nothing, roots included
     os.unlink(tmp_path / "result")
@@ -69,7 +69,7 @@ def test_gc_never_touches_a_path_whose_build_holds_the_lock(three: tuple[Path, l
     assert f"kept {old}: in use" in out
     # the kept path's blobs stay: it still refers to them
     manifest = json.loads((old / "manifest.json").read_text())
-    for layer in manifest["derivation"]["image"]["layers"]:
+    for layer in manifest["image"]["layers"]:
         assert (home / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
 
 

@@ -96,7 +96,8 @@ def by_dest(items: tuple[Injected, ...]) -> dict[str, Injected]:
 
 def key_of(recipe: Recipe) -> str:
     return derive(
-        recipe, IMAGE, injected=resolve_injected(recipe), kernel=resolve_kernel(recipe.kernel),
+        recipe, IMAGE, diff_ids=(Digest("5" * 64),), injected=resolve_injected(recipe),
+        kernel=resolve_kernel(recipe.kernel),
         epoch=1_700_000_000, tools={"mke2fs": "1.47.0", "debugfs": "1.47.0"},
     ).key  # fmt: skip
 
@@ -139,7 +140,7 @@ def test_the_set_is_injected_root_owned_with_its_modes(tmp_path: Path) -> None:
         assert posix_join("/etc/systemd/system/multi-user.target.wants", link.target) in seen
     # every injected path is in the derivation, with its mode, owner and hash
     entries = {e["dest"]: e for e in derive(
-        recipe, IMAGE, injected=items, kernel=(), epoch=1, tools={}
+        recipe, IMAGE, diff_ids=(), injected=items, kernel=(), epoch=1, tools={}
     ).data["files"]}  # fmt: skip
     for dest, (kind, mode) in EXPECTED.items():
         assert entries[dest]["kind"] == kind and entries[dest]["owner"] == "0:0"

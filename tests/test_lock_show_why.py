@@ -96,7 +96,9 @@ def test_why_names_a_changed_tag_digest_template_and_mode(
         tmp_path / "home", "why", str(a.with_suffix(".lock")), str(b.with_suffix(".lock"))
     )
     assert code == 0, err
-    assert f"image.manifest: {first} -> {second}" in out
+    # the image is known by its content: its config and its layers' diff_ids changed
+    assert first != second
+    assert "image.config: sha256:" in out and "image.diff_ids[0]: sha256:" in out
 
     # a changed template and a changed mode, same image pin
     shutil.copy(a.with_suffix(".lock"), b.with_suffix(".lock"))
@@ -106,7 +108,7 @@ def test_why_names_a_changed_tag_digest_template_and_mode(
     assert code == 0, err
     assert "files[/lib/systemd/system/test.service].sha256:" in out
     assert "files[/etc/hello].mode: 0640 -> 0600" in out
-    assert "image.manifest" not in out
+    assert "image." not in out
 
     # a store path against the recipe it came from: no difference
     code, path, _ = run_cli(tmp_path / "home", str(a), "--no-link")

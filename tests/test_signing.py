@@ -293,7 +293,7 @@ def test_statement_refuses_a_corrupted_manifest(tmp_path: Path) -> None:
         (lambda m: m["outputs"].pop("rootfs.ext4"), "no rootfs.ext4"),
         (lambda m: m["outputs"]["rootfs.ext4"].update(sha256="xyz"), "is malformed"),
         (lambda m: m.update(key="../etc"), "malformed"),
-        (lambda m: m["derivation"]["image"].update(manifest="latest"), "image digest"),
+        (lambda m: m["image"].update(manifest="latest"), "image digest"),
     ],
 )
 def test_malformed_manifests_are_not_store_paths(tmp_path: Path, change, words: str) -> None:  # type: ignore[no-untyped-def]

@@ -53,6 +53,7 @@ IMAGE = ImageManifest(
         Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest("4" * 64), 4096),
     ),
 )
+DIFF_IDS = (Digest("5" * 64), Digest("6" * 64))  # the layers' uncompressed digests
 TOOLS = {"mke2fs": "1.47.0", "debugfs": "1.47.0"}
 EPOCH = 1_700_000_000
 
@@ -62,6 +63,7 @@ def _derivation(recipe_path: Path) -> dict:  # type: ignore[type-arg]
     return derive(
         recipe,
         IMAGE,
+        diff_ids=DIFF_IDS,
         injected=resolve_injected(recipe),
         kernel=resolve_kernel(recipe.kernel),
         epoch=EPOCH,
@@ -87,6 +89,7 @@ def test_golden_keys(snapshot, tree: Path) -> None:  # type: ignore[no-untyped-d
         d = derive(
             recipe,
             IMAGE,
+            diff_ids=DIFF_IDS,
             injected=resolve_injected(recipe),
             kernel=resolve_kernel(recipe.kernel),
             epoch=EPOCH,

@@ -85,7 +85,7 @@ def test_an_empty_home_takes_the_signed_path_instead_of_building(
     timings = {e["step"] for e in events if e["event"] == "timing"}
     assert "make filesystem" not in timings and "pull layers" not in timings
     built = json.loads((published.path / "manifest.json").read_text())
-    for layer in built["derivation"]["image"]["layers"]:  # no layer of the base image
+    for layer in built["image"]["layers"]:  # no layer of the base image
         assert not (home / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
     meta = json.loads((home / "meta" / f"{taken.name}.json").read_text())
     assert meta["substituted"]["signer"] == "ci-1"

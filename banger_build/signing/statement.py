@@ -162,7 +162,9 @@ def parse_store_manifest(data: bytes, where: str = MANIFEST) -> StoreManifest:
     image = image if isinstance(image, dict) else {}
     derived_image = derivation.get("image")
     derived_image = derived_image if isinstance(derived_image, dict) else {}
-    image_digest = _text(derived_image, "manifest", where, "the image digest")
+    image_digest = _text(
+        image if "manifest" in image else derived_image, "manifest", where, "the image digest"
+    )
     if not _DIGEST.fullmatch(image_digest):
         raise _bad(where, "the image digest is malformed")
     pins = {
