@@ -96,4 +96,19 @@ def test_ls_lists_name_size_time_recipe_and_roots(three: tuple[Path, list[Path]]
     assert rows[str(rooted)]["rooted"] and not rows[str(old)]["rooted"]
     assert rows[str(old)]["recipe"].endswith("recipe.toml") and rows[str(old)]["size"] > 0
     code, out, _ = run_cli(home, "ls")
-    assert code == 0 and f"* {rooted.name}" in out
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split() == ["STORE", "PATH", "SIZE", "BUILT", "ORIGIN", "RECIPE"]
+    (row,) = [line for line in lines if rooted.name in line]
+    assert row.split()[:2] == ["*", rooted.name] and "built" in row
+    # the columns line up: every row's BUILT starts where the header's does
+    column = header.index("BUILT")
+    rows = [line for line in lines if not line.startswith("(")]
+    assert len(rows) == 3 and all(line[column : column + 4].isdigit() for line in rows)
+
+
+def test_ls_of_a_home_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "nothing-here"
+    code, out, err = run_cli(home, "ls")
+    assert code == 0 and out == "" and "no store" in err and not home.exists()
+    assert run_cli(home, "ls", "--json")[1].strip() == "[]" and not home.exists()

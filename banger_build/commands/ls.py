@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from banger_build.gc import entries
     from banger_build.store import Store
 
-    store = Store(common.home(args))
+    home = common.home(args)
+    if not (home / "store").is_dir():  # nothing built yet: list nothing, create nothing
+        if args.json:
+            print("[]")
+        else:
+            print(f"no store at {home} yet", file=sys.stderr)
+        return 0
+    store = Store(home)
     roots = store.rooted()
     listing = entries(store)
     if args.json:
@@ -60,9 +68,25 @@ def run(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         print(json.dumps(rows, indent=2))
         return 0
+    table: list[tuple[str, ...]] = [("", "STORE PATH", "SIZE", "BUILT", "ORIGIN", "RECIPE")]
     for e in listing:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time))
-        mark = "*" if e.path.name in roots else " "
+        mark = "*" if e.path.name in roots else ""
         source = _from(e.substituted) if e.substituted is not None else ""
-        print(f"{mark} {e.path.name}  {e.size / 2**20:8.1f} MiB  {when}  {e.recipe or '-'}{source}")
+        size = f"{e.size / 2**20:.1f} MiB"
+        table.append((mark, e.path.name, size, when, e.origin, (e.recipe or "-") + source))
+    print_table(table, right=frozenset({2}))
+    if roots:
+        print("(* rooted: an out-link points at it; gc keeps it)")
     return 0
+
+
+def print_table(rows: list[tuple[str, ...]], right: frozenset[int] = frozenset()) -> None:
+    """Rows in aligned columns (the last one unpadded); ``right``: right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row[:-1])
+        ]
+        print("  ".join([*cells, row[-1]]).rstrip())
