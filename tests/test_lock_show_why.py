@@ -95,7 +95,7 @@ def test_why_names_a_changed_tag_digest_template_and_mode(
     code, out, err = run_cli(
         tmp_path / "home", "why", str(a.with_suffix(".lock")), str(b.with_suffix(".lock"))
     )
-    assert code == 0, err
+    assert code == 1, err  # like diff: inputs differ
     # the image is known by its content: its config and its layers' diff_ids changed
     assert first != second
     assert "image.config: sha256:" in out and "image.diff_ids[0]: sha256:" in out
@@ -105,7 +105,7 @@ def test_why_names_a_changed_tag_digest_template_and_mode(
     (tmp_path / "b" / "unit.j2").write_text("[Unit]\nDescription=changed\n")
     b.write_text(b.read_text().replace('mode = "0640"', 'mode = "0600"'))
     code, out, err = run_cli(tmp_path / "home", "why", str(a), str(b))
-    assert code == 0, err
+    assert code == 1, err
     assert "files[/lib/systemd/system/test.service].sha256:" in out
     assert "files[/etc/hello].mode: 0640 -> 0600" in out
     assert "image." not in out
@@ -114,3 +114,12 @@ def test_why_names_a_changed_tag_digest_template_and_mode(
     code, path, _ = run_cli(tmp_path / "home", str(a), "--no-link")
     code, out, _ = run_cli(tmp_path / "home", "why", path.strip(), str(a))
     assert code == 0 and out.startswith("no difference")
+    # show takes the store path too: its recorded derivation, resolving nothing
+    code, shown, err = run_cli(tmp_path / "home", "show", path.strip())
+    assert code == 0, err
+    by_path, by_recipe = (
+        json.loads(shown),
+        json.loads(run_cli(tmp_path / "home", "show", str(a))[1]),
+    )
+    assert by_path["key"] == by_recipe["key"] and by_path["derivation"] == by_recipe["derivation"]
+    assert by_path["store_path"] == path.strip() and by_path["origin"] == "built"

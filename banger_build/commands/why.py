@@ -2,7 +2,8 @@
 
 A and B are recipes, lock files (the recipe beside them, resolved with that
 lock) or store paths (their recorded derivation). This answers "why did this
-rebuild?": the key changes exactly when one of the named inputs does.
+rebuild?": the key changes exactly when one of the named inputs does. The
+exit status is diff's: 0 when nothing differs, 1 when inputs differ.
 """
 
 from __future__ import annotations
@@ -58,4 +59,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.a}: key {ka}\n{args.b}: key {kb}\n{len(lines)} input(s) differ:")
     for line in lines:
         print(f"  {line}")
-    return 0
+    return 1  # like diff: 0 the same, 1 different, 2 trouble
