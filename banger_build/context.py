@@ -31,7 +31,7 @@ from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest
 from banger_build.oci.source import Source
 from banger_build.progress import Reporter
-from banger_build.recipe import Recipe
+from banger_build.recipe import Overrides, Recipe
 from banger_build.store import Store
 from banger_build.tree import Inode, Tree
 
@@ -57,6 +57,8 @@ class BuildOptions:
     substituters: tuple[Substituter, ...] = ()
     #: never build: a path no store or substituter has is an error (``--no-build``)
     no_build: bool = False
+    #: ``--var KEY=VALUE`` and ``--platform``: changes to the recipe's values
+    overrides: Overrides = field(default_factory=Overrides)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ found at build time still points at the recipe line that caused it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from typing import Any
 
 from banger_build import guest as guest_set
 from banger_build.entries import Where as Where
-from banger_build.errors import Reason, RecipeError
+from banger_build.errors import InputError, Reason, RecipeError
 from banger_build.oci.reference import Platform, Reference
 from banger_build.schema import (
     ARRAY_OF_TABLES,
@@ -600,3 +602,45 @@ def _check_unique_dests(doc: Doc, v: dict[str, Any]) -> None:
                 raise doc.error(
                     key, f"duplicate dest {show(dest)}: already used by {w}", Reason.DUPLICATE_DEST
                 )
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line changes to a recipe: ``--var KEY=VALUE`` (over ``[vars]``) and
+    ``--platform`` (over ``image.platform``); they enter the derivation like the
+    recipe's own values."""
+
+    vars: tuple[tuple[str, Any], ...] = ()
+    platform: Platform | None = None
+
+
+def parse_var(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE as a TOML value when it reads as one (``1024``, ``true``,
+    ``"text"``, ``[1, 2]``), else as the string it is. ValueError if malformed."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", key):
+        raise ValueError(f"--var {text[:80]!r}: expected KEY=VALUE with KEY a [vars] name")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
+    """``recipe`` with ``overrides``; a guest-set variable gets the same checks as in
+    the file, reported as the command-line option it came from."""
+    if not overrides.vars and overrides.platform is None:
+        return recipe
+    variables = dict(recipe.vars)
+    for name, value in overrides.vars:
+        check = guest_set.VARS.get(name)
+        problem = check(value) if check is not None and recipe.guest is not None else None
+        if problem is not None:
+            raise InputError(f"--var {name}: {problem}", reason=Reason.VALUE)
+        variables[name] = value
+    return dataclasses.replace(
+        recipe,
+        vars=variables,
+        platform=overrides.platform or recipe.platform,
+    )

@@ -23,12 +23,13 @@ from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci.reference import Digest, ReferenceSyntaxError
 from banger_build.progress import Reporter
-from banger_build.recipe import load_recipe
+from banger_build.recipe import apply_overrides, load_recipe
 from banger_build.run import tool_version
 
 
 def read_recipe(ctx: Context) -> None:
-    ctx.recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
+    recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
+    ctx.recipe = apply_overrides(recipe, ctx.options.overrides)
 
 
 def pin(

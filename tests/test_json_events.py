@@ -90,3 +90,28 @@ def test_bundle_and_push_report_json_results(tmp_path: Path, image_ref: str, reg
     (pushed,) = [e for e in _events(out) if e["event"] == "result"]
     assert pushed["ref"].startswith(target + "@sha256:") and pushed["path"] == path
     assert pushed["bundle"]["sha256"] == bundled["sha256"]  # the same bytes, pushed
+
+
+def test_var_and_platform_override_the_recipe(tmp_path: Path, image_ref: str) -> None:
+    recipe = write_recipe(tmp_path / "r", image_ref)
+    home = tmp_path / "home"
+    base = json.loads(run_cli(home, "show", str(recipe))[1])
+    code, out, err = run_cli(home, "show", str(recipe), "--var", "what=another unit")
+    assert code == 0, err
+    changed = json.loads(out)
+    assert changed["key"] != base["key"]  # the rendered template changed
+    import contextlib
+    import io
+
+    from banger_build.cli import main
+
+    rendered = io.StringIO()
+    with contextlib.redirect_stdout(rendered):
+        assert main(["render", str(recipe), "--var", 'what="quoted"']) == 0
+    assert "Description=quoted on" in rendered.getvalue()
+    # the image has no arm64 manifest: the override reaches the registry's answer
+    code, _, err = run_cli(home, "show", str(recipe), "--platform", "linux/arm64")
+    assert code == 1 and "linux/arm64" in err
+    for bad in (["--var", "no-equals"], ["--platform", "linux"]):
+        code, _, err = run_cli(home, "show", str(recipe), *bad)
+        assert code == 1 and err.count("\n") == 1, err

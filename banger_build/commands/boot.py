@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     common.add_sources(p)
+    common.add_overrides(p)
     common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)
@@ -75,16 +76,9 @@ def store_path_of(args: argparse.Namespace, reporter: Reporter) -> Path:
     if target.is_dir():
         return target
     if target.is_file() and target.suffix == ".toml":
-        from banger_build.build import BuildOptions, build
+        from banger_build.build import build
 
-        options = BuildOptions(
-            home=common.home(args),
-            registry=common.registry_options(args),
-            out_link=None,
-            source_roots=common.source_roots(args),
-            limits=common.limits(args),
-        )
-        return build(target, options, reporter).path
+        return build(target, common.build_options(args, out_link=None), reporter).path
     if target.exists():
         raise InputError(
             f"{target}: neither a store path (a directory with rootfs.ext4) nor a recipe (.toml)",

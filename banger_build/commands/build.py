@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_trusted_keys(p)
     common.add_lock_options(p)
     common.add_sources(p)
+    common.add_overrides(p)
     common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     common.add_lock_options(p)
     common.add_sources(p)
+    common.add_overrides(p)
     common.add_limits(p)
     common.add_home(p)
     common.add_registry(p)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
     from banger_build.progress import Reporter
+    from banger_build.recipe import Overrides
     from banger_build.signing.keys import PublicKey
 
 
@@ -113,6 +114,7 @@ def build_options(
         limits=limits(args),
         substituters=substituters(args),
         no_build=getattr(args, "no_build", False),
+        overrides=overrides(args),
     )
 
 
@@ -209,3 +211,29 @@ def substituters(args: argparse.Namespace) -> tuple[Substituter, ...]:
         getattr(args, "trusted_key", ()),
         accept_unsigned=getattr(args, "accept_unsigned", False),
     )
+
+
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--var", action="append", default=[], metavar="KEY=VALUE",
+        help="set a template variable over the recipe's [vars] (repeatable); VALUE is read "
+        "as a TOML value when it is one (1024, true, \"text\"), else as a string",
+    )  # fmt: skip
+    p.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]",
+        help="build for this platform instead of the recipe's image.platform",
+    )  # fmt: skip
+
+
+def overrides(args: argparse.Namespace) -> Overrides:
+    from banger_build.errors import InputError, Reason
+    from banger_build.oci.reference import Platform, ReferenceSyntaxError
+    from banger_build.recipe import Overrides, parse_var
+
+    try:
+        variables = tuple(parse_var(text) for text in getattr(args, "var", ()))
+        text = getattr(args, "platform", None)
+        platform = Platform.parse(text) if text else None
+    except (ValueError, ReferenceSyntaxError) as exc:
+        raise InputError(str(exc), reason=Reason.BAD_ARGUMENT) from None
+    return Overrides(variables, platform)

@@ -39,13 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="list every added path: dest, mode, owner, kind, sha256 (and a symlink's target)",
     )  # fmt: skip
     common.add_sources(p)
+    common.add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.inputs import resolve_injected
-    from banger_build.recipe import load_recipe
+    from banger_build.recipe import apply_overrides, load_recipe
 
-    injected = resolve_injected(load_recipe(args.recipe, source_roots=common.source_roots(args)))
+    recipe = load_recipe(args.recipe, source_roots=common.source_roots(args))
+    injected = resolve_injected(apply_overrides(recipe, common.overrides(args)))
     if args.list:
         print_list(injected)
     elif args.output is not None:

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a recipe (TOML) or a store path (e.g. ./result)")  # fmt: skip
     common.add_lock_options(p)
     common.add_sources(p)
+    common.add_overrides(p)
     common.add_home(p)
     common.add_registry(p)
 
