@@ -30,6 +30,7 @@ from banger_build.commands import (
     boot,
     catalog,
     check,
+    completion,
     gc,
     kernel,
     key,
@@ -67,6 +68,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     bundle_command,
     push,
     catalog,
+    completion,
 )
 
 
