@@ -47,8 +47,10 @@ class BuildOptions:
     #: pinned already; "update": re-resolve (``update_input``, or everything) and re-pin.
     lock_mode: str = "auto"
     update_input: str | None = None
-    #: resolve with this lock file instead of the one beside the recipe (read-only)
-    lock_path: Path | None = None
+    #: the lock file, instead of the one beside the recipe
+    lock_path: Path | None = None  # read and written (``--lock-file``)
+    #: write new pins to the lock file (``--no-write-lock``: use them, say so, keep the file)
+    write_lock: bool = True
     #: directories sources may lie in besides the recipe's project (--allow-source)
     source_roots: tuple[Path, ...] = ()
     #: bounds on what the image may make the build do (``--max-image-size``)

@@ -99,6 +99,9 @@ class Reason(StrEnum):
     INSECURE = "insecure"
     PROTOCOL = "protocol"
     STALLED = "stalled"
+    OFFLINE = "offline"
+    NO_MIRROR = "no-mirror"
+    PIN_NOT_FOUND = "pin-not-found"
     TOO_MANY_LAYERS = "too-many-layers"
     INVALID_CONFIG = "invalid-config"
     NOT_REPRODUCIBLE = "not-reproducible"  # a registry holds other bytes for a store key

@@ -18,7 +18,7 @@ from pathlib import Path
 from banger_build.context import BuildOptions, Context, run_steps
 from banger_build.derivation import derive
 from banger_build.entries import Staged, Where
-from banger_build.errors import InputError, Reason, RecipeError
+from banger_build.errors import InputError, Reason, RecipeError, RegistryError
 from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci.reference import Digest, ReferenceSyntaxError
@@ -48,7 +48,7 @@ def pin(
     this input, asks the registry and records the new pin (reported, never silent)."""
     mode = ctx.options.lock_mode
     if pinned is None and mode == "locked":
-        lock_path = ctx.options.lock_path or lock_path_for(ctx.recipe.path)
+        lock_path = lock_file(ctx)
         state = "does not exist" if not lock_path.exists() else "has no pin for it"
         raise RecipeError(
             f"{what} is not locked: {lock_path} {state}; run `banger-build lock {ctx.recipe.path}`",
@@ -75,18 +75,31 @@ def resolve_image(ctx: Context) -> None:
     """Lock pin (no network) or registry resolution; then manifest and config,
     cache first (no registry client at all when they are cached)."""
     recipe, source = ctx.recipe, ctx.source
-    ctx.lock = Lock.load(ctx.options.lock_path or lock_path_for(recipe.path))
+    ctx.lock = Lock.load(lock_file(ctx))
+    pinned = ctx.lock.image_digest(recipe.image, recipe.platform)
     digest = pin(
         ctx,
         input_name="image",
         what=f"{recipe.image} ({recipe.platform})",
         key="image.ref",
         where=recipe.image_where,
-        pinned=ctx.lock.image_digest(recipe.image, recipe.platform),
+        pinned=pinned,
         resolve=lambda: source.resolve(recipe.image, recipe.platform),
         record=lambda d: ctx.lock.with_image(recipe.image, recipe.platform, d),
     )
-    ctx.manifest = source.manifest(recipe.image, digest)
+    try:
+        ctx.manifest = source.manifest(recipe.image, digest)
+    except RegistryError as exc:
+        if digest != pinned or exc.reason != Reason.NOT_FOUND:
+            raise
+        raise RegistryError(
+            f"{recipe.image}@{digest}, pinned by {lock_file(ctx)}, is on no registry "
+            f"(the tag moved and the old manifest is gone, or a mirror lacks it); run "
+            f"`banger-build update {recipe.path} image` to pin what the tag names now",
+            reference=str(recipe.image),
+            status=exc.status,
+            reason=Reason.PIN_NOT_FOUND,
+        ) from exc
     ctx.config = source.config(recipe.image, ctx.manifest)
     arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
     if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
@@ -220,13 +233,34 @@ RESOLVE: tuple[Callable[[Context], None], ...] = (
 )
 
 
-def save_lock(ctx: Context) -> None:
-    """Write the lock file when pins changed; a change is always reported, never silent."""
-    if not ctx.lock_changed or ctx.options.lock_path is not None:
+def lock_file(ctx: Context) -> Path:
+    """The lock file: ``--lock-file``, else the one beside the recipe."""
+    return ctx.options.lock_path or lock_path_for(ctx.recipe.path)
+
+
+def save_lock(ctx: Context, *, strict: bool = False) -> None:
+    """Write the lock file when pins changed; a change is always reported, never silent.
+
+    With ``--no-write-lock`` nothing is written (and that is said). A build that
+    cannot write it goes on with the pins it resolved and says what it could not
+    write; ``lock`` and ``update`` (``strict``) fail instead."""
+    if not ctx.lock_changed:
         return
-    path = lock_path_for(ctx.recipe.path)
+    path = lock_file(ctx)
+    if not ctx.options.write_lock:
+        for note in ctx.lock_notes:
+            ctx.reporter.always(f"not writing {path} (--no-write-lock): {note}")
+        return
     existed = path.exists()
-    ctx.lock.save(path)
+    try:
+        ctx.lock.save(path)
+    except RecipeError as exc:
+        if strict:
+            raise
+        ctx.reporter.always(
+            f"could not write {path} ({exc.detail}); building with the new pins anyway"
+        )
+        return
     for note in ctx.lock_notes:
         ctx.reporter.always(f"{'updated' if existed else 'wrote'} {path}: {note}")
 

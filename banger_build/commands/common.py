@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,14 @@ def add_registry(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure-registry", action="append", default=[], metavar="HOST",
         help="allow plain HTTP to HOST (loopback is always allowed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--offline", action="store_true",
+        help="no network at all: what the blob cache lacks is an error naming it",
+    )  # fmt: skip
+    p.add_argument(
+        "--mirror-only", action="store_true",
+        help="pull only from the --mirror of a registry, never the registry itself",
     )  # fmt: skip
 
 
@@ -69,7 +78,12 @@ def home(args: argparse.Namespace) -> Path:
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     from banger_build.oci.options import options_from_env
 
-    return options_from_env(args.mirror, args.insecure_registry)
+    options = options_from_env(args.mirror, args.insecure_registry)
+    return dataclasses.replace(
+        options,
+        offline=getattr(args, "offline", False),
+        mirror_only=getattr(args, "mirror_only", False),
+    )
 
 
 def add_sources(p: argparse.ArgumentParser) -> None:
@@ -88,6 +102,14 @@ def add_lock_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--locked", action="store_true",
         help="fail, naming the input, unless every input is pinned by the lock file",
+    )  # fmt: skip
+    p.add_argument(
+        "--lock-file", type=Path, metavar="PATH",
+        help="read and write the pins there (default: RECIPE.lock beside the recipe)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-write-lock", action="store_true",
+        help="use new pins but do not write them to the lock file (say so instead)",
     )  # fmt: skip
 
 
@@ -108,7 +130,8 @@ def build_options(
         registry=registry_options(args),
         out_link=out_link,
         lock_mode=lock_mode,
-        lock_path=lock_path,
+        lock_path=lock_path or getattr(args, "lock_file", None),
+        write_lock=not getattr(args, "no_write_lock", False),
         update_input=update_input,
         source_roots=source_roots(args),
         limits=limits(args),
@@ -136,16 +159,34 @@ def resolve_recipe(
 def write_lock(
     args: argparse.Namespace, recipe: Path, *, lock_mode: str, update_input: str | None = None
 ) -> int:
-    from banger_build.lockfile import lock_path_for
     from banger_build.progress import Reporter
-    from banger_build.resolve import resolve, save_lock
+    from banger_build.resolve import lock_file, resolve, save_lock
 
     options = build_options(args, lock_mode=lock_mode, update_input=update_input)
     ctx = resolve(recipe, options, Reporter())
-    save_lock(ctx)
+    if getattr(args, "prune", False):
+        ctx.lock_notes += prune_lock(ctx)
+    save_lock(ctx, strict=True)
     if not ctx.lock_changed:
-        print(f"{lock_path_for(ctx.recipe.path)}: up to date")
+        print(f"{lock_file(ctx)}: up to date")
     return 0
+
+
+def prune_lock(ctx: Context) -> list[str]:
+    """Drop the pins the recipe no longer uses (another image, platform or kernel)."""
+    from banger_build.lockfile import Lock
+
+    recipe = ctx.recipe
+    keep_image = (str(recipe.image), str(recipe.platform))
+    kernel = recipe.kernel.ref if recipe.kernel is not None else None
+    images = tuple(p for p in ctx.lock.images if (p.ref, p.platform) == keep_image)
+    kernels = tuple(p for p in ctx.lock.kernels if kernel is not None and p.ref == str(kernel))
+    dropped = [f"{p.ref} ({p.platform})" for p in ctx.lock.images if p not in images]
+    dropped += [f"kernel {p.ref}" for p in ctx.lock.kernels if p not in kernels]
+    if dropped:
+        ctx.lock = Lock(images, kernels)
+        ctx.lock_changed = True
+    return [f"dropped the unused pin of {what}" for what in dropped]
 
 
 def add_output(p: argparse.ArgumentParser) -> None:

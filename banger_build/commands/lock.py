@@ -13,6 +13,12 @@ HELP = "resolve the recipe's inputs and write the missing pins to its lock file"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
+    p.add_argument(
+        "--prune", action="store_true",
+        help="also drop pins the recipe no longer uses (another image, platform or kernel)",
+    )  # fmt: skip
+    p.add_argument("--lock-file", type=Path, metavar="PATH",
+                   help="the lock file (default: RECIPE.lock beside the recipe)")  # fmt: skip
     common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)

@@ -14,6 +14,12 @@ HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: im
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
     p.add_argument("input", nargs="?", choices=["image", "kernel"], help="only this input")
+    p.add_argument(
+        "--prune", action="store_true",
+        help="also drop pins the recipe no longer uses (another image, platform or kernel)",
+    )  # fmt: skip
+    p.add_argument("--lock-file", type=Path, metavar="PATH",
+                   help="the lock file (default: RECIPE.lock beside the recipe)")  # fmt: skip
     common.add_sources(p)
     common.add_home(p)
     common.add_registry(p)

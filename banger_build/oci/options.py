@@ -39,6 +39,11 @@ class RegistryOptions:
     low_speed: int = 1024
     low_speed_time: float = 30.0
     docker_config: Path | None = None
+    #: no network at all: what the blob cache lacks is an error naming it (``--offline``)
+    offline: bool = False
+    #: pull only from the mirrors of a registry, never from the registry itself
+    #: (``--mirror-only``): a host without a mirror is an error
+    mirror_only: bool = False
 
 
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?")

@@ -193,6 +193,15 @@ class Remote:
                     reference=str(ref),
                     reason=Reason.INSECURE,
                 )
+        if self.options.mirror_only and not push:
+            if not urls:
+                raise RegistryError(
+                    f"--mirror-only: no mirror is configured for {ref.registry} "
+                    f"(--mirror {ref.registry}=URL)",
+                    reference=str(ref),
+                    reason=Reason.NO_MIRROR,
+                )
+            return urls
         upstream = self.upstream_url(ref.registry, self.options.insecure)
         if upstream not in urls:
             urls.append(upstream)

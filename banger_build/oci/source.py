@@ -66,6 +66,11 @@ class Source:
     @property
     def remote(self) -> Remote:
         """The registry client, created (and the HTTP stack imported) on first use."""
+        if self.options.offline:
+            raise Failure(
+                "not in the blob cache, and --offline forbids asking a registry",
+                reason=Reason.OFFLINE,
+            )
         if self._remote is None:
             from banger_build.oci.remote import Remote
 
@@ -112,7 +117,8 @@ class Source:
         if ref.digest is not None:
             return ref.digest
         assert ref.tag is not None
-        return self.remote.manifest(ref, ref.tag, None)[0]
+        with self._boundary(ref):
+            return self.remote.manifest(ref, ref.tag, None)[0]
 
     # -- images
     def manifest(self, ref: Reference, digest: Digest) -> ImageManifest:
@@ -129,7 +135,10 @@ class Source:
     def blob(self, ref: Reference, desc: Descriptor) -> Path:
         """The path of the verified blob ``desc`` in the cache, downloaded if missing."""
         path = self.cache.get(desc.digest, desc.size)
-        return path if path is not None else self.remote.blob(ref, desc)
+        if path is not None:
+            return path
+        with self._boundary(ref):
+            return self.remote.blob(ref, desc)
 
     # -- kernel artifacts
     def kernel(self, ref: Reference, digest: Digest) -> KernelArtifact:
