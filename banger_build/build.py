@@ -1,8 +1,8 @@
 """The build: small verb-named steps over one context, listed in order (``BUILD``).
 
     resolve (banger_build.resolve) --> key --store hit?--> link, done
-      --miss--> pull, flatten, stage kernel, inject, size, mkfs, restore
-                metadata, fsck, manifest --> publish (one rename) --> link
+      --miss--> pull, flatten, stage kernel, inject, size, write ext4,
+                [fsck], manifest --> publish (one rename) --> link
 
 ``build()`` and ``check()`` are the library's entry points. Only the steps
 touch the outside world. Everything a miss builds lives in a
@@ -27,14 +27,15 @@ from banger_build.context import (
     boundary,
     run_steps,
 )
-from banger_build.errors import HostError, ImageError, InputError, Reason, StoreError
+from banger_build.errors import ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
-from banger_build.fsutil import ContentChanged, copy_verified, hash_file, remove_tree
+from banger_build.fsutil import ContentChanged, copy_verified, hash_file
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
 from banger_build.progress import Reporter
 from banger_build.resolve import RESOLVE, save_lock
+from banger_build.spool import Spool
 from banger_build.store import set_out_link
 from banger_build.store import write_manifest as write_manifest_file
 from banger_build.substitute import require, substitute
@@ -53,7 +54,8 @@ def pull_layers(ctx: Context) -> None:
 
 def flatten_layers(ctx: Context) -> None:
     ctx.reporter.step("flattening layers")
-    flattener = Flattener(ctx.staging, ctx.epoch, ctx.options.limits)
+    ctx.spool = Spool(ctx.work / "spool")  # closed by _build_steps
+    flattener = Flattener(ctx.spool, ctx.epoch, ctx.options.limits)
     for layer in ctx.layers:
         stats = flattener.apply(layer)
         ctx.reporter.note(
@@ -65,7 +67,7 @@ def flatten_layers(ctx: Context) -> None:
 def inject_files(ctx: Context) -> None:
     if ctx.injected:
         ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
-        inject(ctx.tree, ctx.staging, ctx.injected, epoch=ctx.epoch)
+        inject(ctx.tree, ctx.spool, ctx.injected, epoch=ctx.epoch)
     kernel = ctx.recipe.kernel
     guest_path = ctx.derivation.data.get("modules_install")
     if kernel is None or not guest_path:
@@ -81,7 +83,7 @@ def inject_files(ctx: Context) -> None:
         modules = ctx.out / "modules"  # the copy stage_kernel verified against the derivation
     if modules is not None:
         version = Path(guest_path).name
-        where = install_modules(ctx.tree, ctx.staging, modules, version, epoch=ctx.epoch)
+        where = install_modules(ctx.tree, ctx.spool, modules, version, epoch=ctx.epoch)
         ctx.reporter.step(f"installed the kernel modules at {where}")
 
 
@@ -104,31 +106,27 @@ def size_image(ctx: Context) -> None:
         ctx.plan = ext4.plan_size(ctx.tree, auto=size.auto, size=size.bytes)
 
 
-def make_filesystem(ctx: Context) -> None:
-    ctx.reporter.step(f"making ext4 ({ctx.plan.size // ext4.MiB} MiB, {ctx.plan.inodes} inodes)")
+def write_filesystem(ctx: Context) -> None:
+    ctx.reporter.step(f"writing ext4 ({ctx.plan.size // ext4.MiB} MiB, {ctx.plan.inodes} inodes)")
     ctx.out.mkdir(exist_ok=True)
     with _size_at_recipe(ctx):
-        ext4.make_filesystem(
-            ctx.image, ctx.staging, ctx.plan, key=ctx.key, epoch=ctx.epoch, workdir=ctx.work
+        written = ext4.write_image(
+            ctx.image,
+            ctx.tree,
+            ctx.spool,
+            ctx.plan,
+            fs_uuid=ext4.derived_uuid(ctx.key, "fs-uuid"),
+            hash_seed=ext4.derived_uuid(ctx.key, "hash-seed"),
+            epoch=ctx.epoch,
         )
-    removal = remove_tree(ctx.staging)  # free the disk early; the image holds it all now
-    if not removal.ok:
-        raise HostError(
-            "make filesystem: cannot remove the staging tree: " + "; ".join(removal.failures[:3]),
-            reason=Reason.IO,
-        )
-
-
-def restore_metadata(ctx: Context) -> None:
-    ctx.reporter.step("restoring ownership, modes, times and xattrs")
-    ctx.extra_inodes = ext4.assign_inodes(ctx.image, ctx.tree, epoch=ctx.epoch)
-    ext4.make_special_nodes(ctx.image, ctx.tree, epoch=ctx.epoch)
-    ctx.inode_count = ext4.apply_metadata(
-        ctx.image, ctx.tree, ctx.extra_inodes, epoch=ctx.epoch, workdir=ctx.work
-    )
+    ctx.inode_count = written.inodes
+    ctx.spool.close()
+    (ctx.work / "spool").unlink()  # free the disk early; the image holds it all now
 
 
 def check_filesystem(ctx: Context) -> None:
+    if not ctx.options.fsck:
+        return
     ctx.reporter.step("checking the filesystem (e2fsck -fn)")
     ext4.check_filesystem(ctx.image)
 
@@ -187,7 +185,7 @@ def write_manifest(ctx: Context) -> None:
             "inodes": ctx.inode_count,
             "uuid": ext4.derived_uuid(ctx.key, "fs-uuid"),
         },
-        "tools": {"banger-build": __version__, **ctx.tools},
+        "tools": {"banger-build": __version__},
     }
     if ctx.kernel_artifact:  # not in the derivation: a store path is about the kernel's bytes
         manifest["kernel_artifact"] = ctx.kernel_artifact
@@ -200,11 +198,19 @@ BUILD: tuple[Callable[[Context], None], ...] = (
     stage_kernel,
     inject_files,
     size_image,
-    make_filesystem,
-    restore_metadata,
+    write_filesystem,
     check_filesystem,
     write_manifest,
 )
+
+
+def _run_build(ctx: Context, steps: tuple[Callable[[Context], None], ...]) -> None:
+    try:
+        run_steps(ctx, steps)
+    finally:
+        spool = getattr(ctx, "spool", None)
+        if spool is not None:
+            spool.close()
 
 
 def _link(ctx: Context, path: Path) -> None:
@@ -262,7 +268,7 @@ def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> Buil
                     require(ctx)
                 with ctx.store.build_dir(key) as work:
                     ctx.work = work
-                    run_steps(ctx, BUILD)
+                    _run_build(ctx, BUILD)
                     path = ctx.store.publish(ctx.out, key, name)
                 ctx.store.record(path, ctx.recipe.path)
             _link(ctx, path)
@@ -339,7 +345,7 @@ def _check(ctx: Context) -> CheckResult:
             )
         with ctx.store.build_dir(key) as work:
             ctx.work = work
-            run_steps(ctx, (*BUILD, compare_with_store))
+            _run_build(ctx, (*BUILD, compare_with_store))
     reporter.done()
     return CheckResult(path, key, tuple(ctx.differences))
 

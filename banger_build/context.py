@@ -32,8 +32,9 @@ from banger_build.oci.reference import Digest
 from banger_build.oci.source import Source
 from banger_build.progress import Reporter
 from banger_build.recipe import Overrides, Recipe
+from banger_build.spool import Spool
 from banger_build.store import Store
-from banger_build.tree import Inode, Tree
+from banger_build.tree import Tree
 
 ROOTFS = "rootfs.ext4"
 
@@ -61,6 +62,8 @@ class BuildOptions:
     no_build: bool = False
     #: ``--var KEY=VALUE`` and ``--platform``: changes to the recipe's values
     overrides: Overrides = field(default_factory=Overrides)
+    #: check the image with ``e2fsck -fn`` before it is stored (``--fsck``)
+    fsck: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,13 @@ class Context:
         self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
         #: a [kernel] ref artifact's manifest and config digests (for manifest.json and gc)
         self.kernel_artifact: dict[str, str] = {}
-        self.tools: dict[str, str] = {}
         self.derivation: Derivation
         # filled by the build steps
         self.work: Path
         self.layers: list[LayerInput] = []
         self.tree: Tree
+        self.spool: Spool
         self.plan: ext4.SizePlan
-        self.extra_inodes: list[Inode] = []
         self.inode_count = 0
         self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size
         self.timings: dict[str, float] = {}  # step name -> seconds
@@ -120,10 +122,6 @@ class Context:
     @property
     def key(self) -> str:
         return self.derivation.key
-
-    @property
-    def staging(self) -> Path:
-        return self.work / "staging"
 
     @property
     def out(self) -> Path:

@@ -5,9 +5,10 @@ UTF-8) of this dict. What goes in: a format version, the name, the platform,
 the image's config digest and its layers' uncompressed digests (diff_ids: the
 same image recompressed or re-pushed has the same key), the kernel files' digests,
 every injected path as (dest, kind, mode, owner, sha256), the size policy, the
-epoch used for timestamps, the mkfs parameters and the versions of the tools
-that shape the bytes. What stays out: the recipe's path, comments, the clock,
-registry hosts and mirrors, credentials.
+epoch used for timestamps, and the ext4 writer's parameters and format version
+(nothing of the host's tools: the writer is banger-build's own). What stays
+out: the recipe's path, comments, the clock, registry hosts and mirrors,
+credentials.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from banger_build import ext4
 from banger_build.entries import Injected, Staged
-from banger_build.ext4 import MKFS
 from banger_build.inputs import modules_version
 from banger_build.oci.manifest import ImageManifest
 from banger_build.oci.reference import Digest
 from banger_build.recipe import Recipe
 
 #: Bump when the meaning of a derivation field changes.
-DERIVATION_FORMAT = 2
+DERIVATION_FORMAT = 3
 #: Bump when the builder would write different bytes for the same derivation.
-OUTPUT_FORMAT = 3
+OUTPUT_FORMAT = 4
 #: Characters of the key used in store paths (128 bits).
 KEY_CHARS = 32
 
@@ -65,7 +66,6 @@ def derive(
     injected: tuple[Injected, ...],
     kernel: tuple[Staged, ...],
     epoch: int,
-    tools: dict[str, str],
     kernel_version: str | None = None,
 ) -> Derivation:
     """``kernel_version``: the modules version a ``[kernel] ref`` artifact declares."""
@@ -86,8 +86,7 @@ def derive(
             "files": [i.as_dict() for i in injected],
             "size": recipe.size.text,
             "epoch": epoch,
-            "mkfs": MKFS.as_dict(),
-            "tools": dict(sorted(tools.items())),
+            "ext4": ext4.PARAMS,
         }
     )
 

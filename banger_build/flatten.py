@@ -1,4 +1,4 @@
-"""Flatten OCI layers, oldest first, into a staging directory plus a ``Tree``.
+"""Flatten OCI layers, oldest first, into a ``Tree`` (file contents into a spool).
 
 Modelled on go-containerregistry's ``mutate.Extract`` and the OCI image
 spec's layer rules: whiteouts (``.wh.<name>``) and opaque directories
@@ -17,42 +17,39 @@ layer digest and the path inside it, when:
   link whose target is missing, a directory, or escapes (``hardlink-target``);
 - it goes past a bound of ``Limits`` (the uncompressed size of the image,
   depth, path length, entries, entries per directory, links per inode,
-  xattr sizes) or what ext4 and our tools can carry (file size, device
-  numbers, a path mke2fs 1.47.0 cannot copy);
+  xattr sizes) or what ext4 can carry (file size, device numbers);
 - its tar header is malformed or larger than ``tarstream`` allows.
 
-The staging tree is written only through paths checked against the Tree,
-which mirrors it exactly, and relative to the staging directory's fd (so the
-build directory's own path never counts against PATH_MAX); only regular
-files, directories, symlinks and hard links are staged. Devices and fifos
-exist only in the Tree: they are created in the image with debugfs (the same
-way as root or not, so the bytes do not depend on who builds). Staged modes
-are owner-readable (0644 files, 0755 dirs): the real modes are restored from
-the Tree after mkfs.
+Nothing of a layer is created on the host: the tree holds every entry and
+its metadata, and a regular file's bytes go to the build's spool as they
+stream (``banger_build.spool``), so the result is the same as root or not.
+Times are kept as the header gives them (PAX times exactly, to the
+nanosecond, negative ones too); the ext4 writer clamps what lies outside
+ext4's range (1901-2446).
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import shutil
+import re
 import struct
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from banger_build.errors import LayerError, Reason
-from banger_build.ext4 import MKE2FS_BAD_PATH, human
+from banger_build.ext4 import human
 from banger_build.limits import Limits
 from banger_build.oci.reference import Digest
+from banger_build.spool import Spool
 from banger_build.tarstream import (
     MAX_FILE_SIZE,
     BudgetExceeded,
     LayerReader,
     Refused,
-    copy_member,
+    member_chunks,
     members,
     open_layer,
     open_tar,
@@ -63,7 +60,6 @@ from banger_build.tree import (
     FIFO,
     NAME_MAX,
     REG,
-    SPECIAL,
     SYMLINK,
     Inode,
     Node,
@@ -75,12 +71,18 @@ from banger_build.tree import (
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 MAX_ID = 0xFFFF_FFFE  # (uid_t)-1 means "no change" to the kernel
-MAX_TIME = 0x7FFF_FFFF
 MAX_TARGET = 4095  # PATH_MAX - 1
-#: Device numbers: the kernel's dev_t has a 12-bit major (ext4 stores it so; a larger
-#: one wraps); debugfs's ``mknod`` takes minors up to 65535.
+#: Bounds on a kept mtime, far beyond ext4's 1901-2446 (where the writer clamps):
+#: a PAX time of any size is read, not turned into a number of any size.
+_MIN_TIME = -(2**40)
+_MAX_TIME = 2**40
+#: A PAX time as the standard writes it (decimal seconds, a fraction); anything else
+#: is tarfile's float, never a Fraction of an exponent (1e99999999 is not a time).
+_PAX_TIME = re.compile(r"-?[0-9]{1,20}(\.[0-9]{0,30})?")
+#: Device numbers: ext4 stores the kernel's dev_t encoding, a 12-bit major and a
+#: 20-bit minor (a larger one would wrap).
 MAX_MAJOR = 4095
-MAX_MINOR = 65535
+MAX_MINOR = 0xFFFFF
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _ACLS = ("system.posix_acl_access", "system.posix_acl_default")
 _XATTR_NAMESPACES = ("security.", "trusted.", "user.", *_ACLS)
@@ -129,13 +131,6 @@ _REFUSALS = {
     Reason.UNSAFE_NAME: "name contains a NUL, CR or LF byte, which debugfs cannot carry safely",
     Reason.PATH_ESCAPE: "path has a '..' component and would escape the image root",
     Reason.NAME_TOO_LONG: f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
-}
-#: Host errors a layer can provoke in the staging directory despite the checks (its
-#: filesystem may be stricter than ext4); disk full, EIO and the like are the host's.
-_LAYER_ERRNOS = {
-    errno.EMLINK: Reason.TOO_MANY_LINKS,
-    errno.EFBIG: Reason.FILE_TOO_LARGE,
-    errno.ENAMETOOLONG: Reason.PATH_TOO_LONG,
 }
 
 
@@ -193,7 +188,7 @@ def _pad4(n: int) -> int:
 
 
 class Flattener:
-    """Replays layers into ``staging`` and records every path in ``tree``.
+    """Replays layers into ``tree``, regular files' bytes into ``spool``.
 
     Whiteouts need to know what the current layer put where: each node
     carries a mark, ``2n + 1`` when layer n created (or replaced, or set) it,
@@ -201,8 +196,8 @@ class Flattener:
     grow, so a mark from an older layer is always below the current ones.
     """
 
-    def __init__(self, staging: Path, epoch: int = 0, limits: Limits | None = None) -> None:
-        self.staging = staging
+    def __init__(self, spool: Spool, epoch: int = 0, limits: Limits | None = None) -> None:
+        self.spool = spool
         self.limits = limits or Limits()
         self.tree = Tree()
         self.tree.root.inode.mtime = epoch
@@ -214,9 +209,6 @@ class Flattener:
         self._entries = 1  # nodes in the tree, the root included
         self._used = 0  # uncompressed bytes of the layers applied so far
         self._member: str | None = None  # the member being read, for errors
-        self._fd = -1  # the staging directory, while a layer is applied
-        staging.mkdir(parents=True, exist_ok=True)
-        os.chmod(staging, 0o755)
 
     # -- public ---------------------------------------------------------------
 
@@ -234,7 +226,6 @@ class Flattener:
         self._created = self._touched + 1
         entries = 0
         total = 0
-        self._fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with open_layer(layer.path) as stream:
                 reader = LayerReader(stream, self.limits.max_image_size - self._used)
@@ -257,18 +248,6 @@ class Flattener:
             raise LayerError(
                 str(exc), layer=self._layer, path=self._member, reason=exc.reason
             ) from exc
-        except OSError as exc:
-            if exc.errno not in _LAYER_ERRNOS or self._member is None:
-                raise
-            raise LayerError(
-                f"the staging directory refused it: {os.strerror(exc.errno)}",
-                layer=self._layer,
-                path=self._member,
-                reason=_LAYER_ERRNOS[exc.errno],
-            ) from exc
-        finally:
-            os.close(self._fd)
-            self._fd = -1
         self._used += reader.count
         if layer.diff_id is not None and reader.sha.hexdigest() != layer.diff_id.hex:
             raise LayerError(
@@ -326,7 +305,6 @@ class Flattener:
                 node = new_dir()
                 self._set_meta(node.inode, member)
                 self._insert(parent_node, base, node, raw)
-                os.mkdir(path, 0o755, dir_fd=self._fd)
         elif member.isreg():
             if not 0 <= member.size <= MAX_FILE_SIZE:
                 raise self._refuse(
@@ -338,9 +316,7 @@ class Flattener:
             inode = Inode(REG, size=member.size)
             self._set_meta(inode, member)
             self._insert(parent_node, base, Node(inode), raw)
-            stored = self._write_file(tar, member, path)
-            if stored != member.size:
-                inode.data = stored
+            self.spool.add(inode, member_chunks(tar, member))
             return int(member.size)
         elif member.issym():
             if len(name_bytes(member.linkname)) > MAX_TARGET:
@@ -358,7 +334,6 @@ class Flattener:
             self._set_meta(inode, member)
             inode.perm = 0o777
             self._insert(parent_node, base, Node(inode), raw)
-            os.symlink(member.linkname, path, dir_fd=self._fd)
         elif member.islnk():
             self._hardlink(parent_node, parent, base, member, raw)
         elif member.isfifo() or member.ischr() or member.isblk():
@@ -399,8 +374,6 @@ class Flattener:
                 f"path is {length} bytes long (at most {limits.max_path}: PATH_MAX less its NUL)",
                 Reason.PATH_TOO_LONG,
             )
-        if length == MKE2FS_BAD_PATH:
-            raise self._refuse(raw, _MKE2FS_PATH, Reason.MKE2FS_PATH)
 
     def _hardlink(
         self, parent_node: Node, parent: str, base: str, member: tarfile.TarInfo, raw: str
@@ -436,9 +409,6 @@ class Flattener:
                 Reason.TOO_MANY_LINKS,
             )
         self._remove(parent_node, parent, base)
-        if src.inode.type not in SPECIAL:
-            fd = self._fd
-            os.link(link, path, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
         src.inode.nlink += 1
         self._insert(parent_node, base, Node(src.inode), raw)
 
@@ -481,11 +451,8 @@ class Flattener:
             if child is None:
                 if not create:
                     return None
-                if len(name_bytes(walked)) + 1 == MKE2FS_BAD_PATH:
-                    raise self._refuse(raw, _MKE2FS_PATH, Reason.MKE2FS_PATH)
                 child = new_dir(mtime=self.epoch)
                 self._insert(node, part, child, raw, implicit=True)
-                os.mkdir(walked, 0o755, dir_fd=self._fd)
             elif child.inode.type == SYMLINK:
                 raise self._refuse(
                     raw,
@@ -511,11 +478,6 @@ class Flattener:
         node = parent_node.children.pop(base, None)
         if node is None:
             return
-        path = f"{parent}/{base}" if parent else base
-        if node.is_dir:
-            shutil.rmtree(path, dir_fd=self._fd)
-        elif node.inode.type not in SPECIAL:
-            os.unlink(path, dir_fd=self._fd)
         self._forget(node)
 
     def _forget(self, node: Node) -> None:
@@ -542,17 +504,29 @@ class Flattener:
                 elif child.mark != self._created:
                     self._remove(dir_node, dir_path, name)
 
+    def _mtime(self, member: tarfile.TarInfo) -> tuple[int, int]:
+        """(seconds, nanoseconds) of a member's mtime; a PAX time read exactly."""
+        text = member.pax_headers.get("mtime")
+        if text is not None and _PAX_TIME.fullmatch(text):
+            exact = Fraction(text)
+        elif isinstance(member.mtime, int) or math.isfinite(member.mtime):
+            exact = Fraction(math.floor(member.mtime))
+        else:
+            raise self._refuse(member.name, f"mtime {member.mtime} is not a time", Reason.CORRUPT)
+        seconds = math.floor(exact)
+        if not _MIN_TIME <= seconds <= _MAX_TIME:  # far outside ext4's range: clamped there
+            seconds = max(_MIN_TIME, min(seconds, _MAX_TIME))
+            return seconds, 0
+        return seconds, math.floor((exact - seconds) * 1_000_000_000)
+
     def _set_meta(self, inode: Inode, member: tarfile.TarInfo) -> None:
         for what, value in (("uid", member.uid), ("gid", member.gid)):
             if not 0 <= value <= MAX_ID:
                 raise self._refuse(member.name, f"{what} {value} is out of range", Reason.BAD_OWNER)
-        if not math.isfinite(member.mtime):
-            raise self._refuse(member.name, f"mtime {member.mtime} is not a time", Reason.CORRUPT)
+        inode.mtime, inode.mtime_ns = self._mtime(member)
         inode.uid = member.uid
         inode.gid = member.gid
         inode.perm = member.mode & 0o7777
-        # ext4 keeps 32-bit signed seconds (plus epoch bits we do not set)
-        inode.mtime = max(0, min(int(member.mtime), MAX_TIME))
         xattrs = _xattrs(member)
         if not xattrs:
             inode.xattrs = None
@@ -583,31 +557,12 @@ class Flattener:
             )
         inode.xattrs = xattrs
 
-    def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
-        """Stage a regular member's content; the bytes that hold data (holes excluded)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o644, dir_fd=self._fd)
-        try:
-            return copy_member(tar, member, fd)
-        except OSError as exc:  # the host's disk: name the file being written
-            if exc.filename is None:
-                raise OSError(exc.errno, exc.strerror, os.path.join(self.staging, path)) from exc
-            raise
-        finally:
-            os.close(fd)
-
-
-_MKE2FS_PATH = (
-    f"a path of exactly {MKE2FS_BAD_PATH} bytes (with its leading '/') makes mke2fs 1.47.0 "
-    "overrun its path buffer and abort"
-)
-
 
 def flatten(
-    layers: Sequence[LayerInput], staging: Path, epoch: int = 0, limits: Limits | None = None
+    layers: Sequence[LayerInput], spool: Spool, epoch: int = 0, limits: Limits | None = None
 ) -> Tree:
-    """Replay ``layers`` oldest first into ``staging``; return the Tree."""
-    flattener = Flattener(staging, epoch, limits)
+    """Replay ``layers`` oldest first; return the Tree (file contents in ``spool``)."""
+    flattener = Flattener(spool, epoch, limits)
     for layer in layers:
         flattener.apply(layer)
     return flattener.tree

@@ -10,18 +10,20 @@ root-owned 0755. Owners given by name are looked up in the image's own
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from banger_build.entries import Where
 from banger_build.errors import BangerError, InputError, Reason
 from banger_build.flatten import check_name
-from banger_build.fsutil import ContentChanged, copy_verified, remove_tree
+from banger_build.fsutil import ContentChanged
 from banger_build.inputs import Injected
+from banger_build.spool import Spool
 from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes, new_dir
 
 _MAX_HOPS = 40
-LOST_FOUND = "lost+found"  # made by mkfs; e2fsck's
+LOST_FOUND = "lost+found"  # the filesystem's (e2fsck's)
+#: The most of /etc/passwd or /etc/group read to look up owner names.
+_ID_FILE_MAX = 1 << 20
 
 
 def _fail(where: Where | None, message: str, reason: Reason) -> BangerError:
@@ -29,9 +31,7 @@ def _fail(where: Where | None, message: str, reason: Reason) -> BangerError:
     return where.error(message, reason) if where is not None else InputError(message, reason=reason)
 
 
-def _resolve_dir(
-    tree: Tree, staging: Path, path: str, epoch: int, where: Where | None = None
-) -> tuple[str, Node]:
+def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) -> tuple[str, Node]:
     """Resolve directory ``path`` (relative) inside the image, creating what is missing.
     Problems are reported at ``where``, the recipe entry that asked for the path."""
     parts = [p for p in path.split("/") if p]
@@ -51,7 +51,6 @@ def _resolve_dir(
         child = node.children.get(part)
         if child is None:
             child = new_dir(mtime=epoch)
-            os.mkdir(staging / "/".join([*real, part]), 0o755)
             node.children[part] = child
         elif child.inode.type == SYMLINK:
             hops += 1
@@ -78,15 +77,12 @@ def _resolve_dir(
     return "/".join(real), node
 
 
-def _id_map(staging: Path, tree: Tree, filename: str) -> dict[str, int]:
+def _id_map(spool: Spool, tree: Tree, filename: str) -> dict[str, int]:
     node = tree.lookup(f"etc/{filename}")
     if node is None or node.inode.type != REG:
         return {}
     out: dict[str, int] = {}
-    try:
-        text = (staging / "etc" / filename).read_text("utf-8", "replace")
-    except OSError:
-        return {}
+    text = spool.read(node.inode, _ID_FILE_MAX).decode("utf-8", "replace")
     for line in text.splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[2].isdigit():
@@ -95,9 +91,9 @@ def _id_map(staging: Path, tree: Tree, filename: str) -> dict[str, int]:
 
 
 class OwnerResolver:
-    def __init__(self, staging: Path, tree: Tree) -> None:
-        self._users = _id_map(staging, tree, "passwd")
-        self._groups = _id_map(staging, tree, "group")
+    def __init__(self, spool: Spool, tree: Tree) -> None:
+        self._users = _id_map(spool, tree, "passwd")
+        self._groups = _id_map(spool, tree, "group")
 
     def resolve(self, item: Injected) -> tuple[int, int]:
         user, _, group = item.owner.partition(":")
@@ -119,10 +115,10 @@ class OwnerResolver:
         return table[name]
 
 
-def _copy_input(item: Injected, dest: Path) -> None:
+def _copy_input(item: Injected, spool: Spool, inode: Inode) -> None:
     assert item.source is not None
     try:
-        copy_verified(item.source, dest, item.sha256)
+        spool.add_file(inode, item.source, item.sha256)
     except ContentChanged as exc:
         raise _fail(
             item.where,
@@ -133,11 +129,11 @@ def _copy_input(item: Injected, dest: Path) -> None:
         ) from None
 
 
-def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int) -> None:
-    owners = OwnerResolver(staging, tree)
+def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int) -> None:
+    owners = OwnerResolver(spool, tree)
     for item in items:
         parent, _, name = item.dest.strip("/").rpartition("/")
-        real_parent, dir_node = _resolve_dir(tree, staging, parent, epoch, item.where)
+        real_parent, dir_node = _resolve_dir(tree, parent, epoch, item.where)
         assert dir_node.children is not None
         if (real_parent or name).split("/")[0] == LOST_FOUND:
             raise _fail(
@@ -147,7 +143,6 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
                 Reason.DEST_INVALID,
             )
         uid, gid = owners.resolve(item)
-        stage_path = staging / real_parent / name if real_parent else staging / name
         existing = dir_node.children.get(name)
         if existing is not None:
             if existing.is_dir:
@@ -156,11 +151,8 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
                     f"{item.dest}: the image has a directory there; refusing to replace it",
                     Reason.DEST_IS_DIRECTORY,
                 )
-            if existing.inode.type in (REG, SYMLINK):
-                os.unlink(stage_path)
             existing.inode.nlink -= 1
         if item.kind == "symlink":
-            os.symlink(item.target, stage_path)
             inode = Inode(
                 SYMLINK,
                 uid,
@@ -171,39 +163,30 @@ def inject(tree: Tree, staging: Path, items: tuple[Injected, ...], *, epoch: int
                 target=item.target,
             )
         else:
+            inode = Inode(REG, uid, gid, item.mode, epoch)
             if item.source is not None:
-                _copy_input(item, stage_path)
+                _copy_input(item, spool, inode)
             else:
                 assert item.data is not None
-                stage_path.write_bytes(item.data)
-            os.chmod(stage_path, 0o644)
-            inode = Inode(REG, uid, gid, item.mode, epoch, size=stage_path.stat().st_size)
+                spool.add_bytes(inode, item.data)
         dir_node.children[name] = Node(inode)
 
 
-def install_modules(tree: Tree, staging: Path, modules: Path, version: str, *, epoch: int) -> str:
+def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int) -> str:
     """Copy a kernel's ``lib/modules/<version>`` directory into the image.
 
     Returns the guest path. Everything is root-owned, directories 0755 and
     files 0644 whatever the source's modes (so the bytes do not depend on who
     unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
     """
-    real, parent = _resolve_dir(tree, staging, "lib/modules", epoch)
+    real, parent = _resolve_dir(tree, "lib/modules", epoch)
     assert parent.children is not None
-    if version in parent.children:  # the image's own modules for this version: replaced
-        del parent.children[version]
-        removal = remove_tree(staging / real / version)
-        if not removal.ok:
-            raise InputError(
-                "cannot replace the image's own modules: " + "; ".join(removal.failures[:3]),
-                reason=Reason.IO,
-            )
+    parent.children.pop(version, None)  # the image's own modules for this version: replaced
     top = new_dir(mtime=epoch)
     parent.children[version] = top
-    os.mkdir(staging / real / version, 0o755)
-    stack: list[tuple[Path, Path, Node]] = [(modules, staging / real / version, top)]
+    stack: list[tuple[Path, Node]] = [(modules, top)]
     while stack:
-        src, dst, node = stack.pop()
+        src, node = stack.pop()
         assert node.children is not None
         for entry in sorted(os.scandir(src), key=lambda e: e.name):
             if check_name(entry.name, entry.name) is not None:  # the rule every layer obeys
@@ -212,23 +195,19 @@ def install_modules(tree: Tree, staging: Path, modules: Path, version: str, *, e
                     "255 bytes)",
                     reason=Reason.UNSAFE_NAME,
                 )
-            target = dst / entry.name
             if entry.is_symlink():
                 link = os.readlink(entry.path)
-                os.symlink(link, target)
                 node.children[entry.name] = Node(
                     Inode(SYMLINK, 0, 0, 0o777, epoch, size=len(name_bytes(link)), target=link)
                 )
             elif entry.is_dir():
-                os.mkdir(target, 0o755)
                 child = new_dir(mtime=epoch)
                 node.children[entry.name] = child
-                stack.append((Path(entry.path), target, child))
+                stack.append((Path(entry.path), child))
             elif entry.is_file():
-                shutil.copyfile(entry.path, target)
-                os.chmod(target, 0o644)
-                size = target.stat().st_size
-                node.children[entry.name] = Node(Inode(REG, 0, 0, 0o644, epoch, size=size))
+                inode = Inode(REG, 0, 0, 0o644, epoch)
+                spool.add_file(inode, Path(entry.path))
+                node.children[entry.name] = Node(inode)
             else:
                 raise InputError(f"{entry.path}: not a file, directory or symlink")
     return f"/{real}/{version}"

@@ -24,7 +24,6 @@ from banger_build.lockfile import Lock, lock_path_for
 from banger_build.oci.reference import Digest, ReferenceSyntaxError
 from banger_build.progress import Reporter
 from banger_build.recipe import apply_overrides, load_recipe
-from banger_build.run import tool_version
 
 
 def read_recipe(ctx: Context) -> None:
@@ -179,10 +178,6 @@ def resolve_inputs(ctx: Context) -> None:
         ctx.kernel = resolve_kernel(ctx.recipe.kernel, ctx.recipe.source_roots)
 
 
-def read_tool_versions(ctx: Context) -> None:
-    ctx.tools = {"mke2fs": tool_version("mke2fs"), "debugfs": tool_version("debugfs")}
-
-
 def read_diff_ids(ctx: Context) -> None:
     """The uncompressed digests of the layers, from the image config: with the config
     digest they are what the derivation knows of the image (so the same image
@@ -216,7 +211,6 @@ def make_derivation(ctx: Context) -> None:
         injected=ctx.injected,
         kernel=ctx.kernel,
         epoch=ctx.epoch,
-        tools=ctx.tools,
         kernel_version=ctx.kernel_version,
     )
 
@@ -228,7 +222,6 @@ RESOLVE: tuple[Callable[[Context], None], ...] = (
     read_diff_ids,
     choose_epoch,
     resolve_kernel_artifact,
-    read_tool_versions,
     make_derivation,
 )
 

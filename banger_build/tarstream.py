@@ -13,17 +13,15 @@ from malformed numbers. ``members()`` and ``_BoundedTarInfo`` close these:
 each member is read with bounded memory, and every malformed header is one
 ``Refused(reason=CORRUPT)``.
 
-``copy_member()`` writes a member's content into a staging file without
-writing zeros: a sparse member's holes (GNU or PAX sparse map) and any
-all-zero chunk of a regular member stay holes. ``mke2fs -d`` skips all-zero
-blocks either way, so the image is the same; only the staging disk is spared.
+``member_chunks()`` gives a member's content without its holes: a sparse
+member's unmapped ranges (GNU or PAX sparse map) and any all-zero MiB of a
+regular member stay holes in the image.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -278,30 +276,25 @@ def sparse_map(member: tarfile.TarInfo) -> list[tuple[int, int]]:
     return segments
 
 
-def copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> int:
-    """Write a regular member's content to ``fd``; return the bytes that hold data.
+def member_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[tuple[int, bytes]]:
+    """A regular member's content as (file offset, bytes) chunks of at most 1 MiB.
 
-    Holes (a sparse member's unmapped ranges, all-zero chunks) are left as
-    holes; the file gets the member's full size.
+    Holes are not yielded: a sparse member's unmapped ranges, and every chunk
+    of a MiB that is all zeros. Chunks start at each data segment's offset
+    (0 for a plain member), so which chunks are holes depends on the member alone.
     """
     if member.sparse is not None:
-        segments = sparse_map(member)
         stream = tar.fileobj  # the raw member data: the segments, back to back
         assert stream is not None
-        for offset, numbytes in segments:
-            _copy(stream.read, fd, offset, numbytes)
-        stored = sum(n for _, n in segments)
+        for offset, numbytes in sparse_map(member):
+            yield from _chunks(stream.read, offset, numbytes)
     else:
         src = tar.extractfile(member)
         assert src is not None
-        _copy(src.read, fd, 0, member.size)
-        stored = member.size
-    os.ftruncate(fd, member.size)
-    return stored
+        yield from _chunks(src.read, 0, member.size)
 
 
-def _copy(read: Callable[[int], bytes], fd: int, offset: int, length: int) -> None:
-    os.lseek(fd, offset, os.SEEK_SET)
+def _chunks(read: Callable[[int], bytes], offset: int, length: int) -> Iterator[tuple[int, bytes]]:
     while length > 0:
         try:
             chunk = read(min(_CHUNK, length))
@@ -309,10 +302,7 @@ def _copy(read: Callable[[int], bytes], fd: int, offset: int, length: int) -> No
             raise Refused(f"corrupt file content: {exc}", Reason.CORRUPT) from exc
         if not chunk:
             raise Refused("truncated file content", Reason.CORRUPT)
-        if len(chunk) == _CHUNK and chunk == _ZEROS:
-            os.lseek(fd, _CHUNK, os.SEEK_CUR)
-        else:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        if not (len(chunk) == _CHUNK and chunk == _ZEROS):
+            yield offset, chunk
+        offset += len(chunk)
         length -= len(chunk)

@@ -1,10 +1,9 @@
 """The in-memory model of the image's filesystem.
 
-Flattening builds a ``Tree`` beside the staging directory: every path the
-image will hold, with the owner, mode, times and xattrs its tar headers gave
-it. The staging directory only carries what ``mkfs.ext4 -d`` copies (names,
-content, link targets, hard links); everything else is restored from the
-tree, inode by inode, after mkfs.
+Flattening builds a ``Tree``: every path the image will hold, with the
+owner, mode, times and xattrs its tar headers gave it; a regular file's
+content is in the build's spool (``banger_build.spool``), which the tree's
+inodes point into. The ext4 writer turns tree and spool into the image.
 
 Hard links are two ``Node``s sharing one ``Inode``.
 """
@@ -49,9 +48,14 @@ class Inode:
     rdev: tuple[int, int] = (0, 0)
     xattrs: dict[str, bytes] | None = None
     nlink: int = 1
-    ino: int = 0  # assigned once the filesystem exists
-    #: bytes of a sparse file that hold data (its holes take no blocks); None: ``size``
-    data: int | None = None
+    ino: int = 0  # assigned by the ext4 writer
+    #: where a regular file's data starts in the build's spool (``banger_build.spool``)
+    src: int = -1
+    #: the ranges of a regular file that hold data, flat (offset, length, ...); None:
+    #: all of it, from 0 to ``size``. Holes take no blocks in the image.
+    segments: tuple[int, ...] | None = None
+    #: nanoseconds of ``mtime`` (times are kept as the tar header gives them)
+    mtime_ns: int = 0
 
     @property
     def mode(self) -> int:

@@ -1,5 +1,7 @@
 """Shared fixtures. Each support module owns its fixtures; they are plugged in here."""
 
+import os
+
 pytest_plugins = [
     "tests.support.registry",
     "tests.support.faultproxy",
@@ -8,3 +10,7 @@ pytest_plugins = [
     "tests.support.kernel",
     "tests.support.unpriv",
 ]
+
+# Every image the suite builds is checked by e2fsck -fn, the independent checker,
+# before it is stored (banger-build's --fsck); a red e2fsck fails the build.
+os.environ["BANGER_BUILD_FSCK"] = "1"

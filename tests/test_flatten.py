@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from banger_build import ext4
 from banger_build.errors import LayerError
-from banger_build.flatten import Flattener, LayerInput
+from banger_build.flatten import LayerInput
+from banger_build.spool import Spool
 from banger_build.tree import Tree
-from tests.support.ext4read import Seen, fsck, read_image
+from tests.support import image as support_image
+from tests.support.ext4read import Seen, read_image
+from tests.support.image import flatten_layers
 from tests.support.tarlayer import MTIME, member, write_layer
 
 EPOCH = 1_600_000_000
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + b"\x00" * 12  # cap_net_raw+ep
 
 
-def flatten(tmp: Path, layers: list[LayerInput]) -> tuple[Tree, Path]:
-    staging = tmp / "staging"
-    f = Flattener(staging, EPOCH)
-    for layer in layers:
-        f.apply(layer)
-    return f.tree, staging
+def flatten(tmp: Path, layers: list[LayerInput]) -> tuple[Tree, Spool]:
+    return flatten_layers(tmp, layers, epoch=EPOCH)
 
 
 def build_image(tmp: Path, layers: list[LayerInput], *, key: str = "k" * 32) -> dict[str, Seen]:
-    tree, staging = flatten(tmp, layers)
-    plan = ext4.plan_size(tree, auto=True, size=0)
-    image = tmp / "rootfs.ext4"
-    work = tmp / "work"
-    work.mkdir()
-    ext4.make_filesystem(image, staging, plan, key=key, epoch=EPOCH, workdir=work)
-    extra = ext4.assign_inodes(image, tree, epoch=EPOCH)
-    ext4.make_special_nodes(image, tree, epoch=EPOCH)
-    ext4.apply_metadata(image, tree, extra, epoch=EPOCH, workdir=work)
-    ext4.check_filesystem(image)
-    assert fsck(image).returncode == 0
-    return read_image(image)
+    return read_image(support_image.build_image(tmp, layers, key=key, epoch=EPOCH))
 
 
 # -- the rules, on a real image ------------------------------------------------
@@ -131,8 +119,8 @@ def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
 def test_whiteout_does_not_remove_what_its_own_layer_adds(tmp_path: Path) -> None:
     lower = write_layer(tmp_path, [member("a", data=b"lower")])
     upper = write_layer(tmp_path, [member("a", data=b"upper"), member(".wh.a")])
-    _, staging = flatten(tmp_path, [lower, upper])
-    assert (staging / "a").read_bytes() == b"upper"
+    img = build_image(tmp_path, [lower, upper])
+    assert img["a"].sha256 == hashlib.sha256(b"upper").hexdigest()
 
 
 def test_replacements_between_types(tmp_path: Path) -> None:
@@ -172,8 +160,8 @@ def test_replacements_between_types(tmp_path: Path) -> None:
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_compressions_give_the_same_tree(tmp_path: Path, compression: str) -> None:
     layer = write_layer(tmp_path, [member("a/b", data=b"x" * 100_000)], compression)
-    _, staging = flatten(tmp_path, [layer])
-    assert (staging / "a" / "b").read_bytes() == b"x" * 100_000
+    img = build_image(tmp_path, [layer])
+    assert img["a/b"].sha256 == hashlib.sha256(b"x" * 100_000).hexdigest()
 
 
 def test_awkward_but_safe_names_are_carried(tmp_path: Path) -> None:
@@ -303,9 +291,24 @@ def test_corrupt_or_truncated_layer(tmp_path: Path, cut: int) -> None:
     assert info.value.reason in ("corrupt", "diff-id-mismatch")
 
 
-def test_times_are_clamped_to_what_ext4_stores(tmp_path: Path) -> None:
+def test_times_are_kept_in_ext4s_range_and_clamped_outside(tmp_path: Path) -> None:
     layer = write_layer(
-        tmp_path, [member("future", data=b"x", mtime=2**33), member("past", mtime=-5)]
+        tmp_path,
+        [
+            member("y2106", data=b"x", mtime=2**32 + 5),
+            member("future", data=b"x", mtime=2**33),
+            member("past", mtime=-5),
+            member("beyond", mtime=2**35),
+            member("before", mtime=-(2**32)),
+            member("frac", pax={"mtime": "1700000000.123456789"}),
+            member("negfrac", pax={"mtime": "-1.25"}),
+        ],
     )
     img = build_image(tmp_path, [layer])
-    assert img["future"].mtime == 0x7FFF_FFFF and img["past"].mtime == 0
+    assert (img["y2106"].mtime, img["y2106"].mtime_ns) == (2**32 + 5, 0)
+    assert img["future"].mtime == 2**33 and img["past"].mtime == -5
+    assert (img["beyond"].mtime, img["beyond"].mtime_ns) == (2**34 - 2**31 - 1, 999_999_999)
+    assert (img["before"].mtime, img["before"].mtime_ns) == (-(2**31), 0)
+    assert (img["frac"].mtime, img["frac"].mtime_ns) == (1_700_000_000, 123_456_789)
+    assert (img["negfrac"].mtime, img["negfrac"].mtime_ns) == (-2, 750_000_000)
+    assert img["frac"].atime == img["frac"].ctime == img["frac"].mtime  # as before: all three

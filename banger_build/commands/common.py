@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,10 +46,19 @@ def add_registry(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: Set to 1: every build checks its image with e2fsck (the test suite sets it).
+ENV_FSCK = "BANGER_BUILD_FSCK"
+
+
 def add_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-image-size", type=_size, default=None, metavar="SIZE",
         help="refuse an image whose layers uncompress to more than SIZE (default: 32GiB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fsck", action="store_true",
+        help="check the image with e2fsck -fn (e2fsprogs) before it is stored; "
+        f"also ${ENV_FSCK}=1",
     )  # fmt: skip
 
 
@@ -137,6 +147,7 @@ def build_options(
         limits=limits(args),
         substituters=substituters(args),
         no_build=getattr(args, "no_build", False),
+        fsck=getattr(args, "fsck", False) or os.environ.get(ENV_FSCK) == "1",
         overrides=overrides(args),
     )
 

@@ -8,6 +8,7 @@ fifos and xattrs (DESIGN.md).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 import subprocess
@@ -27,9 +28,12 @@ class Seen:
     gid: int = 0
     size: int = 0
     links: int = 0
-    mtime: int = 0
+    mtime: int = 0  # seconds, with ext4's epoch bits (1901-2446)
     atime: int = 0
     ctime: int = 0
+    mtime_ns: int = 0
+    atime_ns: int = 0
+    ctime_ns: int = 0
     target: str | None = None
     sha256: str | None = None
     rdev: tuple[int, int] | None = None
@@ -117,8 +121,14 @@ def read_image(image: Path, *, contents: bool = True) -> dict[str, Seen]:
         seen.size = int(re.search(r"Size: (\d+)", s).group(1))  # type: ignore[union-attr]
         seen.links = int(re.search(r"Links: (\d+)", s).group(1))  # type: ignore[union-attr]
         for t in ("mtime", "atime", "ctime"):
-            tm = re.search(rf"\b{t}: 0x([0-9a-f]+)", s)
-            setattr(seen, t, int(tm.group(1), 16) if tm else 0)
+            # debugfs prints the raw fields: 32-bit seconds, then the extra word
+            # (nanoseconds << 2 | the two epoch bits extending the seconds)
+            tm = re.search(rf"\b{t}: 0x([0-9a-f]+)(?::([0-9a-f]+))?", s)
+            low = int(tm.group(1), 16) if tm else 0
+            extra = int(tm.group(2), 16) if tm and tm.group(2) else 0
+            seconds = (low - (1 << 32) if low & 0x80000000 else low) + ((extra & 3) << 32)
+            setattr(seen, t, seconds)
+            setattr(seen, f"{t}_ns", extra >> 2)
         dev = re.search(r"Device major/minor number: (\d+):(\d+)", s)
         if dev:
             seen.rdev = (int(dev.group(1)), int(dev.group(2)))
@@ -165,3 +175,19 @@ def sha256_file(path: Path) -> str:
 
 
 __all__ = ["Seen", "fsck", "read_image", "sha256_file"]
+
+
+def read_at(image: Path, path: str, offset: int, length: int) -> bytes:
+    """Bytes of a file in the image, mapped block by block with debugfs ``bmap``
+    (an unmapped block, a hole, reads as zeros)."""
+    first, last = offset // 4096, (offset + length - 1) // 4096
+    script = "".join(f"bmap /{path} {b}\n" for b in range(first, last + 1))
+    out = _debugfs(image, script).decode()
+    blocks = [int(line) for line in out.split("\n") if line.strip().isdigit()]
+    assert len(blocks) == last - first + 1, out
+    data = bytearray()
+    with open(image, "rb") as f:
+        for phys in blocks:
+            data += os.pread(f.fileno(), 4096, phys * 4096) if phys else bytes(4096)
+    start = offset - first * 4096
+    return bytes(data[start : start + length])

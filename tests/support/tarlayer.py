@@ -40,6 +40,7 @@ def member(
     linkname: str = "",
     dev: tuple[int, int] = (0, 0),
     xattrs: dict[str, bytes] | None = None,
+    pax: dict[str, str] | None = None,
 ) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = _TYPES[kind]
@@ -52,6 +53,8 @@ def member(
         info.pax_headers = {
             f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
         }
+    if pax:
+        info.pax_headers = {**info.pax_headers, **pax}
     return info, data
 
 

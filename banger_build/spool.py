@@ -1,0 +1,157 @@
+"""The content of the image's regular files, on the host, as one append-only file.
+
+Flattening reads every layer once, front to back; which of a layer's files
+survive is only known after the last layer. So each regular file's bytes go
+to the spool as they stream (holes left out), the ``Inode`` records where
+(``src``) and which ranges of the file hold data (``segments``), and the ext4
+writer copies the survivors into their blocks with ``copy_file_range``.
+Overwritten and whited-out files never reach the image: their bytes stay in
+the spool, which is deleted with the build directory.
+
+No file of the image is created on the host: the spool is one file of the
+build's, whatever the layers hold, so names, modes, owners and links in a
+layer never touch the host filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+from banger_build.fsutil import ContentChanged
+from banger_build.tree import Inode
+
+#: Bytes per read when copying a host file into the spool.
+_READ = 1 << 20
+
+
+class Spool:
+    """One file; ``add_*`` append a regular file's data and point its inode at it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd = os.open(path, flags, 0o600)
+        self.end = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------
+
+    def add(self, inode: Inode, chunks: Iterable[tuple[int, bytes]]) -> int:
+        """Append (file offset, bytes) chunks, in increasing offset order, as
+        ``inode``'s data; return the bytes stored. Adjacent chunks make one segment."""
+        inode.src = self.end
+        segments: list[int] = []
+        seg_start = seg_end = -1
+        for offset, chunk in chunks:
+            if offset != seg_end:
+                if seg_end > seg_start:
+                    segments += (seg_start, seg_end - seg_start)
+                seg_start = seg_end = offset
+            self._write(chunk)
+            seg_end += len(chunk)
+        if seg_end > seg_start:
+            segments += (seg_start, seg_end - seg_start)
+        stored = sum(segments[1::2])
+        if segments == [0, inode.size]:
+            inode.segments = None  # the common case: dense from 0 to the end
+        else:
+            inode.segments = tuple(segments)
+        return stored
+
+    def add_bytes(self, inode: Inode, data: bytes) -> None:
+        inode.size = len(data)
+        self.add(inode, [(0, data)] if data else [])
+
+    def add_file(self, inode: Inode, path: Path, expected: str | None = None) -> str:
+        """Append a host file (a recipe's source) while hashing it; return its
+        sha256. ``expected``: the digest resolved earlier, checked (ContentChanged)."""
+        sha = hashlib.sha256()
+        size = 0
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            nonlocal size
+            with open(path, "rb") as f:
+                while chunk := f.read(_READ):
+                    sha.update(chunk)
+                    yield size, chunk
+                    size += len(chunk)
+
+        start = self.end
+        self.add(inode, chunks())
+        inode.size = size
+        inode.segments = None if size else ()
+        inode.src = start
+        digest = sha.hexdigest()
+        if expected is not None and digest != expected:
+            raise ContentChanged(path, expected, digest)
+        return digest
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.end)
+            self.end += n
+            view = view[n:]
+
+    # -- reading ------------------------------------------------------------------
+
+    def read(self, inode: Inode, limit: int) -> bytes:
+        """The first ``limit`` bytes of a regular file (holes as zeros)."""
+        out = bytearray()
+        pos = inode.src
+        for offset, length in data_segments(inode):
+            if offset >= limit:
+                break
+            out += bytes(offset - len(out))
+            take = min(length, limit - offset)
+            out += os.pread(self.fd, take, pos)
+            pos += length
+        return bytes(out)
+
+    def copy(self, src: int, length: int, dst_fd: int, dst: int) -> None:
+        """Copy ``length`` bytes at ``src`` in the spool to ``dst`` in ``dst_fd``."""
+        while length > 0:
+            try:
+                n = os.copy_file_range(self.fd, dst_fd, length, src, dst)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                n = self._copy_slow(src, length, dst_fd, dst)
+            if n <= 0:
+                raise OSError(errno.EIO, "the spool ended early", os.fspath(self.path))
+            src += n
+            dst += n
+            length -= n
+
+    def _copy_slow(self, src: int, length: int, dst_fd: int, dst: int) -> int:
+        data = os.pread(self.fd, min(length, _READ), src)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(dst_fd, data[written:], dst + written)
+        return len(data)
+
+
+def data_segments(inode: Inode) -> list[tuple[int, int]]:
+    """(file offset, length) of each range of a regular file that holds data;
+    the bytes are back to back in the spool from ``inode.src``."""
+    if inode.segments is None:
+        return [(0, inode.size)] if inode.size else []
+    s = inode.segments
+    return [(s[i], s[i + 1]) for i in range(0, len(s), 2)]
