@@ -106,7 +106,10 @@ class Spool:
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, self.end)
+            try:
+                n = os.pwrite(self.fd, view, self.end)
+            except OSError as exc:  # the host's disk: name the file
+                raise OSError(exc.errno, exc.strerror, os.fspath(self.path)) from exc
             self.end += n
             view = view[n:]
 

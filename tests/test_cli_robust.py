@@ -77,7 +77,7 @@ def test_a_full_disk_names_the_step_the_path_and_the_errno(
 ) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test mounts a tmpfs: run the suite as root (CI does)")
-    big = os.urandom(12 << 20)  # incompressible: the blob fits, blob + staging do not
+    big = os.urandom(12 << 20)  # incompressible: the blob fits, blob + spool do not
     push(registry, "robust/full", [[*BASE, Entry.file("big", big)]])
     recipe = write_recipe(tmp_path / "r", f"{registry.host}/robust/full:v1")
     home = tmp_path / "home"
@@ -89,7 +89,7 @@ def test_a_full_disk_names_the_step_the_path_and_the_errno(
         *notes, error = err.splitlines()  # the lock file's pin is reported first
         assert all(n.startswith("banger-build: wrote ") for n in notes), err
         assert error.startswith(f"banger-build: error: flatten layers: {home}/tmp/build-")
-        assert error.endswith("/staging/big: No space left on device (ENOSPC)")
+        assert error.endswith("/spool: No space left on device (ENOSPC)")
         assert list((home / "tmp").iterdir()) == []
         assert list((home / "store").iterdir()) == []
     finally:

@@ -23,7 +23,7 @@ def test_a_build_reports_steps_timings_and_its_result(tmp_path: Path, image_ref:
     assert {"step", "timing", "notice", "result"} <= kinds
     assert all(isinstance(e["t"], float | int) for e in events)
     timings = {e["step"] for e in events if e["event"] == "timing"}
-    assert {"flatten layers", "make filesystem", "resolve image"} <= timings
+    assert {"flatten layers", "write filesystem", "resolve image"} <= timings
     (result,) = [e for e in events if e["event"] == "result"]
     assert result["status"] == "built" and Path(result["path"]).is_dir()
     assert result["key"] in result["path"] and result["out_link"] == str(tmp_path / "result")

@@ -1,9 +1,9 @@
 """Memory per entry of the image: what bounds a build's peak (issue 8: under 1 KiB).
 
 Not timing-based: tracemalloc counts the Python heap while a real layer of
-many small files spread over directories is flattened, sized, and turned
-into the ownership script. bench/bench_memory.py measures the whole
-pipeline's peak RSS on 200,000 entries.
+many small files spread over directories is flattened, sized and written as
+ext4. bench/bench_memory.py measures the whole pipeline's peak RSS on
+200,000 entries.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 from banger_build import ext4
 from banger_build.flatten import Flattener
+from banger_build.spool import Spool
+from tests.support.ext4read import fsck
 from tests.support.tarlayer import MTIME, layer_from_tar
 
 DIRS, FILES = 100, 200
@@ -37,20 +39,28 @@ def _layer(tmp: Path) -> Path:
     return layer_from_tar(tmp, raw.getvalue(), "none").path
 
 
-def test_flatten_size_and_script_stay_under_a_kib_per_entry(tmp_path: Path) -> None:
+def test_flatten_size_and_write_stay_under_a_kib_per_entry(tmp_path: Path) -> None:
     layer = layer_from_tar(tmp_path, _layer(tmp_path).read_bytes(), "none")
     entries = DIRS * (FILES + 1) + 3  # and /, usr, usr/share
+    image = tmp_path / "img"
     tracemalloc.start()
     try:
-        f = Flattener(tmp_path / "staging", 1)
-        f.apply(layer)
-        ext4.plan_size(f.tree, auto=True, size=0)
-        inodes = f.tree.inodes()
-        for number, inode in enumerate(inodes, start=2):
-            inode.ino = number
-        lines = sum(1 for _ in ext4.ownership_script(inodes, epoch=1, xattr_dir=tmp_path))
+        with Spool(tmp_path / "spool") as spool:
+            f = Flattener(spool, 1)
+            f.apply(layer)
+            plan = ext4.plan_size(f.tree, auto=True, size=0)
+            written = ext4.write_image(
+                image,
+                f.tree,
+                spool,
+                plan,
+                fs_uuid=ext4.derived_uuid("k", "fs-uuid"),
+                hash_seed=ext4.derived_uuid("k", "hash-seed"),
+                epoch=1,
+            )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(inodes) == entries and lines == 11 * entries
+    assert written.inodes == entries + 1 + 9  # lost+found, and the reserved 1..10 but 2
+    assert fsck(image).returncode == 0
     assert peak / entries < BOUND, f"{peak / entries:.0f} bytes per entry"

@@ -139,7 +139,7 @@ def test_positions_are_not_part_of_what_an_entry_is(tmp_path: Path) -> None:
 
     def key(recipe_path: Path, items: tuple[Injected, ...]) -> str:
         recipe = load_recipe(recipe_path)
-        return derive(recipe, image, diff_ids=(), injected=items, kernel=(), epoch=1, tools={}).key
+        return derive(recipe, image, diff_ids=(), injected=items, kernel=(), epoch=1).key
 
     assert key(a, ia) == key(b, ib)
 

@@ -1,4 +1,4 @@
-"""Snapshots: rendered templates, derivations, debugfs scripts and golden store keys.
+"""Snapshots: rendered templates, derivations, golden store keys and a golden image.
 
 An accidental change of the derivation format, of a key or of what a
 template renders fails here and shows up in review as a snapshot diff.
@@ -7,6 +7,7 @@ Update deliberately with ``scripts/test tests/test_snapshots.py --snapshot-updat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,8 +20,10 @@ from banger_build.inputs import resolve_injected, resolve_kernel, template_conte
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
 from banger_build.oci.reference import Digest
 from banger_build.recipe import load_recipe
+from banger_build.spool import Spool
 from banger_build.templating import render_template
-from banger_build.tree import DIR, REG, SYMLINK, Inode
+from banger_build.tree import DIR, REG, SYMLINK, Inode, Node, Tree
+from tests.support.ext4read import fsck
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -54,7 +57,6 @@ IMAGE = ImageManifest(
     ),
 )
 DIFF_IDS = (Digest("5" * 64), Digest("6" * 64))  # the layers' uncompressed digests
-TOOLS = {"mke2fs": "1.47.0", "debugfs": "1.47.0"}
 EPOCH = 1_700_000_000
 
 
@@ -67,7 +69,6 @@ def _derivation(recipe_path: Path) -> dict:  # type: ignore[type-arg]
         injected=resolve_injected(recipe),
         kernel=resolve_kernel(recipe.kernel),
         epoch=EPOCH,
-        tools=TOOLS,
     ).data
 
 
@@ -93,7 +94,6 @@ def test_golden_keys(snapshot, tree: Path) -> None:  # type: ignore[no-untyped-d
             injected=resolve_injected(recipe),
             kernel=resolve_kernel(recipe.kernel),
             epoch=EPOCH,
-            tools=TOOLS,
         )
         lines.append(f"{name} {d.key}-{d.name}")
     snapshot.assert_match("\n".join(lines) + "\n", "golden-keys.txt")
@@ -107,15 +107,53 @@ def test_rendered_templates(snapshot, template: Path) -> None:  # type: ignore[n
     snapshot.assert_match(rendered.decode(), template.stem)
 
 
-def test_ownership_script(snapshot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_golden_image(snapshot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The bytes the writer makes of a fixed tree (every kind of inode, an xattr
+    in the inode and one in a block, a hard link, a sparse file). A change here is
+    a change of the output: bump ext4.writer.FORMAT_VERSION with the snapshot."""
     snapshot.snapshot_dir = SNAPSHOTS
-    inodes = [
-        Inode(DIR, 0, 0, 0o755, EPOCH, ino=2),
-        Inode(REG, 0, 0, 0o4755, 1_600_000_000, size=10, ino=12),
-        Inode(REG, 0, 42, 0o640, 1_600_000_001, ino=13, xattrs={"security.capability": b"\x01"}),
-        Inode(SYMLINK, 1000, 1000, 0o777, 5, target="usr/lib", ino=14),
-        Inode("chr", 0, 0, 0o666, 7, rdev=(1, 3), nlink=2, ino=15),
-    ]
-    lines = ext4.ownership_script(list(reversed(inodes)), epoch=EPOCH, xattr_dir=tmp_path)
-    snapshot.assert_match(b"\n".join(lines).decode() + "\n", "ownership-script.txt")
-    assert (tmp_path / "x0").read_bytes() == b"\x01"
+    tree = Tree()
+    tree.root.inode.mtime = EPOCH
+    assert tree.root.children is not None
+    with Spool(tmp_path / "spool") as spool:
+        su = Inode(REG, 0, 0, 0o4755, 1_600_000_000)
+        spool.add_bytes(su, b"\x7fELF su")
+        shadow = Inode(REG, 0, 42, 0o640, 1_600_000_001, mtime_ns=5, xattrs={"user.a": b"b"})
+        spool.add_bytes(shadow, b"root:*:1::::::\n")
+        cap = Inode(REG, 0, 0, 0o755, 2**32 + 7, xattrs={"security.capability": b"\x01" * 20})
+        big_xattr = Inode(REG, 7, 8, 0o600, -3, xattrs={"user.big": b"v" * 500})
+        sparse = Inode(REG, size=64 << 20)
+        spool.add(sparse, [(0, b"head"), ((64 << 20) - 4, b"tail")])
+        usr = Node(Inode(DIR, 0, 0, 0o755, EPOCH), children={})
+        assert usr.children is not None
+        usr.children["su"] = Node(su)
+        usr.children["su-link"] = Node(su)
+        su.nlink = 2
+        tree.root.children.update(
+            {
+                "usr": usr,
+                "shadow": Node(shadow),
+                "ping": Node(cap),
+                "big-xattr": Node(big_xattr),
+                "sparse": Node(sparse),
+                "lib": Node(Inode(SYMLINK, 0, 0, 0o777, 5, target="usr/lib", size=7)),
+                "long": Node(Inode(SYMLINK, target="x" * 100, size=100)),
+                "null": Node(Inode("chr", 0, 0, 0o666, 7, rdev=(1, 3))),
+                "fifo": Node(Inode("fifo", perm=0o600)),
+            }
+        )
+        plan = ext4.plan_size(tree, auto=True, size=0)
+        image = tmp_path / "img"
+        ext4.write_image(
+            image,
+            tree,
+            spool,
+            plan,
+            fs_uuid=ext4.derived_uuid("g" * 32, "fs-uuid"),
+            hash_seed=ext4.derived_uuid("g" * 32, "hash-seed"),
+            epoch=EPOCH,
+        )
+    assert fsck(image).returncode == 0
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    text = f"writer format {ext4.PARAMS['writer']}\nsize {plan.size}\nsha256 {digest}\n"
+    snapshot.assert_match(text, "golden-image.txt")

@@ -243,22 +243,23 @@ def test_publish_fsyncs_files_and_directories(
 
 
 def test_signal_in_a_build_leaves_no_temp_dir_and_no_child(tmp_path: Path, image_ref: str) -> None:
-    """SIGTERM and SIGHUP while mkfs runs: exit 128+n, mkfs's whole process group
-    gone, the build's temp dir removed, nothing in the store."""
+    """SIGTERM and SIGHUP while e2fsck runs (--fsck): exit 128+n, the tool's whole
+    process group gone, the build's temp dir removed, nothing in the store."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    marker = tmp_path / "mkfs-started"
-    (fake / "mkfs.ext4").write_text(
+    marker = tmp_path / "fsck-started"
+    (fake / "e2fsck").write_text(
         f"#!/bin/sh\nsleep 600 &\necho $$ $! > {marker}\nwait\n"
     )  # a child of its own, like a real tool's helpers
-    (fake / "mkfs.ext4").chmod(0o755)
+    (fake / "e2fsck").chmod(0o755)
     recipe = write_recipe(tmp_path / "r", image_ref)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{os.environ['PATH']}"}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         marker.unlink(missing_ok=True)
         home = tmp_path / f"home-{sig.name}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "banger_build", str(recipe), "--no-link", "--home", str(home)],
+            [sys.executable, "-m", "banger_build", str(recipe), "--no-link", "--fsck",
+             "--home", str(home)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 120
