@@ -116,8 +116,10 @@ def read_image(image: Path, *, contents: bool = True) -> dict[str, Seen]:
             "block": 0o060000,
         }[m.group(1)]
         seen.mode = kind | int(m.group(2), 8)
-        seen.uid = int(re.search(r"User:\s+(\d+)", s).group(1))  # type: ignore[union-attr]
-        seen.gid = int(re.search(r"Group:\s+(\d+)", s).group(1))  # type: ignore[union-attr]
+        # debugfs prints ids as signed 32-bit numbers: 2^31 and above come out negative
+        uid = int(re.search(r"User:\s+(-?\d+)", s).group(1))  # type: ignore[union-attr]
+        gid = int(re.search(r"Group:\s+(-?\d+)", s).group(1))  # type: ignore[union-attr]
+        seen.uid, seen.gid = uid & 0xFFFFFFFF, gid & 0xFFFFFFFF
         seen.size = int(re.search(r"Size: (\d+)", s).group(1))  # type: ignore[union-attr]
         seen.links = int(re.search(r"Links: (\d+)", s).group(1))  # type: ignore[union-attr]
         for t in ("mtime", "atime", "ctime"):
@@ -177,11 +179,12 @@ def sha256_file(path: Path) -> str:
 __all__ = ["Seen", "fsck", "read_image", "sha256_file"]
 
 
-def read_at(image: Path, path: str, offset: int, length: int) -> bytes:
-    """Bytes of a file in the image, mapped block by block with debugfs ``bmap``
-    (an unmapped block, a hole, reads as zeros)."""
+def read_at(image: Path, path: str | int, offset: int, length: int) -> bytes:
+    """Bytes of a file in the image (by path, or by inode number for names debugfs
+    cannot parse), mapped block by block with debugfs ``bmap`` (a hole reads as zeros)."""
     first, last = offset // 4096, (offset + length - 1) // 4096
-    script = "".join(f"bmap /{path} {b}\n" for b in range(first, last + 1))
+    spec = f"<{path}>" if isinstance(path, int) else f"/{path}"
+    script = "".join(f"bmap {spec} {b}\n" for b in range(first, last + 1))
     out = _debugfs(image, script).decode()
     blocks = [int(line) for line in out.split("\n") if line.strip().isdigit()]
     assert len(blocks) == last - first + 1, out
