@@ -29,14 +29,12 @@ class Limits:
     #: Entries (paths) in the image at any time, implicit directories included: the
     #: tree costs a few hundred bytes of memory each. 10x a large distribution image.
     max_entries: int = 2_000_000
-    #: Entries in one directory: ``mke2fs -d`` (1.47.0) scans the directory it adds to
-    #: for every entry, so one directory costs quadratic time (measured here: 10,000
-    #: entries 3.5 s, 20,000 13.5 s, 65,536 3.0 min, 100,000 9.6 min).
-    max_dir_entries: int = 65_536
-    #: Components of a path. Real images stay below 50. Every walk of the staging tree
-    #: that recurses per level (Python 3.11's shutil.rmtree and os.walk: a frame and an
-    #: open fd per level, RecursionError near 1,000 and EMFILE at 1,024 fds) stays far
-    #: from its limits.
+    #: Entries in one directory. The writer is linear in them (100,000 in one
+    #: directory: 0.6 s); the directory is linear too (no htree index), so the guest
+    #: pays a scan of it per lookup: past a million entries that is seconds per name.
+    max_dir_entries: int = 1_048_576
+    #: Components of a path. Real images stay below 50; tools in the guest that
+    #: recurse per level (a frame and an fd each) stay far from their limits.
     max_depth: int = 256
     #: Bytes of a path in the image, the leading "/" included: PATH_MAX (4096) less
     #: its NUL. A longer path cannot be opened by its full name in the guest.
