@@ -76,12 +76,17 @@ def baseline(debian_image: DebianImage, tmp_path_factory: pytest.TempPathFactory
     return _digests(path)
 
 
+#: No tool on PATH at all (e2fsprogs included) and no --fsck: the writer is all a
+#: build needs.
+NO_E2FSPROGS = {"PATH": "/nonexistent", "BANGER_BUILD_FSCK": "0"}
+
 VARIANTS: dict[str, dict[str, object]] = {
     "tz": {"env": {"TZ": "Pacific/Chatham"}},
     "locale": {"env": {"LC_ALL": "C.UTF-8", "LANG": "de_DE.UTF-8"}},
     "umask": {"umask": 0o077},
     "home-path": {"home": "a home/with spaces/and 'quotes'"},
     "tmpfs": {"top": Path("/dev/shm")},  # home, builds and TMPDIR on tmpfs, not disk
+    "no-e2fsprogs": {"env": NO_E2FSPROGS},
 }
 
 
@@ -106,7 +111,7 @@ def test_same_bytes_when(
             shutil.rmtree(top, ignore_errors=True)
 
 
-def test_same_bytes_as_an_unprivileged_user(
+def test_same_bytes_as_an_unprivileged_user_without_e2fsprogs(
     baseline: dict[str, str], debian_image: DebianImage, unpriv: Unpriv
 ) -> None:
     (unpriv.home / ".git").mkdir()  # a project, as the checkout is
@@ -123,6 +128,7 @@ def test_same_bytes_as_an_unprivileged_user(
             debian_image.mirror,
         ],
         timeout=900,
+        env=NO_E2FSPROGS,
     )
     assert _digests(Path(proc.stdout.strip())) == baseline
 

@@ -359,7 +359,7 @@ class Unpriv:
     ) -> subprocess.CompletedProcess[str]:
         """Run argv as 65534:65534 with no supplementary groups; capture text output."""
         cmd = [
-            "setpriv",
+            shutil.which("setpriv") or "setpriv",  # found on our PATH, not on ``env``'s
             f"--reuid={self.uid}",
             f"--regid={self.gid}",
             "--clear-groups",
