@@ -8,8 +8,8 @@ an earlier one at the same path (directories merge).
 Every layer is hostile. An entry is refused, with a LayerError naming the
 layer digest and the path inside it, when:
 
-- its name has a ``..`` component (``path-escape``), or a byte debugfs
-  cannot carry safely: NUL, CR or LF (``unsafe-name``), or a component longer
+- its name has a ``..`` component (``path-escape``), or a byte line-based
+  tools cannot carry: NUL, CR or LF (``unsafe-name``), or a component longer
   than ext4's 255 bytes (``name-too-long``);
 - an ancestor of it is a symlink (``through-symlink``) or not a directory
   (``not-a-directory``): nothing is ever written through a link;
@@ -128,7 +128,8 @@ def check_name(path: str, raw: str) -> Reason | None:
 
 
 _REFUSALS = {
-    Reason.UNSAFE_NAME: "name contains a NUL, CR or LF byte, which debugfs cannot carry safely",
+    Reason.UNSAFE_NAME: "name contains a NUL, CR or LF byte (line-based tools, debugfs "
+    "among them, cannot carry it)",
     Reason.PATH_ESCAPE: "path has a '..' component and would escape the image root",
     Reason.NAME_TOO_LONG: f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
 }
@@ -159,7 +160,7 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
 
 
 def _xattr_name_ok(name: str) -> bool:
-    """A namespace we restore, in bytes a debugfs ``ea_set`` line carries unquoted."""
+    """A namespace we restore, in printable bytes (what debugfs and getfattr print)."""
     if not name.startswith(_XATTR_NAMESPACES):
         return False
     if name.startswith("system.") and name not in _ACLS:

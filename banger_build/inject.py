@@ -191,8 +191,7 @@ def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, ep
         for entry in sorted(os.scandir(src), key=lambda e: e.name):
             if check_name(entry.name, entry.name) is not None:  # the rule every layer obeys
                 raise InputError(
-                    f"{entry.path}: a name debugfs cannot carry safely (NUL, CR, LF or over "
-                    "255 bytes)",
+                    f"{entry.path}: a name the image cannot carry (NUL, CR, LF or over 255 bytes)",
                     reason=Reason.UNSAFE_NAME,
                 )
             if entry.is_symlink():
