@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +29,8 @@ from banger_build.tree import Inode
 
 #: Bytes per read when copying a host file into the spool.
 _READ = 1 << 20
+#: Chunks waiting for the writer thread.
+_QUEUED = 32
 
 
 class Spool:
@@ -37,11 +41,42 @@ class Spool:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(path, flags, 0o600)
         self.end = 0
+        # Writes go through one thread, so the page cache's copy of a chunk overlaps
+        # the decompression of the next (both release the GIL). At most _QUEUED
+        # chunks (of at most a MiB) wait: memory stays bounded.
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(_QUEUED)
+        self._failed: OSError | None = None
+        self._thread: threading.Thread | None = None
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def flush(self) -> None:
+        """Wait until every chunk handed over is written; raise a write's OSError."""
+        if self._thread is not None:
+            self._queue.join()
+        if self._failed is not None:
+            raise self._failed
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            offset, data = item
+            try:
+                if self._failed is None:
+                    _pwrite_all(self.fd, data, offset)
+            except OSError as exc:  # the host's disk: name the file
+                self._failed = OSError(exc.errno, exc.strerror, os.fspath(self.path))
+            except Exception as exc:  # reported to the thread that writes next
+                self._failed = OSError(errno.EIO, f"spool writer: {exc!r}", os.fspath(self.path))
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
 
     def __enter__(self) -> Spool:
         return self
@@ -104,19 +139,19 @@ class Spool:
         return digest
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, self.end)
-            except OSError as exc:  # the host's disk: name the file
-                raise OSError(exc.errno, exc.strerror, os.fspath(self.path)) from exc
-            self.end += n
-            view = view[n:]
+        if self._failed is not None:
+            raise self._failed
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="spool", daemon=True)
+            self._thread.start()
+        self._queue.put((self.end, bytes(data)))
+        self.end += len(data)
 
     # -- reading ------------------------------------------------------------------
 
     def read(self, inode: Inode, limit: int) -> bytes:
         """The first ``limit`` bytes of a regular file (holes as zeros)."""
+        self.flush()
         out = bytearray()
         pos = inode.src
         for offset, length in data_segments(inode):
@@ -130,6 +165,7 @@ class Spool:
 
     def copy(self, src: int, length: int, dst_fd: int, dst: int) -> None:
         """Copy ``length`` bytes at ``src`` in the spool to ``dst`` in ``dst_fd``."""
+        self.flush()
         while length > 0:
             try:
                 n = os.copy_file_range(self.fd, dst_fd, length, src, dst)
@@ -149,6 +185,14 @@ class Spool:
         while written < len(data):
             written += os.pwrite(dst_fd, data[written:], dst + written)
         return len(data)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
 
 
 def data_segments(inode: Inode) -> list[tuple[int, int]]:

@@ -325,6 +325,12 @@ def debian_case(registry: Any, runs: int, work: Path, env: dict[str, str]) -> di
         row = {"seconds": round(fastest.seconds, 3), "peak_rss": max(r.peak for r in got)}
         if isinstance(fastest, Steps):
             row["steps"] = {k: round(v, 3) for k, v in fastest.parts.items()}
+        elif name == "ours":  # the build's own step timings (--json "timing" events)
+            row["steps"] = {
+                e["step"]: e["seconds"]
+                for e in map(json.loads, filter(None, fastest.stdout.splitlines()))
+                if e.get("event") == "timing" and e["seconds"] >= 0.02
+            }
         return row
 
     return {
