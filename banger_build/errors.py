@@ -59,6 +59,7 @@ class Reason(StrEnum):
     MISSING_INPUT = "missing-input"
     SHA256_MISMATCH = "sha256-mismatch"
     INPUT_CHANGED = "input-changed"
+    NOT_REBUILDABLE = "not-rebuildable"  # a store path's record no longer leads to its inputs
     TEMPLATE_MISSING = "template-missing"
     TEMPLATE_SYNTAX = "template-syntax"
     TEMPLATE_UNDEFINED = "template-undefined"
