@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from banger_build import builtins
 from banger_build import guest as guest_set
+from banger_build.builtins import Builtin
 from banger_build.entries import Where as Where
 from banger_build.errors import InputError, Reason, RecipeError
 from banger_build.oci.reference import Platform, Reference
@@ -99,7 +101,7 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class TemplateSpec:
-    src: Path
+    src: Path | Builtin  # a file of the recipe's project, or ``builtin:NAME`` (package data)
     dest: str
     mode: int
     owner: str
@@ -138,7 +140,7 @@ class TemplateOverride:
     """``[guest.templates]``: a recipe template replacing the built-in one ``name``."""
 
     name: str
-    src: Path
+    src: Path | Builtin
     where: Where  # the override's key
 
 
@@ -318,11 +320,26 @@ def convert_src(value: str, doc: Doc) -> Path:
         raise Invalid("path is empty")
     if "\0" in value:
         raise Invalid(f"path {show(value)} contains a NUL")
+    if value.startswith(builtins.PREFIX):
+        raise Invalid(
+            f"{show(value)}: {builtins.PREFIX} names a built-in template, which only "
+            "[[templates]] src and [guest.templates] take"
+        )
     assert isinstance(doc, RecipeDoc)
     try:
         return doc.sources.check(Path(doc.base, value))
     except SourceRefused as exc:
         raise Invalid(exc.message, exc.reason) from None
+
+
+def convert_template_src(value: str, doc: Doc) -> Path | Builtin:
+    """``builtin:NAME``: a built-in template (``builtins.py``); else a path, as ``src``."""
+    if not value.startswith(builtins.PREFIX):
+        return convert_src(value, doc)
+    try:
+        return builtins.parse(value[len(builtins.PREFIX) :])
+    except builtins.UnknownBuiltin as exc:
+        raise Invalid(str(exc), Reason.TEMPLATE_MISSING) from None
 
 
 # -- the recipe schema --------------------------------------------------------------
@@ -331,10 +348,17 @@ _DEST = Key((STRING,), required=True, convert=convert_dest)
 _MODE = Key((STRING, INTEGER), convert=convert_mode, int_prefix="0o")
 _OWNER = Key((STRING,), convert=convert_owner)
 _SRC = Key((STRING,), required=True, convert=convert_src)
-_SRC_OPT = Key((STRING,), convert=convert_src)
+_TEMPLATE_SRC = Key((STRING,), required=True, convert=convert_template_src)
+_TEMPLATE_SRC_OPT = Key((STRING,), convert=convert_template_src)
 
-TEMPLATE_SCHEMA: Schema = {"src": _SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
-FILE_SCHEMA: Schema = {**TEMPLATE_SCHEMA, "sha256": Key((STRING,), convert=convert_sha256)}
+TEMPLATE_SCHEMA: Schema = {"src": _TEMPLATE_SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
+FILE_SCHEMA: Schema = {
+    "src": _SRC,
+    "dest": _DEST,
+    "mode": _MODE,
+    "owner": _OWNER,
+    "sha256": Key((STRING,), convert=convert_sha256),
+}
 SYMLINK_SCHEMA: Schema = {
     "dest": _DEST,
     "target": Key((STRING,), required=True, convert=convert_target),
@@ -346,7 +370,7 @@ GUEST_SCHEMA: Schema = {
     "agent": Key((STRING,), convert=convert_src),
     "agent_sha256": Key((STRING,), convert=convert_sha256),
     # built-in template name -> the recipe's replacement
-    "templates": Key((TABLE,), table={n: _SRC_OPT for n in guest_set.TEMPLATE_NAMES}),
+    "templates": Key((TABLE,), table={n: _TEMPLATE_SRC_OPT for n in guest_set.TEMPLATE_NAMES}),
 }
 
 RECIPE_SCHEMA: Schema = {
