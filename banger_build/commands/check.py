@@ -20,7 +20,7 @@ from pathlib import Path
 from banger_build.commands import common
 
 NAME = "check"
-HELP = "rebuild a recipe's store path in a temp dir and compare it bit for bit"
+HELP = "rebuild a store path (of a recipe, or from its record) in a temp dir; compare bit for bit"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
