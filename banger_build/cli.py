@@ -32,6 +32,7 @@ from banger_build.commands import (
     check,
     completion,
     gc,
+    init,
     kernel,
     key,
     lock,
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
     build_command,
+    init,
     check,
     show,
     why,

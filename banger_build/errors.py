@@ -59,6 +59,7 @@ class Reason(StrEnum):
     MISSING_INPUT = "missing-input"
     SHA256_MISMATCH = "sha256-mismatch"
     INPUT_CHANGED = "input-changed"
+    NOT_REBUILDABLE = "not-rebuildable"  # a store path's record no longer leads to its inputs
     TEMPLATE_MISSING = "template-missing"
     TEMPLATE_SYNTAX = "template-syntax"
     TEMPLATE_UNDEFINED = "template-undefined"
@@ -126,7 +127,6 @@ class Reason(StrEnum):
     TOO_MANY_ENTRIES = "too-many-entries"
     DIR_TOO_LARGE = "dir-too-large"
     PATH_TOO_LONG = "path-too-long"
-    MKE2FS_PATH = "mke2fs-path"
     TOO_MANY_LINKS = "too-many-links"
     XATTR_TOO_LARGE = "xattr-too-large"
     FILE_TOO_LARGE = "file-too-large"

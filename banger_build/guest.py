@@ -30,11 +30,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from importlib.resources.abc import Traversable
-from pathlib import Path
 from typing import Any
 
+from banger_build import builtins
 from banger_build.errors import InputError, Reason
 
 OWNER = "0:0"
@@ -162,28 +161,15 @@ VARS: Mapping[str, Callable[[Any], str | None]] = {
 
 
 def template_dir() -> Traversable:
-    """The built-in guest templates: the data package ``banger_build.templates``.
-
-    An installed wheel has it inside the package (pyproject maps the
-    top-level ``templates/`` there), read through ``importlib.resources``, a
-    zip import included. A source checkout (an editable install, or the
-    checkout on PYTHONPATH) has the top-level ``templates/`` beside the package.
-    """
-    package = resources.files("banger_build")
-    installed = package / "templates" / "guest"
-    if installed.is_dir():
-        return installed
-    looked = str(installed)
-    if isinstance(package, Path):  # not in a zip: maybe a source checkout
-        checkout = package.parent / "templates" / "guest"
-        if checkout.is_dir():
-            return checkout
-        looked += f" and {checkout}"
-    raise InputError(
-        f"the built-in guest templates are missing (looked in {looked}): "
-        "the installation is incomplete",
-        reason=Reason.GUEST_TEMPLATES_MISSING,
-    )
+    """The built-in guest templates: ``guest/`` of the built-in templates (``builtins``)."""
+    directory = builtins.data_dir() / "guest"
+    if not directory.is_dir():
+        raise InputError(
+            f"the built-in guest templates are missing (looked in {directory}): "
+            "the installation is incomplete",
+            reason=Reason.GUEST_TEMPLATES_MISSING,
+        )
+    return directory
 
 
 def builtin_template(name: str) -> Traversable:

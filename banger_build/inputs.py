@@ -33,6 +33,7 @@ from typing import Any
 import zstandard
 
 from banger_build import guest
+from banger_build.builtins import Builtin
 from banger_build.entries import Injected as Injected
 from banger_build.entries import Staged as Staged
 from banger_build.entries import Where
@@ -112,7 +113,7 @@ def entries(recipe: Recipe) -> list[Entry]:
         )  # fmt: skip
     for t in recipe.templates:
         dest_where = t.dest_where or t.where
-        job = TemplateJob(str(t.src), path=t.src, roots=roots, prefix=f"{t.where}: ")
+        job = template_job(t.src, roots, t.where)
         out.append(
             TemplateEntry(job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where)
         )
@@ -142,12 +143,17 @@ def guest_entries(spec: GuestSpec, roots: SourceRoots) -> Iterator[Entry]:
                 job = TemplateJob(f"built-in template {e.name}", builtin=_builtin(e.name))
                 yield TemplateEntry(job, e.dest, e.mode, guest.OWNER, table, table)
             else:
-                job = TemplateJob(
-                    str(override.src), path=override.src, roots=roots, prefix=f"{override.where}: "
-                )
+                job = template_job(override.src, roots, override.where)
                 yield TemplateEntry(job, e.dest, e.mode, guest.OWNER, override.where, table)
         else:
             yield LinkEntry(e.dest, e.target, guest.OWNER, table, table)
+
+
+def template_job(src: Path | Builtin, roots: SourceRoots, where: Where) -> TemplateJob:
+    """A recipe's template: a file of its project, or a built-in one (``builtin:NAME``)."""
+    if isinstance(src, Builtin):
+        return TemplateJob(str(src), builtin=src.file(), prefix=f"{where}: ")
+    return TemplateJob(str(src), path=src, roots=roots, prefix=f"{where}: ")
 
 
 def _builtin(name: str) -> Traversable:

@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from banger_build import builtins
 from banger_build import guest as guest_set
+from banger_build.builtins import Builtin
 from banger_build.entries import Where as Where
 from banger_build.errors import InputError, Reason, RecipeError
 from banger_build.oci.reference import Platform, Reference
@@ -99,7 +101,7 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class TemplateSpec:
-    src: Path
+    src: Path | Builtin  # a file of the recipe's project, or ``builtin:NAME`` (package data)
     dest: str
     mode: int
     owner: str
@@ -138,7 +140,7 @@ class TemplateOverride:
     """``[guest.templates]``: a recipe template replacing the built-in one ``name``."""
 
     name: str
-    src: Path
+    src: Path | Builtin
     where: Where  # the override's key
 
 
@@ -318,6 +320,11 @@ def convert_src(value: str, doc: Doc) -> Path:
         raise Invalid("path is empty")
     if "\0" in value:
         raise Invalid(f"path {show(value)} contains a NUL")
+    if value.startswith(builtins.PREFIX):
+        raise Invalid(
+            f"{show(value)}: {builtins.PREFIX} names a built-in template, which only "
+            "[[templates]] src and [guest.templates] take"
+        )
     assert isinstance(doc, RecipeDoc)
     try:
         return doc.sources.check(Path(doc.base, value))
@@ -325,58 +332,201 @@ def convert_src(value: str, doc: Doc) -> Path:
         raise Invalid(exc.message, exc.reason) from None
 
 
+def convert_template_src(value: str, doc: Doc) -> Path | Builtin:
+    """``builtin:NAME``: a built-in template (``builtins.py``); else a path, as ``src``."""
+    if not value.startswith(builtins.PREFIX):
+        return convert_src(value, doc)
+    try:
+        return builtins.parse(value[len(builtins.PREFIX) :])
+    except builtins.UnknownBuiltin as exc:
+        raise Invalid(str(exc), Reason.TEMPLATE_MISSING) from None
+
+
 # -- the recipe schema --------------------------------------------------------------
 
-_DEST = Key((STRING,), required=True, convert=convert_dest)
-_MODE = Key((STRING, INTEGER), convert=convert_mode, int_prefix="0o")
-_OWNER = Key((STRING,), convert=convert_owner)
-_SRC = Key((STRING,), required=True, convert=convert_src)
-_SRC_OPT = Key((STRING,), convert=convert_src)
+_DEST = Key(
+    (STRING,), required=True, convert=convert_dest,
+    doc="the absolute path in the image; missing parent directories are made (0755, root)",
+    example='dest = "/etc/motd"',
+)  # fmt: skip
+_MODE = Key(
+    (STRING, INTEGER), convert=convert_mode, int_prefix="0o", default='"0644"',
+    doc="permission bits, octal: a string, or an integer written `0o644`",
+    example='mode = "0755"',
+)  # fmt: skip
+_OWNER = Key(
+    (STRING,), convert=convert_owner, default='"0:0"',
+    doc="`USER:GROUP`, numbers or names from the image's /etc/passwd and /etc/group",
+    example='owner = "root:adm"',
+)  # fmt: skip
+_SRC = Key(
+    (STRING,), required=True, convert=convert_src,
+    doc="the file to copy, relative to the recipe; it must lie in the recipe's project "
+    "(or an `--allow-source` directory)",
+    example='src = "files/motd"',
+)  # fmt: skip
+_TEMPLATE_DOC = (
+    "a Jinja2 template relative to the recipe, or `builtin:NAME` (see Built-in templates); "
+    "rendered from `[vars]` and `recipe.*`"
+)
+_TEMPLATE_SRC = Key(
+    (STRING,), required=True, convert=convert_template_src, doc=_TEMPLATE_DOC,
+    example='src = "builtin:hostname.j2"',
+)  # fmt: skip
+_TEMPLATE_SRC_OPT = Key((STRING,), convert=convert_template_src)
 
-TEMPLATE_SCHEMA: Schema = {"src": _SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
-FILE_SCHEMA: Schema = {**TEMPLATE_SCHEMA, "sha256": Key((STRING,), convert=convert_sha256)}
-SYMLINK_SCHEMA: Schema = {
+TEMPLATE_SCHEMA: Schema = {"src": _TEMPLATE_SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
+FILE_SCHEMA: Schema = {
+    "src": _SRC,
     "dest": _DEST,
-    "target": Key((STRING,), required=True, convert=convert_target),
+    "mode": _MODE,
     "owner": _OWNER,
-}
+    "sha256": Key(
+        (STRING,), convert=convert_sha256, default="none",
+        doc="pin the source's bytes: a build of other bytes fails (`sha256-mismatch`)",
+        example='sha256 = "<64 hex digits>"',
+    ),
+}  # fmt: skip
+SYMLINK_SCHEMA: Schema = {
+    "dest": dataclasses.replace(_DEST, example='dest = "/etc/issue.net"', doc="the link's path"),
+    "target": Key(
+        (STRING,), required=True, convert=convert_target,
+        doc="what the link points at, as written (absolute or relative)",
+        example='target = "/etc/motd"',
+    ),
+    "owner": _OWNER,
+}  # fmt: skip
 
 GUEST_SCHEMA: Schema = {
-    "agents": Key((BOOLEAN,)),
-    "agent": Key((STRING,), convert=convert_src),
-    "agent_sha256": Key((STRING,), convert=convert_sha256),
+    "agents": Key(
+        (BOOLEAN,), default="true",
+        doc="`false`: no guest set at all (as without a `[guest]` table)",
+        example="agents = false",
+    ),
+    "agent": Key(
+        (STRING,), convert=convert_src, default="required when `agents` is true",
+        doc="the banger-vsock-agent binary, relative to the recipe "
+        "(`agents/build` makes one)",
+        example='agent = "../agents/out/banger-vsock-agent"',
+    ),
+    "agent_sha256": Key(
+        (STRING,), convert=convert_sha256, default="none",
+        doc="pin the agent's bytes", example='agent_sha256 = "<64 hex digits>"',
+    ),
     # built-in template name -> the recipe's replacement
-    "templates": Key((TABLE,), table={n: _SRC_OPT for n in guest_set.TEMPLATE_NAMES}),
-}
+    "templates": Key(
+        (TABLE,), table={n: _TEMPLATE_SRC_OPT for n in guest_set.TEMPLATE_NAMES},
+        default="the built-in ones",
+        doc="replace a template of the guest set by name ("
+        + ", ".join(f"`{n}`" for n in guest_set.TEMPLATE_NAMES)
+        + ") with a template file or `builtin:NAME`",
+        example='templates."banger-network-bootstrap" = "my-network.j2"',
+    ),
+}  # fmt: skip
 
+_PATH_ONLY = "not with `ref`"
 RECIPE_SCHEMA: Schema = {
-    "version": Key((INTEGER,), convert=convert_version),
-    "name": Key((STRING,), convert=convert_name),
+    "version": Key(
+        (INTEGER,), convert=convert_version, default="1",
+        doc="the recipe format (this banger-build reads 1)", example="version = 1",
+    ),
+    "name": Key(
+        (STRING,), convert=convert_name, default="from `image.ref`: `REPO-TAG`",
+        doc="names the store path (`<key>-<name>`) and the bundle; 1-100 of "
+        "`A-Z a-z 0-9 . _ + -`",
+        example='name = "debian-bookworm"',
+    ),
     "image": Key(
         (TABLE,),
         required=True,
+        doc="the OCI image the root filesystem starts from",
         table={
-            "ref": Key((STRING,), required=True, convert=convert_reference),
-            "platform": Key((STRING,), convert=convert_platform),
+            "ref": Key(
+                (STRING,), required=True, convert=convert_reference,
+                doc="`REGISTRY/REPO:TAG` or `...@sha256:...` (`debian:bookworm` is "
+                "`docker.io/library/debian:bookworm`); a tag is pinned in the lock file",
+                example='ref = "docker.io/library/debian:bookworm"',
+            ),
+            "platform": Key(
+                (STRING,), convert=convert_platform, default='"linux/amd64"',
+                doc="`OS/ARCH[/VARIANT]` taken from a multi-platform image "
+                "(`--platform` overrides it)",
+                example='platform = "linux/arm64"',
+            ),
         },
     ),
-    "rootfs": Key((TABLE,), table={"size": Key((STRING, INTEGER), convert=convert_size)}),
+    "rootfs": Key(
+        (TABLE,),
+        default='`size = "auto"`',
+        doc="the ext4 image",
+        table={
+            "size": Key(
+                (STRING, INTEGER), convert=convert_size, default='"auto"',
+                doc='`"auto"` (what the files need), `"auto+SIZE"` (plus free space) or a '
+                'fixed `"SIZE"` (a multiple of 4 KiB, 8 MiB to 16 TiB - 4 KiB); units '
+                "B, K/KiB, M/MiB, G/GiB, T/TiB, all binary",
+                example='size = "auto+256MiB"',
+            )
+        },
+    ),
     "kernel": Key(
         (TABLE,),
+        default="no kernel",
+        doc="a kernel staged beside rootfs.ext4 (vmlinux, initrd.img, modules), "
+        "for `boot` and banger: exactly one of `path` and `ref`",
         table={
-            "path": Key((STRING,), convert=convert_src),
-            "ref": Key((STRING,), convert=convert_reference),
-            "initrd": Key((STRING,), convert=convert_src),
-            "modules": Key((STRING,), convert=convert_src),
-            "install_modules": Key((BOOLEAN,)),
+            "path": Key(
+                (STRING,), convert=convert_src, default="this or `ref`",
+                doc="a local kernel image (vmlinux or vmlinuz)",
+                example='path = "/boot/vmlinuz-6.1.0-13-amd64"',
+            ),
+            "ref": Key(
+                (STRING,), convert=convert_reference, default="this or `path`",
+                doc="a kernel artifact pushed by `banger-build kernel push`, pinned in "
+                "the lock file's `[[kernel]]` entries",
+                example='ref = "registry.example/kernels/vmlinux:6.1"',
+            ),
+            "initrd": Key(
+                (STRING,), convert=convert_src, default="none",
+                doc=f"an initrd ({_PATH_ONLY})", example='initrd = "initrd.img"',
+            ),
+            "modules": Key(
+                (STRING,), convert=convert_src, default="none",
+                doc=f"a `lib/modules/<version>` directory, or a tarball staged as is "
+                f"({_PATH_ONLY})",
+                example='modules = "/lib/modules/6.1.0-13-amd64"',
+            ),
+            "install_modules": Key(
+                (BOOLEAN,), default="false",
+                doc="also copy the modules into the image at `/lib/modules/<version>`",
+                example="install_modules = true",
+            ),
         },
     ),
-    "vars": Key((TABLE,)),  # free-form template variables
-    "files": Key((ARRAY_OF_TABLES,), table=FILE_SCHEMA),
-    "templates": Key((ARRAY_OF_TABLES,), table=TEMPLATE_SCHEMA),
-    "symlinks": Key((ARRAY_OF_TABLES,), table=SYMLINK_SCHEMA),
-    "guest": Key((TABLE,), table=GUEST_SCHEMA),
-}
+    "vars": Key(
+        (TABLE,), default="none",
+        doc="template variables: any TOML values (`--var KEY=VALUE` overrides one)",
+        example='vars.hostname = "banger"',
+    ),  # free-form template variables
+    "files": Key(
+        (ARRAY_OF_TABLES,), default="none", table=FILE_SCHEMA,
+        doc="files copied into the image", example="[[files]]",
+    ),
+    "templates": Key(
+        (ARRAY_OF_TABLES,), default="none", table=TEMPLATE_SCHEMA,
+        doc="templates rendered into the image", example="[[templates]]",
+    ),
+    "symlinks": Key(
+        (ARRAY_OF_TABLES,), default="none", table=SYMLINK_SCHEMA,
+        doc="symbolic links made in the image", example="[[symlinks]]",
+    ),
+    "guest": Key(
+        (TABLE,), table=GUEST_SCHEMA, default="no guest set",
+        doc="banger's guest set: the vsock agent, network and first-boot units and "
+        "scripts (see The guest set and booting)",
+        example="[guest]",
+    ),
+}  # fmt: skip
 
 DEFAULT_PLATFORM = Platform("linux", "amd64")
 DEFAULT_SIZE = SizeSpec("auto", True, 0)

@@ -110,6 +110,9 @@ class Key:
     free-form table, kept as parsed; ``ARRAY_OF_TABLES`` checks each element
     against ``table``. ``convert`` turns an accepted value into the loaded one
     (raising ``Invalid``); without it the value is kept as is.
+
+    ``doc``, ``default`` and ``example`` are for people: the README's recipe
+    reference is generated from them (``banger_build.recipedoc``).
     """
 
     types: tuple[str, ...]
@@ -118,6 +121,9 @@ class Key:
     table: Mapping[str, Key] | None = None
     #: integers must be written with this prefix (modes: ``0o644``, never ``644``)
     int_prefix: str | None = None
+    doc: str = ""  # what the key means, one or two sentences of Markdown
+    default: str = ""  # what an absent key means ("" for a required key)
+    example: str = ""  # the key as a recipe writes it: ``size = "auto+256MiB"``
 
 
 Schema = Mapping[str, "Key"]

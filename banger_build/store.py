@@ -551,13 +551,15 @@ class Store:
 
 
 def set_out_link(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` atomically; never clobber a real file."""
+    """Point ``link`` at ``target`` atomically, making its missing parent directories
+    (``-o out/debian``, as ``mkdir -p``); never clobber a real file."""
     if link.exists() and not link.is_symlink():
         raise StoreError(
             f"{link} exists and is not a symlink; not replacing it", reason=Reason.OUT_LINK
         )
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     try:
+        link.parent.mkdir(parents=True, exist_ok=True)
         if tmp.is_symlink():
             tmp.unlink()
         os.symlink(target, tmp)

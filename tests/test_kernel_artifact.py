@@ -281,3 +281,21 @@ def test_gc_keeps_a_rooted_paths_kernel_artifact_blobs(
     ]
     assert len(wanted) == 5
     assert all(cache.get(Digest.parse(d)) is not None for d in wanted)
+
+
+def test_check_of_a_store_path_uses_the_recorded_kernel_artifact(
+    tmp_path: Path, image_ref: str, registry: RegistryServer
+) -> None:
+    """The recipe's kernel ref moved to another artifact since: `check STORE-PATH`
+    rebuilds with the one the path records (by manifest digest)."""
+    kref = f"{registry.host}/kernels/recorded:6.1"
+    push_kernel(tmp_path / "home", kref, tmp_path / "k", modules=make_modules(tmp_path / "m"))
+    recipe = kernel_recipe(tmp_path / "r", image_ref, kref, extra="install_modules = true\n")
+    code, out, err = run_cli(tmp_path / "home", str(recipe), "--no-link")
+    assert code == 0, err
+    path = Path(out.strip())
+    other = f"{registry.host}/kernels/other:6.1"
+    push_kernel(tmp_path / "home", other, tmp_path / "k2", kernel=b"another kernel")
+    recipe.write_text(recipe.read_text().replace(kref, other))
+    code, out, err = run_cli(tmp_path / "home", "check", str(path))
+    assert code == 0 and f"ok: {path} is reproducible" in out, err

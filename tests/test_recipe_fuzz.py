@@ -241,8 +241,17 @@ VALUES: dict[str, list[Any]] = {
     "regenerate_ssh_host_keys": ["no", False],
     "hostname": [{"a": [1]}, 1.5, "x" * 10000, datetime.date(2024, 1, 1)],
 }  # fmt: skip
+#: built-in template names (``builtin:NAME``): real, unknown, escaping the package data
+BUILTIN_SRCS = [
+    "builtin:hostname.j2",
+    "builtin:",
+    "builtin:../pyproject.toml",
+    "builtin:guest/../../README.md",
+    "builtin:/etc/passwd",
+    "builtin:nope.j2",
+]
 for key in ("src", "agent", "path", "initrd", "modules"):
-    VALUES[key] = HOSTILE_PATHS + TEMPLATE_PATHS
+    VALUES[key] = HOSTILE_PATHS + TEMPLATE_PATHS + BUILTIN_SRCS
 WRONG_TYPES: list[Any] = [
     1, -7, 1.5, True, "s", [1], [], {}, {"a": 1}, datetime.date(2024, 1, 1),
     datetime.time(1, 2), [[[]]], {"x": {"y": [1, {"z": 2}]}}, [{"src": 1}],
@@ -277,7 +286,7 @@ def hostile_entry(rng: random.Random, section: str, n: int) -> Any:
     if section == "files":
         entry = {"src": rng.choice(HOSTILE_PATHS), "dest": f"/etc/fuzz-{n}"}
     elif section == "templates":
-        entry = {"src": rng.choice(TEMPLATE_PATHS), "dest": f"/etc/fuzz-{n}"}
+        entry = {"src": rng.choice(TEMPLATE_PATHS + BUILTIN_SRCS), "dest": f"/etc/fuzz-{n}"}
     elif section == "symlinks":
         entry = {"dest": f"/etc/fuzz-{n}", "target": rng.choice(VALUES["target"])}
     elif section == "kernel":

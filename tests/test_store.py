@@ -81,3 +81,15 @@ def test_out_link_replaces_links_but_never_files(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         set_out_link(real, target1)
     assert real.read_text() == "mine"
+
+
+def test_an_out_link_in_a_missing_directory_makes_it(tmp_path: Path) -> None:
+    """`-o out/debian` from a fresh checkout: out/ is made, as `mkdir -p` would."""
+    target = tmp_path / "t"
+    target.mkdir()
+    set_out_link(tmp_path / "out" / "deeper" / "debian", target)
+    assert os.readlink(tmp_path / "out" / "deeper" / "debian") == str(target)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError) as info:
+        set_out_link(tmp_path / "file" / "link", target)
+    assert info.value.reason == "out-link" and "cannot create out-link" in str(info.value)

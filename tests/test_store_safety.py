@@ -5,6 +5,7 @@ dirs, partial downloads and temp roots of dead processes are collected."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import signal
 import subprocess
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from banger_build import build as buildmod
 from banger_build import context
 from banger_build.build import BuildOptions, build
 from banger_build.errors import BangerError, Reason
@@ -27,6 +27,8 @@ from tests.support.e2e import run_cli, write_recipe
 from tests.support.ext4read import read_image
 
 REPO = Path(__file__).resolve().parents[1]
+#: the module (``banger_build.build`` as an attribute is the API function)
+buildmod = importlib.import_module("banger_build.build")
 
 
 def _options(home: Path, link: Path | None = None) -> BuildOptions:

@@ -315,6 +315,30 @@ def test_the_wheel_carries_the_templates_as_package_data(wheel: Path, tmp_path: 
     assert rendered == probe(tmp_path, REPO)[2]
 
 
+def test_an_installed_wheel_resolves_builtin_templates_for_a_recipe_anywhere(
+    wheel: Path, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    recipe = tmp_path / "elsewhere" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(
+        '[image]\nref = "debian:bookworm"\n[vars]\nhostname = "far"\n'
+        '[[templates]]\nsrc = "builtin:hostname.j2"\ndest = "/etc/hostname"\n'
+    )
+    script = (
+        "import sys; from pathlib import Path; from banger_build.recipe import load_recipe; "
+        "from banger_build.inputs import resolve_injected; import banger_build; "
+        "print(banger_build.__file__); "
+        "print(resolve_injected(load_recipe(Path(sys.argv[1])))[0].data)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(recipe)], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == [str(site / "banger_build" / "__init__.py"), "b'far\\n'"]
+
+
 def test_the_checkout_and_a_zip_import_find_the_templates(tmp_path: Path) -> None:
     module, where, rendered = probe(tmp_path, REPO)
     assert module == str(REPO / "banger_build" / "__init__.py")
