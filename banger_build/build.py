@@ -29,7 +29,7 @@ from banger_build.context import (
 )
 from banger_build.errors import ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
-from banger_build.fsutil import ContentChanged, copy_verified, hash_file
+from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
 from banger_build.inject import inject, install_modules
 from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
@@ -204,7 +204,7 @@ BUILD: tuple[Callable[[Context], None], ...] = (
 )
 
 
-def _run_build(ctx: Context, steps: tuple[Callable[[Context], None], ...]) -> None:
+def run_build(ctx: Context, steps: tuple[Callable[[Context], None], ...]) -> None:
     try:
         run_steps(ctx, steps)
     finally:
@@ -268,7 +268,7 @@ def _build(ctx: Context, on_ready: Callable[[BuildResult], None] | None) -> Buil
                     require(ctx)
                 with ctx.store.build_dir(key) as work:
                     ctx.work = work
-                    _run_build(ctx, BUILD)
+                    run_build(ctx, BUILD)
                     path = ctx.store.publish(ctx.out, key, name)
                 ctx.store.record(path, ctx.recipe.path)
             _link(ctx, path)
@@ -345,7 +345,7 @@ def _check(ctx: Context) -> CheckResult:
             )
         with ctx.store.build_dir(key) as work:
             ctx.work = work
-            _run_build(ctx, (*BUILD, compare_with_store))
+            run_build(ctx, (*BUILD, compare_with_store))
     reporter.done()
     return CheckResult(path, key, tuple(ctx.differences))
 
@@ -353,4 +353,5 @@ def _check(ctx: Context) -> CheckResult:
 def compare_with_store(ctx: Context) -> None:
     path = ctx.store.path_for(ctx.key, ctx.derivation.name)
     ctx.reporter.step(f"comparing the rebuild with {path}")
+    make_read_only(ctx.out)  # as publish makes a store path: a tree's hash has its modes
     ctx.differences = compare_outputs(path, ctx.out)

@@ -36,7 +36,6 @@ from banger_build.derivation import DERIVATION_FORMAT, OUTPUT_FORMAT, Derivation
 from banger_build.entries import Injected, Staged, Where
 from banger_build.errors import BangerError, InputError, Reason, StoreError
 from banger_build.explain import differences
-from banger_build.fsutil import make_read_only
 from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.oci.reference import Digest, Platform, Reference, ReferenceSyntaxError
 from banger_build.progress import Reporter
@@ -315,15 +314,6 @@ RESOLVE_RECORDED = (
 )
 
 
-def compare_read_only(ctx: Context) -> None:
-    """``build.compare_with_store`` on the rebuild made read-only as ``publish`` makes
-    a store path: a staged modules directory's tree hash includes its modes."""
-    from banger_build.build import compare_with_store
-
-    make_read_only(ctx.out)
-    compare_with_store(ctx)
-
-
 def check_store_path(
     path: Path,
     options: BuildOptions,
@@ -333,7 +323,7 @@ def check_store_path(
 ) -> CheckResult:
     """Rebuild the store path ``path`` (or ``./result``) from its recorded inputs in a
     temp dir and compare it bit for bit; nothing in the store changes."""
-    from banger_build.build import BUILD, CheckResult
+    from banger_build.build import BUILD, CheckResult, compare_with_store, run_build
 
     reporter = reporter or Reporter()
     entry = Store(options.home).entry_of(path)
@@ -353,7 +343,7 @@ def check_store_path(
                 raise StoreError(f"{entry.path} left the store", reason=Reason.NOT_BUILT)
             with ctx.store.build_dir(key) as work:
                 ctx.work = work
-                run_steps(ctx, (*BUILD, compare_read_only))
+                run_build(ctx, (*BUILD, compare_with_store))
         reporter.done()
         return CheckResult(entry.path, key, tuple(ctx.differences))
     finally:
