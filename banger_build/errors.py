@@ -70,6 +70,7 @@ class Reason(StrEnum):
     NOT_A_REGULAR_FILE = "not-a-regular-file"
     SYMLINK_LOOP = "symlink-loop"
     GUEST_TEMPLATES_MISSING = "guest-templates-missing"
+    AGENT_MISSING = "agent-missing"  # no built-in guest agent for the recipe's platform
     MODULES_NOT_A_DIRECTORY = "modules-not-a-directory"
     MODULES_VERSION = "modules-version"
     INVALID_MODULES = "invalid-modules"
@@ -157,6 +158,9 @@ class Reason(StrEnum):
     EXPECT_MISSING = "expect-missing"
     QEMU_FAILED = "qemu-failed"
     NO_KVM = "no-kvm"
+    UNSUPPORTED_ARCH = "unsupported-arch"  # no emulator for the image's architecture
+    KERNEL_ARCH_MISMATCH = "kernel-arch-mismatch"  # a kernel for another architecture
+    AGENT_UNREACHABLE = "agent-unreachable"  # the guest agent did not answer on vsock
     # keys and signatures (InputError for key files and arguments, SignatureError)
     KEY_INVALID = "key-invalid"
     KEY_MISMATCH = "key-mismatch"

@@ -1,6 +1,6 @@
 """The built-in guest asset set: what makes an image a banger microVM.
 
-    /usr/local/bin/banger-vsock-agent              the agent binary (recipe input), 0755
+    /usr/local/bin/banger-vsock-agent              the agent binary, 0755
     /usr/local/libexec/banger-network-bootstrap    script, 0755
     /usr/local/libexec/banger-first-boot           script, 0755
     /etc/systemd/system/banger-network.service     unit, 0644
@@ -17,12 +17,20 @@ once installed), rendered like the recipe's own ``[[templates]]``: from
 ``[guest.templates]``; only that file's bytes, and so its sha256 and the
 store key, change.
 
+The agent is ``[guest] agent`` (a file of the recipe's project), else the
+built-in agent for the recipe's platform: ``banger-vsock-agent-<arch>``
+(``amd64``, ``arm64``), package data ``banger_build/agents`` once installed,
+``agents/out`` in a checkout, where ``agents/build`` puts them. A wheel built
+without them (no compilers) installs and works; a recipe needing one is then
+refused with one line saying how to get it (``builtin_agent``). Either way
+the agent enters the derivation by its sha256, never by where it lies.
+
 This module is the definition, plain data (``ENTRIES``: ``AGENT``,
 ``TEMPLATES``, ``LINKS``; ``DESTS``, ``VARS``), and where the built-in
-templates are (``builtin_template``). It imports nothing of ``recipe`` or
-``inputs``: ``recipe`` builds the ``[guest]`` schema from ``TEMPLATE_NAMES``
-and checks ``VARS``; ``inputs`` resolves ``ENTRIES`` in the same loop as the
-recipe's own entries.
+templates and agents are (``builtin_template``, ``builtin_agent``). It
+imports nothing of ``recipe`` or ``inputs``: ``recipe`` builds the
+``[guest]`` schema from ``TEMPLATE_NAMES`` and checks ``VARS``; ``inputs``
+resolves ``ENTRIES`` in the same loop as the recipe's own entries.
 """
 
 from __future__ import annotations
@@ -30,14 +38,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 from banger_build import builtins
 from banger_build.errors import InputError, Reason
 
 OWNER = "0:0"
-AGENT_DEST = "/usr/local/bin/banger-vsock-agent"
+AGENT_NAME = "banger-vsock-agent"
+AGENT_DEST = f"/usr/local/bin/{AGENT_NAME}"
 AGENT_MODE = 0o755
 UNIT_DIR = "/etc/systemd/system"
 WANTS_DIR = f"{UNIT_DIR}/multi-user.target.wants"
@@ -46,7 +57,7 @@ MARKER = "/var/lib/banger/first-boot-pending"
 
 @dataclass(frozen=True)
 class BuiltinFile:
-    """The agent: the file ``[guest] agent`` names, copied to ``dest``."""
+    """The agent: the file ``[guest] agent`` names, else the built-in one, copied to ``dest``."""
 
     dest: str
     mode: int
@@ -174,3 +185,45 @@ def template_dir() -> Traversable:
 
 def builtin_template(name: str) -> Traversable:
     return template_dir() / f"{name}.j2"
+
+
+# -- the built-in agents: package data, or the checkout's agents/out -----------------
+
+
+def agent_dirs() -> list[Path]:
+    """Where built-in agents are looked for: the installed package data
+    (``banger_build/agents``), then a source checkout's ``agents/out``."""
+    package = resources.files("banger_build")
+    if not isinstance(package, Path):  # a zip import: its data cannot be a build input
+        return []
+    return [package / "agents", package.parent / "agents" / "out"]
+
+
+def builtin_agents() -> list[str]:
+    """The architectures a built-in agent exists for, sorted."""
+    found = {
+        p.name.removeprefix(f"{AGENT_NAME}-")
+        for d in agent_dirs()
+        if d.is_dir()
+        for p in d.glob(f"{AGENT_NAME}-*")
+        if p.is_file()
+    }
+    return sorted(found)
+
+
+def builtin_agent(platform: str, arch: str) -> Path:
+    """The built-in agent for ``arch`` (``platform`` as the recipe says it), or the
+    InputError saying how to get one."""
+    for directory in agent_dirs():
+        path = directory / f"{AGENT_NAME}-{arch}"
+        if path.is_file():
+            return path
+    have = builtin_agents()
+    looked = " and ".join(str(d) for d in agent_dirs()) or "a zip import, which cannot hold it"
+    raise InputError(
+        f"no built-in guest agent for {platform} in this installation (looked in {looked}; "
+        f"built in: {', '.join(have) or 'none'}): build it with agents/build {arch} in a "
+        "checkout (Debian's gcc for that architecture) and install from there, set "
+        "guest.agent to a banger-vsock-agent binary, or set guest.agents = false",
+        reason=Reason.AGENT_MISSING,
+    )

@@ -38,6 +38,7 @@ from banger_build.entries import Injected as Injected
 from banger_build.entries import Staged as Staged
 from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
+from banger_build.oci.reference import Platform
 from banger_build.recipe import GuestSpec, KernelSpec, Recipe
 from banger_build.sources import SourceRefused, SourceRoots, hash_regular, open_regular
 from banger_build.sources import hash_tree as hash_tree
@@ -63,6 +64,7 @@ class FileEntry:
     owner_where: Where
     what: str = "file"  # how errors name the source
     hint: str = ""  # added to "does not exist"
+    roots: SourceRoots | None = None  # where the source may lie (None: the recipe's roots)
 
 
 @dataclass(frozen=True)
@@ -120,23 +122,19 @@ def entries(recipe: Recipe) -> list[Entry]:
     for s in recipe.symlinks:
         out.append(LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where))
     if recipe.guest is not None:
-        out.extend(guest_entries(recipe.guest, roots))
+        out.extend(guest_entries(recipe.guest, roots, recipe.platform))
     return out
 
 
-def guest_entries(spec: GuestSpec, roots: SourceRoots) -> Iterator[Entry]:
-    """``guest.ENTRIES`` as entries: the agent from ``[guest] agent``, each template
-    built in or replaced under ``[guest.templates]``; all at the [guest] table's position
-    unless a key of the recipe names them."""
+def guest_entries(spec: GuestSpec, roots: SourceRoots, platform: Platform) -> Iterator[Entry]:
+    """``guest.ENTRIES`` as entries: the agent from ``[guest] agent`` (else the built-in
+    one for ``platform``), each template built in or replaced under ``[guest.templates]``;
+    all at the [guest] table's position unless a key of the recipe names them."""
     table = spec.table_where or spec.where
     overrides = {o.name: o for o in spec.templates}
     for e in guest.ENTRIES:
         if isinstance(e, guest.BuiltinFile):
-            yield FileEntry(
-                spec.agent, e.dest, e.mode, guest.OWNER, spec.agent_sha256, spec.where,
-                spec.where, spec.where, what="the guest agent",
-                hint=" (build it, or set guest.agents = false)",
-            )  # fmt: skip
+            yield _agent_entry(spec, e, platform)
         elif isinstance(e, guest.BuiltinTemplate):
             override = overrides.get(e.name)
             if override is None:
@@ -147,6 +145,24 @@ def guest_entries(spec: GuestSpec, roots: SourceRoots) -> Iterator[Entry]:
                 yield TemplateEntry(job, e.dest, e.mode, guest.OWNER, override.where, table)
         else:
             yield LinkEntry(e.dest, e.target, guest.OWNER, table, table)
+
+
+def _agent_entry(spec: GuestSpec, e: guest.BuiltinFile, platform: Platform) -> FileEntry:
+    if spec.agent is not None:
+        return FileEntry(
+            spec.agent, e.dest, e.mode, guest.OWNER, spec.agent_sha256, spec.where,
+            spec.where, spec.where, what="the guest agent",
+            hint=" (build it, or set guest.agents = false)",
+        )  # fmt: skip
+    try:
+        agent = guest.builtin_agent(str(platform), platform.architecture)
+    except InputError as exc:
+        raise InputError(f"{spec.where}: {exc}", reason=exc.reason) from None
+    return FileEntry(
+        agent, e.dest, e.mode, guest.OWNER, spec.agent_sha256, spec.where, spec.where,
+        spec.where, what=f"the built-in guest agent for {platform}",
+        roots=SourceRoots((agent.parent.resolve(),)),
+    )  # fmt: skip
 
 
 def template_job(src: Path | Builtin, roots: SourceRoots, where: Where) -> TemplateJob:
@@ -173,7 +189,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     out: list[Injected] = []
     for e in items:  # files and links first: a missing file is said before any rendering
         if isinstance(e, FileEntry):
-            digest = _hash_file(e, recipe.source_roots)
+            digest = _hash_file(e, e.roots or recipe.source_roots)
             out.append(
                 Injected(
                     e.dest, "file", e.mode, e.owner, digest, source=e.src,

@@ -19,7 +19,7 @@ A new section is one more entry in ``RECIPE_SCHEMA`` and a few lines in
 
     [guest]                       # the built-in guest asset set (banger_build.guest)
     agents = true                 # default true; false: none of it is injected
-    agent = "bin/banger-vsock-agent"   # required when agents = true
+    agent = "bin/banger-vsock-agent"   # default: the built-in one for the platform
     agent_sha256 = "<64 hex>"     # optional pin of the agent's bytes
     [guest.templates]             # replace built-in templates by name
     "banger-network-bootstrap" = "my-network.j2"
@@ -148,10 +148,10 @@ class TemplateOverride:
 class GuestSpec:
     """``[guest]`` with ``agents = true``: inject the built-in set (``banger_build.guest``)."""
 
-    agent: Path  # the banger-vsock-agent binary
+    agent: Path | None  # the banger-vsock-agent binary; None: the built-in one
     agent_sha256: str | None
     templates: tuple[TemplateOverride, ...]  # in file order
-    where: Where  # the guest.agent key
+    where: Where  # the guest.agent key, else the [guest] table
     table_where: Where | None = None  # the [guest] table: where the built-in entries point
 
 
@@ -404,10 +404,12 @@ GUEST_SCHEMA: Schema = {
         example="agents = false",
     ),
     "agent": Key(
-        (STRING,), convert=convert_src, default="required when `agents` is true",
-        doc="the banger-vsock-agent binary, relative to the recipe "
-        "(`agents/build` makes one)",
-        example='agent = "../agents/out/banger-vsock-agent"',
+        (STRING,), convert=convert_src,
+        default="the built-in agent for the recipe's platform",
+        doc="the banger-vsock-agent binary, relative to the recipe; without it, the one "
+        "the package ships for the platform's architecture (`agents/build` makes them "
+        "before the package is built: amd64, arm64)",
+        example='agent = "bin/banger-vsock-agent"',
     ),
     "agent_sha256": Key(
         (STRING,), convert=convert_sha256, default="none",
@@ -684,23 +686,15 @@ def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
     """``[guest]`` -> GuestSpec, or None when absent or switched off."""
     if g is None or not g.get("agents", True):
         return None
-    if "agent" not in g:
-        raise doc.error(
-            ("guest", "agent"),
-            "missing required key 'agent' (the banger-vsock-agent binary, relative to the "
-            "recipe), or set agents = false to build without the guest set",
-            Reason.MISSING_KEY,
-            at=("guest",),
-        )
     overrides = tuple(
         TemplateOverride(name, src, doc.where(("guest", "templates", name)))
         for name, src in g.get("templates", {}).items()
     )
     return GuestSpec(
-        g["agent"],
+        g.get("agent"),
         g.get("agent_sha256"),
         overrides,
-        doc.where(("guest", "agent")),
+        doc.where(("guest", "agent") if "agent" in g else ("guest",)),
         doc.where(("guest",)),
     )
 

@@ -7,6 +7,7 @@ from agents/ into a temp dir with agents/build (gcc, libc6-dev).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -31,6 +32,7 @@ from banger_build.inputs import Injected, resolve_injected, resolve_kernel
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
 from banger_build.oci.reference import Digest
 from banger_build.recipe import Recipe, load_recipe
+from banger_build.vsock import AgentPing
 from tests.support.e2e import BASE, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import fsck, read_image
 from tests.support.registry import RegistryServer
@@ -226,13 +228,43 @@ def test_agent_sha256_pin(tmp_path: Path) -> None:
 # -- errors name the recipe position ----------------------------------------------------
 
 
-def test_missing_agent_key_is_an_error_at_the_guest_table(tmp_path: Path) -> None:
+def test_without_an_agent_key_the_built_in_agent_of_the_platform_is_injected(
+    tmp_path: Path,
+) -> None:
     path = recipe_file(tmp_path, "agents = true\n")
-    err = recipe_error(path)
+    original = path.read_text()
+    for platform, arch in (("linux/amd64", "amd64"), ("linux/arm64/v8", "arm64")):
+        ref = 'ref = "debian:bookworm"\n'
+        path.write_text(original.replace(ref, f'{ref}platform = "{platform}"\n'))
+        recipe = load_recipe(path)
+        assert recipe.guest is not None and recipe.guest.agent is None
+        agent = by_dest(resolve_injected(recipe))[guest.AGENT_DEST]
+        built = REPO / "agents" / "out" / f"banger-vsock-agent-{arch}"  # scripts/setup made it
+        assert agent.source == built and agent.mode == 0o755 and agent.owner == "0:0"
+        assert agent.sha256 == hashlib.sha256(built.read_bytes()).hexdigest()
+        assert guest.builtin_agent(platform, arch) == built
+    assert {"amd64", "arm64"} <= set(guest.builtin_agents())
+
+
+def test_no_built_in_agent_for_the_platform_is_one_line_at_the_guest_table(
+    tmp_path: Path,
+) -> None:
+    path = recipe_file(tmp_path, "agents = true\n")
+    path.write_text(
+        path.read_text().replace(
+            'ref = "debian:bookworm"\n', 'ref = "debian:bookworm"\nplatform = "linux/riscv64"\n'
+        )
+    )
+    with pytest.raises(InputError) as info:
+        resolve_injected(load_recipe(path))
     line = path.read_text().splitlines().index("[guest]") + 1
-    assert (err.reason, err.line, err.col, err.key) == ("missing-key", line, 1, "guest.agent")
-    assert str(err).startswith(f"{path}:{line}:1: guest.agent: missing required key 'agent'")
-    assert "agents = false" in str(err)
+    message = str(info.value)
+    assert info.value.reason == "agent-missing" and "\n" not in message
+    assert message.startswith(
+        f"{path}:{line}:1: guest: no built-in guest agent for linux/riscv64 in this installation"
+    )
+    assert "agents/build riscv64" in message and "guest.agent" in message
+    assert "guest.agents = false" in message and "built in: amd64, arm64" in message
 
 
 def test_missing_agent_file_is_an_error_at_the_agent_key(tmp_path: Path) -> None:
@@ -740,20 +772,36 @@ def test_build_injects_the_set(tmp_path: Path, registry: RegistryServer) -> None
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """agents/build run on a copy of agents/ in a temp dir."""
+def agents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """agents/build run on a copy of agents/ in a temp dir: arch -> agent."""
     work = tmp_path_factory.mktemp("agent") / "agents"
     work.mkdir()
     for name in ("build", "banger-vsock-agent.c"):
         shutil.copy2(REPO / "agents" / name, work / name)
     proc = subprocess.run(["sh", str(work / "build")], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    return work / "out" / "banger-vsock-agent"
+    built = {p.name.rpartition("-")[2]: p for p in (work / "out").iterdir()}
+    assert set(built) == {"amd64", "arm64"}
+    return built
 
 
-def test_agent_build_is_static_and_reproducible(agent: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def agent(agents: dict[str, Path]) -> Path:
+    """The agent for this (amd64) host."""
+    return agents["amd64"]
+
+
+ELF_MACHINE = {"amd64": 62, "arm64": 183}  # EM_X86_64, EM_AARCH64
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_agent_build_is_static_and_reproducible(
+    agents: dict[str, Path], arch: str, tmp_path: Path
+) -> None:
+    agent = agents[arch]
     data = agent.read_bytes()
     assert data[:4] == b"\x7fELF" and stat.S_IMODE(agent.stat().st_mode) == 0o755
+    assert struct.unpack_from("<H", data, 0x12)[0] == ELF_MACHINE[arch]
     # no PT_INTERP program header: statically linked
     (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
@@ -764,25 +812,41 @@ def test_agent_build_is_static_and_reproducible(agent: Path, tmp_path: Path) -> 
     other.mkdir(parents=True)
     for name in ("build", "banger-vsock-agent.c"):
         shutil.copy2(REPO / "agents" / name, other / name)
-    proc = subprocess.run(["sh", "-c", 'umask 077 && exec sh "$0"', str(other / "build")],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(["sh", "-c", 'umask 077 && exec sh "$0" "$1"', str(other / "build"),
+                           arch], capture_output=True, text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert (other / "out" / "banger-vsock-agent").read_bytes() == data
-    assert stat.S_IMODE((other / "out" / "banger-vsock-agent").stat().st_mode) == 0o755
+    assert [p.name for p in (other / "out").iterdir()] == [agent.name]  # only the one asked for
+    assert (other / "out" / agent.name).read_bytes() == data
+    assert stat.S_IMODE((other / "out" / agent.name).stat().st_mode) == 0o755
 
 
-@pytest.fixture
-def activated_agent(agent: Path, tmp_path: Path) -> Iterator[Path]:
-    """The agent serving a UNIX socket handed over by socket activation (LISTEN_FDS)."""
-    path = tmp_path / "agent.sock"
+def test_agent_build_says_what_is_missing(tmp_path: Path) -> None:
+    work = tmp_path / "agents"
+    work.mkdir()
+    for name in ("build", "banger-vsock-agent.c"):
+        shutil.copy2(REPO / "agents" / name, work / name)
+    env = {**os.environ, "CC_arm64": "no-such-gcc"}
+    proc = subprocess.run(["sh", str(work / "build"), "arm64"], capture_output=True, text=True,
+                          env=env, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "no-such-gcc not found: install the Debian packages gcc-aarch64-linux-gnu" in proc.stderr
+    proc = subprocess.run(["sh", str(work / "build"), "riscv64"], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2 and "unknown architecture riscv64" in proc.stderr
+
+
+@contextlib.contextmanager
+def activated(agent: Path, path: Path, runner: tuple[str, ...] = ()) -> Iterator[Path]:
+    """``agent`` serving a UNIX socket handed over by socket activation (LISTEN_FDS),
+    run through ``runner`` (qemu-user for another architecture's agent)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
     fd = listener.fileno()
     # systemd's convention: the socket is fd 3, LISTEN_PID the service's own pid
-    shell = 'export LISTEN_FDS=1 LISTEN_PID=$$; exec "$0" 3<&"$1"'
-    proc = subprocess.Popen(["bash", "-c", shell, str(agent), str(fd)], pass_fds=(fd,),
-                            env={}, stderr=subprocess.PIPE)  # fmt: skip
+    shell = 'export LISTEN_FDS=1 LISTEN_PID=$$; fd=$1; shift; exec "$@" 3<&"$fd"'
+    proc = subprocess.Popen(["bash", "-c", shell, "sh", str(fd), *runner, str(agent)],
+                            pass_fds=(fd,), env={}, stderr=subprocess.PIPE)  # fmt: skip
     listener.close()
     try:
         yield path
@@ -792,6 +856,38 @@ def activated_agent(agent: Path, tmp_path: Path) -> Iterator[Path]:
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.fixture
+def activated_agent(agent: Path, tmp_path: Path) -> Iterator[Path]:
+    with activated(agent, tmp_path / "agent.sock") as path:
+        yield path
+
+
+def test_the_arm64_agent_answers_under_qemu_user(agents: dict[str, Path], tmp_path: Path) -> None:
+    qemu = shutil.which("qemu-aarch64-static")
+    assert qemu is not None, "qemu-aarch64-static is missing (scripts/setup: qemu-user-static)"
+    with activated(agents["arm64"], tmp_path / "arm64.sock", (qemu,)) as path:
+        assert ask(path, b"ping\nstatus\n") == b"pong\nerror: unknown command\n"
+
+
+def test_agent_ping_retries_until_the_agent_answers(agent: Path, tmp_path: Path) -> None:
+    """boot --ping-agent's pinger against the real agent (a UNIX socket here: vsock
+    needs a VM); it keeps trying while nothing listens yet."""
+    path = tmp_path / "late.sock"
+    pinger = AgentPing(str(path), socket.AF_UNIX)
+    pinger.start()
+    time.sleep(1.5)  # refused meanwhile: no agent yet
+    assert not pinger.done() and pinger.attempts >= 1 and pinger.answer is None
+    with activated(agent, path):
+        deadline = time.monotonic() + 20
+        while not pinger.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    pinger.stop()
+    assert pinger.answer == "pong" and pinger.attempts >= 2
+    assert pinger.where() == str(path)
+    silent = AgentPing((3, 1024))  # vsock: no such guest here
+    assert silent.where() == "vsock cid 3 port 1024"
 
 
 def ask(path: Path, data: bytes) -> bytes:

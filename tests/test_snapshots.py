@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from banger_build import ext4
+from banger_build import ext4, guest
 from banger_build.derivation import derive
 from banger_build.inputs import resolve_injected, resolve_kernel, template_context
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
@@ -35,15 +36,20 @@ STAND_IN_AGENT = b"\x7fELF stand-in for agents/out/banger-vsock-agent\n"
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of recipes/, examples/ and templates/ with a fixed stand-in agent."""
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of recipes/, examples/ and templates/; the built-in agents are fixed
+    stand-ins (the recipes use them) while the module's tests run."""
     top = tmp_path_factory.mktemp("repo")
     (top / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
     for name in ("recipes", "examples", "templates"):
         shutil.copytree(REPO / name, top / name, ignore=shutil.ignore_patterns("*.lock"))
-    (top / "agents" / "out").mkdir(parents=True)
-    (top / "agents" / "out" / "banger-vsock-agent").write_bytes(STAND_IN_AGENT)
-    return top
+    agents = top / "agents" / "out"
+    agents.mkdir(parents=True)
+    for arch in ("amd64", "arm64"):
+        (agents / f"banger-vsock-agent-{arch}").write_bytes(STAND_IN_AGENT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(guest, "agent_dirs", lambda: [agents])
+        yield top
 
 
 #: A fixed stand-in for the registry's answer, so keys depend only on the recipe.

@@ -48,8 +48,8 @@ size = "auto+256MiB"                 # what the image needs, plus 256 MiB free
 [vars]                               # what the templates see, besides recipe.*
 hostname = "{hostname}"
 
-# banger's guest set (the vsock agent, network and first-boot units) needs the
-# agent binary: [guest] agent = "path/to/banger-vsock-agent". Off here.
+# banger's guest set (the vsock agent, network and first-boot units, with the
+# agent banger-build ships for the platform): drop agents = false. Off here.
 [guest]
 agents = false
 

@@ -4,7 +4,8 @@ The default python3 here lives under /root (pyenv), which other users cannot
 read, so the tool is installed (non-editable) into a venv made from Debian's
 ``/usr/bin/python3`` in a world-readable directory:
 ``/var/tmp/banger-build-unpriv-<hash16>/venv``, where the hash covers
-pyproject.toml, banger_build/** and templates/**. It is built once per
+pyproject.toml, banger_build/**, templates/** and the built guest agents
+(agents/out, the package data banger_build/agents). It is built once per
 source state (under an flock) and reused across sessions.
 
 Fixtures:
@@ -72,7 +73,12 @@ def source_files(repo: Path = REPO_ROOT) -> list[Path]:
         for path in sorted((repo / top).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 files.append(path)
-    return files
+    return files + built_agents(repo)
+
+
+def built_agents(repo: Path = REPO_ROOT) -> list[Path]:
+    """What agents/build left in agents/out (the package ships them)."""
+    return sorted((repo / "agents" / "out").glob("banger-vsock-agent-*"))
 
 
 def source_hash(repo: Path = REPO_ROOT) -> str:
@@ -158,6 +164,9 @@ def _install(root: Path, repo: Path) -> None:
     for top in ("banger_build", "templates"):
         if (repo / top).is_dir():
             shutil.copytree(repo / top, src / top, ignore=_COPY_IGNORE)
+    (src / "agents" / "out").mkdir(parents=True)
+    for agent in built_agents(repo):
+        shutil.copy2(agent, src / "agents" / "out")
     env = {
         "PATH": PATH,
         "HOME": os.environ.get("HOME", "/root"),
@@ -238,10 +247,14 @@ def _copy_dependencies(venv: Path) -> bool:
 
 def _place_project(src: Path, venv: Path) -> None:
     """Install the project as pyproject.toml lays it out (templates/ becomes
-    banger_build/templates), with its ``banger-build`` console script."""
+    banger_build/templates, agents/out banger_build/agents), with its
+    ``banger-build`` console script."""
     (site,) = (venv / "lib").glob("python3.*/site-packages")
     shutil.copytree(src / "banger_build", site / "banger_build", ignore=_COPY_IGNORE)
     shutil.copytree(src / "templates", site / "banger_build" / "templates", ignore=_COPY_IGNORE)
+    (site / "banger_build" / "agents").mkdir()
+    for agent in sorted((src / "agents" / "out").glob("banger-vsock-agent-*")):
+        shutil.copy2(agent, site / "banger_build" / "agents")
     script = venv / "bin" / "banger-build"
     script.write_text(
         f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom banger_build.cli import entry_point\n"
