@@ -38,6 +38,7 @@ _PACKAGES = {
     "debugfs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
 }
 
 

@@ -6,9 +6,11 @@ busybox initramfs of tests/support/kernel.py."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -18,22 +20,28 @@ from pathlib import Path
 import pytest
 
 from banger_build import boot as bootmod
+from banger_build import kvm
 from banger_build.boot import (
     BootError,
     BootOptions,
     BootTarget,
     Console,
     boot,
-    choose_accel,
-    host_tsc_khz,
-    kernel_cmdline,
-    qemu_argv,
     resolve_target,
     sparse_copy,
 )
 from banger_build.cli import main
 from banger_build.errors import InputError
+from banger_build.kvm import ProbeCache, choose_accel
+from banger_build.machines import (
+    MACHINES,
+    host_tsc_khz,
+    kernel_arch,
+    kernel_cmdline,
+    qemu_argv,
+)
 from banger_build.run import find_tool
+from banger_build.vsock import no_vsock_reason
 from tests.support.kernel import KernelFiles
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer
@@ -52,22 +60,43 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture
-def store_path(tmp_path: Path) -> Iterator[Path]:
+AMD64, ARM64 = MACHINES["amd64"], MACHINES["arm64"]
+
+
+def fake_store_path(path: Path, platform: str = "linux/amd64", kernel: bytes = b"bzImage") -> Path:
     """A read-only store path of fake files (enough for everything but a real boot)."""
-    path = tmp_path / "store" / "0123-fake"
     path.mkdir(parents=True)
     with open(path / "rootfs.ext4", "wb") as f:
         f.write(b"ext4 head")
         f.truncate(8 << 20)
-    (path / "manifest.json").write_text("{}\n")
-    (path / "vmlinux").write_bytes(b"bzImage")
+    (path / "manifest.json").write_text(json.dumps({"image": {"platform": platform}}) + "\n")
+    (path / "vmlinux").write_bytes(kernel)
     (path / "initrd.img").write_bytes(b"initrd")
     for p in path.iterdir():
         p.chmod(0o444)
     path.chmod(0o555)
+    return path
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Iterator[Path]:
+    path = fake_store_path(tmp_path / "store" / "0123-fake")
     yield path
     path.chmod(0o755)
+
+
+def bzimage() -> bytes:
+    """The start of an x86 boot image: the setup header's "HdrS" at 0x202."""
+    head = bytearray(1024)
+    head[0x202:0x206] = b"HdrS"
+    return bytes(head)
+
+
+def arm64_image() -> bytes:
+    """The start of an arm64 Image: "ARM\\x64" at 56."""
+    head = bytearray(1024)
+    head[56:60] = b"ARM\x64"
+    return bytes(head)
 
 
 # ------------------------------------------------------------------ command line
@@ -76,11 +105,14 @@ def store_path(tmp_path: Path) -> Iterator[Path]:
 def test_qemu_argv_for_a_store_path(store_path: Path, tmp_path: Path) -> None:
     target = resolve_target(store_path)
     assert target == BootTarget(
-        store_path / "rootfs.ext4", store_path / "vmlinux", store_path / "initrd.img"
+        store_path / "rootfs.ext4", store_path / "vmlinux", store_path / "initrd.img", "amd64"
     )
     disk = tmp_path / "copy" / "rootfs.ext4"
-    cmdline = kernel_cmdline("quiet systemd.unit=multi-user.target", 2445426)
-    argv = qemu_argv("qemu", target, disk, accel="tcg", memory=512, cmdline=cmdline)
+    cmdline = kernel_cmdline(AMD64, "quiet systemd.unit=multi-user.target", 2445426)
+    argv = qemu_argv(
+        AMD64, target.kernel, target.initrd, disk, qemu="qemu", accel="tcg", memory=512,
+        cmdline=cmdline,
+    )  # fmt: skip
 
     def value(flag: str) -> str:
         return argv[argv.index(flag) + 1]
@@ -99,17 +131,86 @@ def test_qemu_argv_for_a_store_path(store_path: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     assert value("-drive") == f"id=root,file={disk},format=raw,if=none"
     assert value("-device") == "virtio-blk-device,drive=root"
+    assert "-cpu" not in argv and "-netdev" not in argv
     assert "vhost-vsock-device" not in " ".join(argv)
     assert str(store_path / "rootfs.ext4") not in argv  # only ever the copy
 
-    with_vsock = qemu_argv("q", target, disk, accel="kvm", memory=256, cmdline="", vsock_cid=7)
-    assert with_vsock[-2:] == ["-device", "vhost-vsock-device,guest-cid=7"]
-    assert "kvm" in with_vsock and "256" in with_vsock
+    with_vsock = qemu_argv(
+        AMD64, target.kernel, None, disk, accel="kvm", memory=256, cmdline="", vsock_cid=7,
+        network=True,
+    )  # fmt: skip
+    assert with_vsock[0] == "qemu-system-x86_64"
+    assert with_vsock[-6:] == [
+        "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
+        "-device", "vhost-vsock-device,guest-cid=7",
+    ]  # fmt: skip
+    assert "kvm" in with_vsock and "256" in with_vsock and "-initrd" not in with_vsock
+
+
+def test_an_arm64_image_gets_the_arm64_machine(tmp_path: Path) -> None:
+    path = fake_store_path(tmp_path / "arm", "linux/arm64/v8", arm64_image())
+    target = resolve_target(path)
+    assert target.arch == "arm64"
+    cmdline = kernel_cmdline(ARM64, "quiet", 2445426, network=True)
+    assert cmdline.split() == [
+        "console=ttyAMA0", "root=/dev/vda", "rw", "panic=-1",  # no tsc_early_khz: x86 only
+        "banger.ip=10.0.2.15/24", "banger.gw=10.0.2.2", "banger.dns=10.0.2.3", "quiet",
+    ]  # fmt: skip
+    argv = qemu_argv(
+        ARM64, target.kernel, target.initrd, tmp_path / "d", accel="tcg", memory=512,
+        cmdline=cmdline, network=True,
+    )  # fmt: skip
+    assert argv[:5] == ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg"]
+    assert argv[argv.index("-cpu") + 1] == "max"
+    kvm_argv = qemu_argv(ARM64, target.kernel, None, None, accel="kvm", memory=512, cmdline="")
+    assert kvm_argv[kvm_argv.index("-cpu") + 1] == "host"
+    assert "virtio-blk-device,drive=root" in argv and "virtio-net-device,netdev=net0" in argv
+
+
+def test_the_image_platform_decides_and_a_kernel_of_another_arch_is_refused(
+    tmp_path: Path,
+) -> None:
+    arm = fake_store_path(tmp_path / "arm", "linux/arm64", bzimage())
+    with pytest.raises(BootError, match="is an amd64 kernel, but the image is for arm64") as exc:
+        resolve_target(arm)
+    assert exc.value.reason == "kernel-arch-mismatch"
+    assert "the store path's kernel" in str(exc.value) and "--kernel PATH" in str(exc.value)
+    image = tmp_path / "Image"
+    image.write_bytes(arm64_image())
+    assert resolve_target(arm, image).kernel == image  # --kernel: the right one
+    amd = fake_store_path(tmp_path / "amd", "linux/amd64", bzimage())
+    code, _, err = run_cli("boot", str(amd), "--kernel", str(image), "--accel", "tcg")
+    assert code == 1 and "Traceback" not in err
+    assert f"--kernel {image} is an arm64 kernel, but the image is for amd64" in err
+
+    odd = fake_store_path(tmp_path / "riscv", "linux/riscv64")
+    with pytest.raises(BootError, match="no emulator for riscv64 images") as exc:
+        boot(resolve_target(odd), BootOptions())
+    assert exc.value.reason == "unsupported-arch"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rootfs.ext4").write_bytes(b"")
+    (tmp_path / "old" / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="records no image platform") as exc:
+        resolve_target(tmp_path / "old")
+    assert exc.value.reason == "no-platform"
+
+
+def test_kernel_arch_reads_the_header(tmp_path: Path) -> None:
+    for name, data, arch in (
+        ("bz", bzimage(), "amd64"),
+        ("image", arm64_image(), "arm64"),
+        ("image.gz", gzip.compress(arm64_image() + b"x" * 4096), "arm64"),
+        ("other", b"\x7fELF" + bytes(2048), None),
+        ("short", b"", None),
+    ):
+        (tmp_path / name).write_bytes(data)
+        assert kernel_arch(tmp_path / name) == arch, name
+    assert kernel_arch(tmp_path / "missing") is None
 
 
 def test_drive_path_commas_are_escaped(store_path: Path) -> None:
     argv = qemu_argv(
-        "q", resolve_target(store_path), Path("/tmp/a,b/rootfs.ext4"),
+        AMD64, store_path / "vmlinux", None, Path("/tmp/a,b/rootfs.ext4"),
         accel="tcg", memory=512, cmdline="",
     )  # fmt: skip
     assert "id=root,file=/tmp/a,,b/rootfs.ext4,format=raw,if=none" in argv
@@ -122,7 +223,7 @@ def test_host_tsc_khz(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\n")
     assert host_tsc_khz(cpuinfo) is None
     assert host_tsc_khz(tmp_path / "missing") is None
-    assert "tsc_early_khz" not in kernel_cmdline("", None)
+    assert "tsc_early_khz" not in kernel_cmdline(AMD64, "", None)
 
 
 def test_kernel_and_initrd_overrides(store_path: Path, tmp_path: Path) -> None:
@@ -131,7 +232,7 @@ def test_kernel_and_initrd_overrides(store_path: Path, tmp_path: Path) -> None:
     initrd.write_bytes(b"i")
     assert resolve_target(store_path, kernel).initrd is None  # the staged one is the other kernel's
     assert resolve_target(store_path, kernel, initrd) == BootTarget(
-        store_path / "rootfs.ext4", kernel, initrd
+        store_path / "rootfs.ext4", kernel, initrd, "amd64"
     )
     assert resolve_target(store_path, None, initrd).kernel == store_path / "vmlinux"
     with pytest.raises(InputError, match="--kernel .*nope: no such file"):
@@ -140,7 +241,8 @@ def test_kernel_and_initrd_overrides(store_path: Path, tmp_path: Path) -> None:
 
 def test_store_path_without_a_kernel(tmp_path: Path) -> None:
     (tmp_path / "rootfs.ext4").write_bytes(b"")
-    with pytest.raises(InputError, match=r"no kernel \(vmlinux\).*--kernel PATH") as exc:
+    (tmp_path / "manifest.json").write_text('{"image": {"platform": "linux/arm64"}}')
+    with pytest.raises(InputError, match=r"no kernel \(vmlinux\).*--kernel PATH \(an arm64") as exc:
         resolve_target(tmp_path)
     assert exc.value.reason == "no-kernel"
     code, _, err = run_cli("boot", str(tmp_path))
@@ -178,7 +280,11 @@ def test_bad_options_are_input_errors(store_path: Path) -> None:
     with pytest.raises(InputError, match="--memory"):
         boot(target, BootOptions(memory=16))
     with pytest.raises(InputError, match="--accel"):
-        choose_accel("fast", "qemu", target, 512, None)
+        boot(target, BootOptions(accel="fast"))
+    with pytest.raises(InputError, match="--network"):
+        boot(target, BootOptions(network="tap"))
+    with pytest.raises(InputError, match="--agent-port"):
+        boot(target, BootOptions(agent_port=0))
 
 
 def test_missing_qemu_is_a_tool_error(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,31 +301,93 @@ def test_missing_qemu_is_a_tool_error(store_path: Path, monkeypatch: pytest.Monk
 # -------------------------------------------------------------------- acceleration
 
 
-def test_accel_choice(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = resolve_target(store_path)
+def fake_version_qemu(path: Path, version: str) -> str:
+    path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_accel_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probes: list[str] = []
 
-    def probe(qemu: str, *_: object) -> bool:
-        probes.append(qemu)
+    def probe() -> bool:
+        probes.append("probe")
         return False
 
-    monkeypatch.setattr(bootmod, "probe_kvm", probe)
-    monkeypatch.setattr(bootmod, "_probed", {})
-    monkeypatch.setattr(bootmod, "kvm_available", lambda: False)
-    assert choose_accel("auto", "qemu", target, 512, None) == "tcg"
+    qemu = fake_version_qemu(tmp_path / "qemu", "7.2.0")
+    monkeypatch.setattr(kvm, "_probed", {})
+    monkeypatch.setattr(kvm, "host_machine", lambda: "x86_64")
+    monkeypatch.setattr(kvm, "kvm_available", lambda: False)
+    cache = ProbeCache(None)
+    assert choose_accel("auto", AMD64, qemu, probe, cache) == "tcg"
     with pytest.raises(BootError, match="/dev/kvm") as exc:
-        choose_accel("kvm", "qemu", target, 512, None)
+        choose_accel("kvm", AMD64, qemu, probe, cache)
     assert exc.value.reason == "no-kvm"
     assert probes == []
 
-    monkeypatch.setattr(bootmod, "kvm_available", lambda: True)
-    assert choose_accel("tcg", "qemu", target, 512, None) == "tcg"
-    assert choose_accel("kvm", "qemu", target, 512, None) == "kvm"  # asked for: no probe
+    monkeypatch.setattr(kvm, "kvm_available", lambda: True)
+    assert choose_accel("tcg", AMD64, qemu, probe, cache) == "tcg"
+    assert choose_accel("kvm", AMD64, qemu, probe, cache) == "kvm"  # asked for: no probe
     notes: list[str] = []
-    assert choose_accel("auto", "qemu", target, 512, None, notes.append) == "tcg"
-    assert choose_accel("auto", "qemu", target, 512, None) == "tcg"
-    assert probes == ["qemu"]  # once per process and kernel
+    assert choose_accel("auto", AMD64, qemu, probe, cache, notes.append) == "tcg"
+    assert choose_accel("auto", AMD64, qemu, probe, cache) == "tcg"
+    assert probes == ["probe"]  # once per process
     assert notes[-1] == "KVM probe failed: using TCG"
+
+    # an arm64 guest on this x86_64 host: never KVM, never a probe
+    notes.clear()
+    assert choose_accel("auto", ARM64, qemu, probe, cache, notes.append) == "tcg"
+    assert notes == ["an arm64 guest on a x86_64 host: TCG"]
+    with pytest.raises(BootError, match="an arm64 guest cannot use KVM on this x86_64 host") as exc:
+        choose_accel("kvm", ARM64, qemu, probe, cache)
+    assert exc.value.reason == "no-kvm" and probes == ["probe"]
+
+
+def test_the_kvm_probe_answer_is_kept_per_host_kernel_and_qemu_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = [True]
+    probes: list[bool] = []
+
+    def probe() -> bool:
+        probes.append(answers[0])
+        return answers[0]
+
+    monkeypatch.setattr(kvm, "host_machine", lambda: "x86_64")
+    monkeypatch.setattr(kvm, "kvm_available", lambda: True)
+    path = tmp_path / "cache" / "banger-build" / "kvm-probe.json"
+    qemu = fake_version_qemu(tmp_path / "qemu", "7.2.0")
+
+    def choose(notes: list[str] | None = None) -> str:
+        monkeypatch.setattr(kvm, "_probed", {})  # a new process
+        return choose_accel(
+            "auto",
+            AMD64,
+            qemu,
+            probe,
+            ProbeCache(path),
+            (notes if notes is not None else []).append,
+        )
+
+    assert choose() == "kvm" and probes == [True]
+    key = f"{os.uname().release} | QEMU emulator version 7.2.0 | amd64"
+    assert json.loads(path.read_text()) == {"format": 1, "answers": {key: True}}
+    notes: list[str] = []
+    answers[0] = False
+    assert choose(notes) == "kvm" and probes == [True]  # remembered: no probe
+    assert notes == [f"KVM works (remembered in {path}; delete it to probe again)"]
+
+    fake_version_qemu(tmp_path / "qemu", "8.0.0")  # a new qemu: probed again
+    assert choose() == "tcg" and probes == [True, False]
+    assert len(json.loads(path.read_text())["answers"]) == 2
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "7.0-new", "", "")))
+    assert choose() == "tcg" and probes == [True, False, False]  # a new host kernel too
+
+    path.write_text("not json")  # unreadable: probed again, rewritten
+    assert choose() == "tcg" and len(probes) == 4
+    assert json.loads(path.read_text())["format"] == 1
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kvm.default_cache_path() == tmp_path / "xdg" / "banger-build" / "kvm-probe.json"
 
 
 # ------------------------------------------------------------ console and outcomes
@@ -294,7 +462,8 @@ def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     script.chmod(0o755)
     args = tmp_path / "qemu-args.json"
     monkeypatch.setattr(bootmod, "find_tool", lambda name: str(script))
-    monkeypatch.setattr(bootmod, "kvm_available", lambda: False)
+    monkeypatch.setattr(kvm, "kvm_available", lambda: False)
+    monkeypatch.setattr(bootmod, "vsock_cid", lambda: None)  # as on a host without vhost-vsock
     FakeQemu.set("FAKE_QEMU_ARGS", str(args))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -341,6 +510,63 @@ def test_poweroff_without_expect_succeeds(
     assert result.how == "poweroff"
 
 
+def test_without_expect_a_login_prompt_ends_the_boot(
+    store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t0 = time.monotonic()
+    prompt = "|Debian GNU/Linux 12 banger ttyS0||banger login: "  # no newline after it
+    result, console = fake_boot(monkeypatch, store_path, prompt, sleep="60", timeout=30)
+    assert time.monotonic() - t0 < 20  # stopped at the prompt, not after the sleep
+    assert result.how == "login" and console.endswith(b"banger login: ")
+    with pytest.raises(BootError, match="powered off without printing 'login:'") as exc:
+        fake_boot(monkeypatch, store_path, "reboot: Power down|", expect=("login:",))
+    assert exc.value.reason == "expect-missing"  # asked for: a power-off is not enough
+
+
+def test_the_vm_has_a_user_mode_nic_configured_on_the_command_line(
+    store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_boot(monkeypatch, store_path, "reboot: Power down|", append="banger.ip=10.0.2.99/24")
+    argv = json.loads(fake_qemu.read_text())
+    assert argv[argv.index("-netdev") + 1] == "user,id=net0"
+    assert "virtio-net-device,netdev=net0" in argv
+    words = argv[argv.index("-append") + 1].split()
+    assert words.index("banger.ip=10.0.2.15/24") < words.index("banger.ip=10.0.2.99/24")
+    assert {"banger.gw=10.0.2.2", "banger.dns=10.0.2.3"} <= set(words)  # the last one wins ^
+    fake_boot(monkeypatch, store_path, "reboot: Power down|", network="none")
+    argv = json.loads(fake_qemu.read_text())
+    assert "-netdev" not in argv and "banger.ip" not in argv[argv.index("-append") + 1]
+
+
+def test_an_agent_ping_without_vhost_vsock_is_skipped_with_the_reason(
+    store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    result, _ = fake_boot(monkeypatch, store_path, "x login: ", sleep="60", ping_agent=True)
+    assert result.how == "login" and result.agent is None
+    assert result.agent_skipped == no_vsock_reason()
+    argv = json.loads(fake_qemu.read_text())
+    assert "vhost-vsock-device" not in " ".join(argv)
+    result, _ = fake_boot(monkeypatch, store_path, "x login: ", sleep="60")
+    assert result.agent_skipped is None  # not asked: nothing to say
+    assert no_vsock_reason(str(tmp_path / "none")) == (
+        f"this host has no {tmp_path / 'none'} (load the vhost_vsock module)"
+    )
+    code, _, err = run_cli(
+        "boot",
+        str(store_path),
+        "--accel",
+        "tcg",
+        "--ping-agent",
+        "--timeout",
+        "30",
+        "--home",
+        str(tmp_path / "home"),
+    )
+    assert code == 0, err
+    assert f"banger-build: agent ping skipped: {no_vsock_reason()}" in err
+    assert "the login prompt appeared" in err
+
+
 def test_timeout_kills_qemu_and_says_so(
     store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,7 +575,9 @@ def test_timeout_kills_qemu_and_says_so(
         fake_boot(monkeypatch, store_path, "still booting|", sleep="60", expect=("NEVER",),
                   timeout=1.5)  # fmt: skip
     assert time.monotonic() - t0 < 15
-    with pytest.raises(BootError, match="waiting for the VM to power off") as exc:
+    with pytest.raises(
+        BootError, match="waiting for a login prompt \\('login:'\\) or the VM to power off"
+    ) as exc:
         fake_boot(monkeypatch, store_path, "", sleep="60", timeout=0.5)
     assert exc.value.reason == "boot-timeout"
 
@@ -387,11 +615,11 @@ def test_kvm_probe(store_path: Path, fake_qemu: Path, monkeypatch: pytest.Monkey
     FakeQemu.set("FAKE_QEMU_OUT", "Linux version 6.1|Run /init as init process|")
     FakeQemu.set("FAKE_QEMU_SLEEP", "60")
     qemu = str(fake_qemu.parent / "fake-qemu")
-    assert bootmod.probe_kvm(qemu, target, 512, None)
+    assert bootmod.probe_kvm(AMD64, qemu, target, 512, None)
     argv = json.loads(fake_qemu.read_text())
     assert argv[argv.index("-accel") + 1] == "kvm" and "-drive" not in argv
     FakeQemu.set("FAKE_QEMU_OUT", "Probing EDD (edd=off to disable)... ok|")
-    assert not bootmod.probe_kvm(qemu, target, 512, None)  # a silent hang: no KVM
+    assert not bootmod.probe_kvm(AMD64, qemu, target, 512, None)  # a silent hang: no KVM
 
 
 def test_sparse_copy_keeps_holes_and_bytes(tmp_path: Path) -> None:

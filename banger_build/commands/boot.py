@@ -1,16 +1,22 @@
 """``banger-build boot [RECIPE | STORE-PATH]``: boot a throw-away copy of a store
-path's rootfs.ext4 in a qemu microVM (``-M microvm``), the local stand-in for
-the microVM manager and a CI smoke test.
+path's rootfs.ext4 in qemu, the local stand-in for the microVM manager and a CI
+smoke test: ``qemu-system-x86_64 -M microvm`` for an amd64 image,
+``qemu-system-aarch64 -M virt`` for an arm64 one (the platform the store
+path's manifest.json records).
 
 A recipe is built first. The kernel and initrd are the ones staged in the
 store path (the recipe's [kernel] table) unless --kernel/--initrd say
-otherwise; --kernel alone boots that kernel without an initrd. The serial
-console streams to stdout (or --console-log FILE).
+otherwise; --kernel alone boots that kernel without an initrd. The VM has a
+user-mode NIC (the guest set's network unit configures it from the
+``banger.ip=`` boot gives) and, where the host has /dev/vhost-vsock, a vsock
+device. The serial console streams to stdout (or --console-log FILE).
 
 Success (exit 0): every --expect text appeared on the console (the VM is then
-stopped), or, without --expect, the guest powered off by itself. A timeout,
-a kernel panic, a guest reboot or a qemu failure exits 1. The store path is
-never modified.
+stopped), or, without --expect, a login prompt appeared or the guest powered
+off by itself; with --ping-agent the guest agent must then answer on vsock
+(skipped, saying why, where the host has no vhost-vsock). A timeout, a
+kernel panic, a guest reboot, a silent agent or a qemu failure exits 1. The
+store path is never modified.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
     from banger_build.store import Store
 
 NAME = "boot"
-HELP = "boot a store path (or a recipe, built first) in a qemu microVM"
+HELP = "boot a store path (or a recipe, built first) in a qemu VM for its architecture"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,11 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "target", type=Path, metavar="RECIPE|STORE-PATH",
         help="a store path (a directory with rootfs.ext4, e.g. ./result) or a recipe (.toml)",
     )  # fmt: skip
-    p.add_argument("--kernel", type=Path, metavar="PATH", help="boot this kernel (bzImage)")
+    p.add_argument(
+        "--kernel", type=Path, metavar="PATH",
+        help="boot this kernel (a bzImage for amd64, an Image for arm64)",
+    )  # fmt: skip
     p.add_argument("--initrd", type=Path, metavar="PATH", help="with this initrd")
     p.add_argument(
         "--expect", action="append", default=[], metavar="TEXT",
-        help="succeed once TEXT appeared on the console (repeatable: all of them)",
+        help="succeed once TEXT appeared on the console (repeatable: all of them); "
+        "default: a login prompt, or the guest powering off",
     )  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS",
@@ -58,6 +68,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--append", default="", metavar="ARGS", help="extra kernel command-line arguments"
     )
+    p.add_argument(
+        "--network", choices=("user", "none"), default="user",
+        help="user (default): a user-mode NIC, the guest at 10.0.2.15/24 via 10.0.2.2 "
+        "(banger.ip= etc. on the kernel command line); none: no NIC",
+    )  # fmt: skip
+    p.add_argument(
+        "--ping-agent", action="store_true",
+        help="once booted, the guest agent must answer a ping on vsock (skipped, saying "
+        "why, where the host has no /dev/vhost-vsock)",
+    )  # fmt: skip
+    p.add_argument(
+        "--agent-port", type=int, default=1024, metavar="PORT",
+        help="the agent's vsock port (the recipe's vsock_port; default: 1024)",
+    )  # fmt: skip
     p.add_argument(
         "--console-log", type=Path, metavar="FILE",
         help="write the console to FILE instead of stdout",
@@ -129,6 +153,7 @@ def open_console_log(path: Path) -> BinaryIO:
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.boot import BootOptions, boot, resolve_target
+    from banger_build.kvm import default_cache_path
     from banger_build.progress import Reporter
     from banger_build.store import Store
 
@@ -148,9 +173,21 @@ def run(args: argparse.Namespace) -> int:
             expect=tuple(args.expect),
             append=args.append,
             console=console_writer(binary, sys.stdout),
+            network=args.network,
+            ping_agent=args.ping_agent,
+            agent_port=args.agent_port,
+            probe_cache=default_cache_path(),
         )
         workdir = stack.enter_context(store.temp_dir("boot"))
         result = boot(target, options, note=reporter.step, workdir=workdir)
-    what = "all expected texts seen" if result.how == "expected" else "the guest powered off"
-    reporter.step(f"boot ok under {result.accel} in {result.seconds:.1f} s: {what}")
+    what = {
+        "expected": "all expected texts seen",
+        "login": "the login prompt appeared",
+        "poweroff": "the guest powered off",
+    }[result.how]
+    if result.agent is not None:
+        what += f"; the agent answered {result.agent!r} on vsock port {args.agent_port}"
+    reporter.step(f"boot ok ({result.arch}) under {result.accel} in {result.seconds:.1f} s: {what}")
+    if result.agent_skipped is not None:
+        reporter.always(f"agent ping skipped: {result.agent_skipped}")
     return 0
