@@ -7,7 +7,10 @@ pytest_plugins = [
     "tests.support.faultproxy",
     "tests.support.e2e",
     "tests.support.debian",
+    "tests.support.debian_arm64",
+    "tests.support.multiarch",
     "tests.support.kernel",
+    "tests.support.bootkernel",
     "tests.support.unpriv",
 ]
 

@@ -1,0 +1,110 @@
+"""The guest probe: a unit the boot smoke tests add to a Debian recipe, which
+reports from inside the running guest what the tests assert.
+
+``probe_recipe`` copies the checkout's recipes/ and templates/ into a project
+and writes ``recipes/probe.toml``: recipes/debian.toml (its [guest] set
+included, the agent the built-in one of the platform) with another image
+reference and platform, a [kernel] (installed modules) and the probe. The
+probe unit runs once the guest set's units ran and before the serial getty,
+so the login prompt, which ``boot`` waits for by default, comes after every
+``BANGER-PROBE`` line. ``facts(console)`` parses those lines.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DONE = "BANGER-PROBE-DONE"
+
+UNIT = """\
+[Unit]
+Description=banger guest probe (tests)
+Wants=banger-network.service banger-vsock-agent.service banger-first-boot.service
+After=banger-network.service banger-vsock-agent.service banger-first-boot.service
+Before=getty.target serial-getty@ttyS0.service serial-getty@ttyAMA0.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/libexec/banger-probe
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+SCRIPT = """\
+#!/bin/sh
+say() { echo "BANGER-PROBE $*" > /dev/console; }
+sleep 2
+for u in banger-network banger-vsock-agent banger-first-boot; do
+    say "unit $u $(systemctl show -p ActiveState --value $u.service)" \\
+        "$(systemctl show -p Result --value $u.service)"
+done
+say "arch $(uname -m)"
+say "addr $(ip -4 -o addr show scope global | tr -s ' ' | cut -d' ' -f2,4 | tr '\\n' ' ')"
+say "route $(ip -4 route show default | tr '\\n' ' ')"
+say "agent $(stat -c '%a %u %g' /usr/local/bin/banger-vsock-agent)"
+if [ -e /var/lib/banger/first-boot-pending ]; then say "marker present"
+else say "marker absent"; fi
+if [ -d "/lib/modules/$(uname -r)/kernel" ]; then say "modules present"
+else say "modules missing"; fi
+echo BANGER-PROBE-DONE > /dev/console
+"""
+
+
+def probe_recipe(
+    top: Path, *, ref: str, platform: str, vmlinuz: Path, initrd: Path, modules: Path
+) -> Path:
+    """``top/recipes/probe.toml`` (``top`` becomes a project like the checkout)."""
+    (top / ".git").mkdir(parents=True)
+    for name in ("recipes", "templates"):
+        shutil.copytree(REPO / name, top / name, ignore=shutil.ignore_patterns("*.lock"))
+    d = top / "recipes"
+    (d / "banger-probe.service.j2").write_text(UNIT)
+    (d / "banger-probe.j2").write_text(SCRIPT)
+    base = (d / "debian.toml").read_text()
+    base = base.replace(
+        'ref = "docker.io/library/debian:bookworm"\nplatform = "linux/amd64"\n',
+        f'ref = "{ref}"\nplatform = "{platform}"\n',
+    )
+    assert f'platform = "{platform}"' in base, "recipes/debian.toml's [image] changed"
+    recipe = d / "probe.toml"
+    recipe.write_text(
+        base
+        + f"""
+[kernel]
+path = "{vmlinuz}"
+initrd = "{initrd}"
+modules = "{modules}"
+install_modules = true
+
+[[templates]]
+src = "banger-probe.service.j2"
+dest = "/etc/systemd/system/banger-probe.service"
+
+[[templates]]
+src = "banger-probe.j2"
+dest = "/usr/local/libexec/banger-probe"
+mode = "0755"
+
+[[symlinks]]
+dest = "/etc/systemd/system/multi-user.target.wants/banger-probe.service"
+target = "/etc/systemd/system/banger-probe.service"
+"""
+    )
+    return recipe
+
+
+def facts(console: str) -> dict[str, str]:
+    """``BANGER-PROBE <name> <value>`` lines as {name: value} (units as "unit NAME")."""
+    out: dict[str, str] = {}
+    for line in re.findall(r"BANGER-PROBE (\S+ .*?)\s*\r?$", console, re.MULTILINE):
+        name, _, value = line.partition(" ")
+        if name == "unit":
+            unit, _, value = value.partition(" ")
+            name = f"unit {unit}"
+        out[name] = value.strip()
+    return out
