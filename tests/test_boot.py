@@ -717,7 +717,7 @@ def test_boot_reaches_the_marker(busybox_store: Path) -> None:
     seconds = time.monotonic() - t0
     assert code == 0, err + out[-3000:]
     assert MARKER in out and "banger-initrd: mounted /dev/vda (rw)" in out
-    assert "boot ok under tcg" in err
+    assert "boot ok under tcg (amd64)" in err
     print(f"TCG boot to the marker: {seconds:.1f} s")
     assert sha256(busybox_store / "rootfs.ext4") == before
 
@@ -764,3 +764,28 @@ def test_boot_a_recipe_builds_it_first(
     )  # fmt: skip
     assert code == 0, err
     assert MARKER in out
+
+
+@pytest.mark.slow
+def test_auto_probes_kvm_once_per_host(
+    busybox_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's answer outlives the process: a second boot does not probe again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "banger-build" / "kvm-probe.json"
+    args = ["boot", str(busybox_store), "--expect", MARKER, "--timeout", "120"]
+    monkeypatch.setattr(kvm, "_probed", {})
+    code, _, first = run_cli(*args)
+    assert code == 0, first
+    monkeypatch.setattr(kvm, "_probed", {})  # as a new process
+    code, _, second = run_cli(*args)
+    assert code == 0, second
+    if not kvm.kvm_available():  # nothing to probe: TCG, and nothing kept
+        assert "probing KVM" not in first + second and not cache.exists()
+        assert "under tcg" in second
+        return
+    assert "probing KVM" in first and "probing KVM" not in second
+    assert f"(remembered in {cache}; delete it to probe again)" in second
+    (answer,) = json.loads(cache.read_text())["answers"].values()
+    assert f"under {'kvm' if answer else 'tcg'}" in second
+    print(f"KVM probe answer here: {answer}")

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     }[result.how]
     if result.agent is not None:
         what += f"; the agent answered {result.agent!r} on vsock port {args.agent_port}"
-    reporter.step(f"boot ok ({result.arch}) under {result.accel} in {result.seconds:.1f} s: {what}")
+    reporter.step(f"boot ok under {result.accel} ({result.arch}) in {result.seconds:.1f} s: {what}")
     if result.agent_skipped is not None:
         reporter.always(f"agent ping skipped: {result.agent_skipped}")
     return 0

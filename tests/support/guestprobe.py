@@ -7,7 +7,8 @@ included, the agent the built-in one of the platform) with another image
 reference and platform, a [kernel] (installed modules) and the probe. The
 probe unit runs once the guest set's units ran and before the serial getty,
 so the login prompt, which ``boot`` waits for by default, comes after every
-``BANGER-PROBE`` line. ``facts(console)`` parses those lines.
+``BANGER-PROBE`` line. ``facts(console)`` parses those lines; ``assert_agent_ping`` checks what
+``boot --ping-agent`` said.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+
+from banger_build.vsock import VSOCK_DEVICE, vsock_cid
 
 REPO = Path(__file__).resolve().parents[2]
 DONE = "BANGER-PROBE-DONE"
@@ -108,3 +111,15 @@ def facts(console: str) -> dict[str, str]:
             name = f"unit {unit}"
         out[name] = value.strip()
     return out
+
+
+def assert_agent_ping(err: str, console: str) -> None:
+    """The agent answered, or, on a host without vhost-vsock, the ping was skipped
+    saying so (asserted: never a silent pass)."""
+    if vsock_cid() is None:
+        skipped = re.search(r"banger-build: agent ping skipped: (.*)", err)
+        assert skipped is not None, err
+        assert VSOCK_DEVICE in skipped.group(1)
+        print(f"agent ping skipped: {skipped.group(1)}")
+    else:
+        assert "the agent answered 'pong' on vsock port 1024" in err, err + console[-3000:]
