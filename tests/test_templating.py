@@ -291,6 +291,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(REPO / name, src / name)
     for name in ("banger_build", "templates"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "agents" / "out").mkdir(parents=True)  # mapped to banger_build/agents
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         ["/usr/bin/python3", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
