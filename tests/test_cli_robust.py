@@ -118,6 +118,7 @@ def test_a_signal_during_boot_kills_qemu_and_removes_its_copy(
     with open(store_path / "rootfs.ext4", "wb") as f:
         f.truncate(64 << 20)
     (store_path / "vmlinux").write_bytes(b"kernel")
+    (store_path / "manifest.json").write_text('{"image": {"platform": "linux/amd64"}}')
     home = tmp_path / "home"
     env = {**ENV, "PATH": f"{bindir}:{os.environ['PATH']}"}
     proc = _cli("boot", str(store_path), "--accel", "tcg", "--home", str(home), env=env)

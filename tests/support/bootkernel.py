@@ -27,7 +27,8 @@ temp dir beside it under an flock and renamed into place; downloaded .debs
 are kept, verified, in ``debs-<arch>/``.
 
 Fixtures: ``amd64_boot_kernel``, ``arm64_boot_kernel`` (session).
-CLI: ``python -m tests.support.bootkernel build ARCH`` prints the directory.
+CLI: ``python -m tests.support.bootkernel build ARCH`` prints ``vmlinuz PATH``,
+``initrd PATH``, ``modules PATH`` and ``version VERSION`` lines.
 """
 
 from __future__ import annotations
@@ -346,9 +347,8 @@ def main(argv: list[str]) -> int:
     except (BootKernelError, kernel.KernelBuildError, OSError) as exc:
         print(f"tests.support.bootkernel: error: {exc}", file=sys.stderr)
         return 1
-    print(files.initrd.parent)
-    for name in ("vmlinuz", "initrd", "modules_dir", "version"):
-        print(f"  {name}: {getattr(files, name)}")
+    print(f"vmlinuz {files.vmlinuz}\ninitrd {files.initrd}")
+    print(f"modules {files.modules_dir}\nversion {files.version}")
     return 0
 
 
