@@ -308,6 +308,11 @@ def boot(
     how = outcome(ended, console, options, accel)
     agent = None
     if options.ping_agent and pinger is not None:
+        if pinger.answer is None and how == "poweroff":
+            raise BootError(
+                "the guest powered off before its agent could be pinged",
+                reason=Reason.AGENT_UNREACHABLE,
+            )
         if pinger.answer is None:
             raise BootError(
                 f"the guest booted, but its agent did not answer on {pinger.where()} "

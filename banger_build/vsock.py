@@ -57,10 +57,10 @@ AF_VSOCK: int = getattr(socket, "AF_VSOCK", 40)
 Address = tuple[int, int] | str  # (cid, port) for vsock; a path for AF_UNIX (the tests)
 
 
-def ping_once(address: Address, family: int = AF_VSOCK, timeout: float = CONNECT_SECONDS) -> str:
+def ping_once(address: Address, family: int = AF_VSOCK, timeout: float | None = None) -> str:
     """One ping: the agent's answer line (without the newline); OSError if none."""
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(CONNECT_SECONDS if timeout is None else timeout)
         sock.connect(address)
         sock.sendall(b"ping\n")
         data = b""

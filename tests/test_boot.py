@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from banger_build import boot as bootmod
-from banger_build import kvm
+from banger_build import kvm, vsock
 from banger_build.boot import (
     BootError,
     BootOptions,
@@ -536,6 +536,28 @@ def test_the_vm_has_a_user_mode_nic_configured_on_the_command_line(
     fake_boot(monkeypatch, store_path, "reboot: Power down|", network="none")
     argv = json.loads(fake_qemu.read_text())
     assert "-netdev" not in argv and "banger.ip" not in argv[argv.index("-append") + 1]
+
+
+def test_an_agent_that_does_not_answer_fails_the_boot(
+    store_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a host with vhost-vsock (a CID is had), but no guest answers on it."""
+    monkeypatch.setattr(bootmod, "vsock_cid", lambda: 4242)
+    monkeypatch.setattr(bootmod, "AGENT_SECONDS", 1.5)
+    monkeypatch.setattr(vsock, "CONNECT_SECONDS", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(BootError) as exc:
+        fake_boot(monkeypatch, store_path, "x login: ", sleep="60", ping_agent=True, timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert exc.value.reason == "agent-unreachable"
+    assert str(exc.value).startswith(
+        "the guest booted, but its agent did not answer on vsock cid 4242 port 1024 ("
+    )
+    argv = json.loads(fake_qemu.read_text())
+    assert argv[-2:] == ["-device", "vhost-vsock-device,guest-cid=4242"]
+    with pytest.raises(BootError, match="powered off before its agent could be pinged") as exc:
+        fake_boot(monkeypatch, store_path, "reboot: Power down|", ping_agent=True)
+    assert exc.value.reason == "agent-unreachable"
 
 
 def test_an_agent_ping_without_vhost_vsock_is_skipped_with_the_reason(
