@@ -115,7 +115,7 @@ class Reason(StrEnum):
     NAME_TOO_LONG = "name-too-long"
     THROUGH_SYMLINK = "through-symlink"
     NOT_A_DIRECTORY = "not-a-directory"
-    LINK_ESCAPE = "link-escape"
+    BAD_WHITEOUT = "bad-whiteout"
     LINK_TOO_LONG = "link-too-long"
     HARDLINK_TARGET = "hardlink-target"
     UNSUPPORTED_TYPE = "unsupported-type"
