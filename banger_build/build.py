@@ -30,7 +30,7 @@ from banger_build.context import (
 from banger_build.errors import ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
-from banger_build.inject import inject, install_modules
+from banger_build.inject import inject, install_modules, resolve_owners
 from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
 from banger_build.progress import Reporter
@@ -64,10 +64,16 @@ def flatten_layers(ctx: Context) -> None:
     ctx.tree = flattener.tree
 
 
+def check_owners(ctx: Context) -> None:
+    """Owner names of the recipe's entries, from the image's passwd and group: right
+    after the flatten, so an unknown one fails before anything else is done."""
+    ctx.owners = resolve_owners(ctx.tree, ctx.spool, ctx.injected)
+
+
 def inject_files(ctx: Context) -> None:
     if ctx.injected:
         ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
-        inject(ctx.tree, ctx.spool, ctx.injected, epoch=ctx.epoch)
+        inject(ctx.tree, ctx.spool, ctx.injected, ctx.owners, epoch=ctx.epoch)
     kernel = ctx.recipe.kernel
     guest_path = ctx.derivation.data.get("modules_install")
     if kernel is None or not guest_path:
@@ -195,6 +201,7 @@ def write_manifest(ctx: Context) -> None:
 BUILD: tuple[Callable[[Context], None], ...] = (
     pull_layers,
     flatten_layers,
+    check_owners,
     stage_kernel,
     inject_files,
     size_image,

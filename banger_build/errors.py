@@ -116,6 +116,7 @@ class Reason(StrEnum):
     THROUGH_SYMLINK = "through-symlink"
     NOT_A_DIRECTORY = "not-a-directory"
     BAD_WHITEOUT = "bad-whiteout"
+    DEST_IS_SYMLINK = "dest-is-symlink"
     LINK_TOO_LONG = "link-too-long"
     HARDLINK_TARGET = "hardlink-target"
     UNSUPPORTED_TYPE = "unsupported-type"

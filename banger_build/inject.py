@@ -129,9 +129,22 @@ def _copy_input(item: Injected, spool: Spool, inode: Inode) -> None:
         ) from None
 
 
-def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int) -> None:
+def resolve_owners(tree: Tree, spool: Spool, items: tuple[Injected, ...]) -> list[tuple[int, int]]:
+    """Each item's (uid, gid): names looked up in the image's /etc/passwd and /etc/group
+    as the layers left them; an unknown name is an error at the entry's position."""
     owners = OwnerResolver(spool, tree)
-    for item in items:
+    return [owners.resolve(item) for item in items]
+
+
+def inject(
+    tree: Tree,
+    spool: Spool,
+    items: tuple[Injected, ...],
+    owners: list[tuple[int, int]],
+    *,
+    epoch: int,
+) -> None:
+    for item, (uid, gid) in zip(items, owners, strict=True):
         parent, _, name = item.dest.strip("/").rpartition("/")
         real_parent, dir_node = _resolve_dir(tree, parent, epoch, item.where)
         assert dir_node.children is not None
@@ -142,9 +155,16 @@ def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int)
                 "put the file elsewhere",
                 Reason.DEST_INVALID,
             )
-        uid, gid = owners.resolve(item)
         existing = dir_node.children.get(name)
         if existing is not None:
+            if existing.inode.type == SYMLINK and not item.replace:
+                raise _fail(
+                    item.where,
+                    f"{item.dest}: the image has a symlink there (-> {existing.inode.target}); "
+                    f"the {item.kind} would replace the link: set replace = true in this entry "
+                    "to do so, or write to the link's target",
+                    Reason.DEST_IS_SYMLINK,
+                )
             if existing.is_dir:
                 raise _fail(
                     item.where,

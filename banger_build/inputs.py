@@ -55,7 +55,7 @@ class FileEntry:
 
     src: Path
     dest: str
-    mode: int
+    mode: int | None  # None: 0755 if the source is executable, else 0644
     owner: str
     sha256: str | None  # the recipe's pin
     where: Where  # the src key: problems with the source
@@ -63,6 +63,7 @@ class FileEntry:
     owner_where: Where
     what: str = "file"  # how errors name the source
     hint: str = ""  # added to "does not exist"
+    replace: bool = False  # may replace a symlink at ``dest``
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TemplateEntry:
     owner: str
     dest_where: Where
     owner_where: Where
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class LinkEntry:
     owner: str
     dest_where: Where
     owner_where: Where
+    replace: bool = False
 
 
 Entry = FileEntry | TemplateEntry | LinkEntry
@@ -108,17 +111,21 @@ def entries(recipe: Recipe) -> list[Entry]:
         out.append(
             FileEntry(
                 f.src, f.dest, f.mode, f.owner, f.sha256, f.where, dest_where,
-                f.owner_where or dest_where,
+                f.owner_where or dest_where, replace=f.replace,
             )
         )  # fmt: skip
     for t in recipe.templates:
         dest_where = t.dest_where or t.where
         job = template_job(t.src, roots, t.where)
         out.append(
-            TemplateEntry(job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where)
+            TemplateEntry(
+                job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where, t.replace
+            )
         )
     for s in recipe.symlinks:
-        out.append(LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where))
+        out.append(
+            LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where, s.replace)
+        )
     if recipe.guest is not None:
         out.extend(guest_entries(recipe.guest, roots))
     return out
@@ -173,11 +180,12 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     out: list[Injected] = []
     for e in items:  # files and links first: a missing file is said before any rendering
         if isinstance(e, FileEntry):
-            digest = _hash_file(e, recipe.source_roots)
+            digest, executable = _hash_file(e, recipe.source_roots)
+            mode = e.mode if e.mode is not None else 0o755 if executable else 0o644
             out.append(
                 Injected(
-                    e.dest, "file", e.mode, e.owner, digest, source=e.src,
-                    where=e.dest_where, owner_where=e.owner_where,
+                    e.dest, "file", mode, e.owner, digest, source=e.src,
+                    where=e.dest_where, owner_where=e.owner_where, replace=e.replace,
                 )
             )  # fmt: skip
         elif isinstance(e, LinkEntry):
@@ -185,7 +193,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
             out.append(
                 Injected(
                     e.dest, "symlink", 0o777, e.owner, digest, target=e.target,
-                    where=e.dest_where, owner_where=e.owner_where,
+                    where=e.dest_where, owner_where=e.owner_where, replace=e.replace,
                 )
             )  # fmt: skip
     rendered = render_templates([t.job for t in templates], template_context(recipe))
@@ -193,7 +201,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
         out.append(
             Injected(
                 t.dest, "template", t.mode, t.owner, hashlib.sha256(data).hexdigest(), data=data,
-                where=t.dest_where, owner_where=t.owner_where,
+                where=t.dest_where, owner_where=t.owner_where, replace=t.replace,
             )
         )  # fmt: skip
     out.sort(key=lambda i: i.dest.encode())
@@ -207,10 +215,12 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     return tuple(out)
 
 
-def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
+def _hash_file(e: FileEntry, roots: SourceRoots) -> tuple[str, bool]:
+    """The source's sha256, and whether its owner may execute it (git's one mode bit)."""
     try:
         src = roots.check(e.src)  # again: a symlink on the way may have changed
         digest, _ = hash_regular(src, e.what)
+        executable = bool(os.stat(src).st_mode & stat.S_IXUSR)
     except SourceRefused as exc:
         hint = e.hint if exc.reason == Reason.MISSING_INPUT else ""
         raise InputError(f"{e.where}: {exc.message}{hint}", reason=exc.reason) from None
@@ -219,7 +229,7 @@ def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
             f"{e.where}: {e.src} has sha256 {digest}, but the recipe pins {e.sha256}",
             reason=Reason.SHA256_MISMATCH,
         )
-    return digest
+    return digest, executable
 
 
 # -- the kernel ---------------------------------------------------------------------
