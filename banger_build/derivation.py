@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from banger_build import ext4
+from banger_build import depmod, ext4
 from banger_build.entries import Injected, Staged
 from banger_build.inputs import modules_version
 from banger_build.oci.manifest import ImageManifest
@@ -82,7 +82,7 @@ def derive(
                 "diff_ids": [str(d) for d in diff_ids],
             },
             "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
-            **_modules_install(recipe, kernel_version),
+            **_modules_install(recipe, kernel, kernel_version),
             "files": [i.as_dict() for i in injected],
             "size": recipe.size.text,
             "epoch": epoch,
@@ -91,15 +91,21 @@ def derive(
     )
 
 
-def _modules_install(recipe: Recipe, artifact_version: str | None) -> dict[str, str]:
-    """Where the kernel's modules go in the image, when the recipe installs them."""
+def _modules_install(
+    recipe: Recipe, kernel: tuple[Staged, ...], artifact_version: str | None
+) -> dict[str, Any]:
+    """Where the kernel's modules go in the image, when the recipe installs them, and
+    the format of the indexes generated for them (``depmod.FORMAT``)."""
     k = recipe.kernel
     if k is None or not k.install_modules:
         return {}
     if k.ref is not None:
         if not artifact_version:
             return {}  # resolve_kernel_artifact refuses this before deriving
-        return {"modules_install": f"/lib/modules/{artifact_version}"}
-    if k.modules is None:
-        return {}
-    return {"modules_install": f"/lib/modules/{modules_version(k.modules)}"}
+        version = artifact_version
+    else:
+        tree = next((s.source for s in kernel if s.name == "modules"), None)
+        if tree is None:
+            return {}
+        version = modules_version(tree)  # the tree resolve_kernel found
+    return {"modules_install": f"/lib/modules/{version}", "modules_index": depmod.FORMAT}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from banger_build import depmod
 from banger_build.entries import Where
 from banger_build.errors import BangerError, InputError, Reason
 from banger_build.flatten import check_name
@@ -172,13 +173,19 @@ def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int)
         dir_node.children[name] = Node(inode)
 
 
-def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int) -> str:
-    """Copy a kernel's ``lib/modules/<version>`` directory into the image.
+def install_modules(
+    tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int, label: str = ""
+) -> str:
+    """Copy a kernel's ``lib/modules/<version>`` directory into the image, with the
+    ``modules.dep`` and indexes modprobe reads generated from it (``depmod``).
 
     Returns the guest path. Everything is root-owned, directories 0755 and
     files 0644 whatever the source's modes (so the bytes do not depend on who
     unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
+    The tree's own files of the generated names are replaced. Errors name the
+    tree ``label`` (default: its path).
     """
+    generated = depmod.generate(modules, label)  # a tree it refuses is refused before any copying
     real, parent = _resolve_dir(tree, "lib/modules", epoch)
     assert parent.children is not None
     parent.children.pop(version, None)  # the image's own modules for this version: replaced
@@ -194,6 +201,8 @@ def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, ep
                     f"{entry.path}: a name the image cannot carry (NUL, CR, LF or over 255 bytes)",
                     reason=Reason.UNSAFE_NAME,
                 )
+            if node is top and entry.name in generated:
+                continue
             if entry.is_symlink():
                 link = os.readlink(entry.path)
                 node.children[entry.name] = Node(
@@ -209,4 +218,9 @@ def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, ep
                 node.children[entry.name] = Node(inode)
             else:
                 raise InputError(f"{entry.path}: not a file, directory or symlink")
+    assert top.children is not None
+    for name, data in generated.items():
+        inode = Inode(REG, 0, 0, 0o644, epoch)
+        spool.add_bytes(inode, data)
+        top.children[name] = Node(inode)
     return f"/{real}/{version}"
