@@ -31,6 +31,9 @@ As depmod (``tools/depmod.c``, ``libkmod/libkmod-elf.c``):
   ``updates/`` wins (depmod's default search). Unlike depmod: symlinks are not
   followed, two modules of one name elsewhere are refused (depmod keeps
   whichever its readdir meets first), and a file that is not ELF is refused.
+* A tree without ``modules.builtin`` (or ``.modinfo``) gets an empty index (depmod
+  writes an empty file, which libkmod's ``index_mm_open`` refuses, and
+  ``kmod_load_resources`` then drops every index).
 * Order: the modules ``modules.order`` lists, in its order (a line listed twice
   counts where it first comes, as in kmod 33), then the others by path (depmod
   leaves those in its hash table's order). A module's index priority is its place.

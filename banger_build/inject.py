@@ -173,6 +173,39 @@ def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int)
         dir_node.children[name] = Node(inode)
 
 
+def _lookup(tree: Tree, path: str) -> Node | None:
+    """The node at ``path`` in the image, symlinks followed within it (None: missing)."""
+    parts = [p for p in path.split("/") if p]
+    real: list[Node] = []
+    node = tree.root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            if part == ".." and real:
+                node = real.pop()
+            continue
+        child = node.children.get(part) if node.children is not None else None
+        if child is None:
+            return None
+        if child.inode.type == SYMLINK:
+            hops += 1
+            if hops > _MAX_HOPS:
+                return None
+            if child.inode.target.startswith("/"):
+                real, node = [], tree.root
+            parts = [p for p in child.inode.target.split("/") if p] + parts
+            continue
+        real.append(node)
+        node = child
+    return node
+
+
+#: What runs ``kmod static-nodes``, the one reader of modules.devname
+#: (systemd's kmod-static-nodes.service, when the file is not empty).
+KMOD_TOOL = "bin/kmod"
+
+
 def install_modules(
     tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int, label: str = ""
 ) -> str:
@@ -182,7 +215,8 @@ def install_modules(
     Returns the guest path. Everything is root-owned, directories 0755 and
     files 0644 whatever the source's modes (so the bytes do not depend on who
     unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
-    The tree's own files of the generated names are replaced. Errors name the
+    The tree's own files of the generated names are replaced; ``modules.devname``
+    is left empty when the image has no ``/bin/kmod`` to read it. Errors name the
     tree ``label`` (default: its path).
     """
     generated = depmod.generate(modules, label)  # a tree it refuses is refused before any copying
@@ -219,6 +253,10 @@ def install_modules(
             else:
                 raise InputError(f"{entry.path}: not a file, directory or symlink")
     assert top.children is not None
+    kmod = _lookup(tree, KMOD_TOOL)
+    if kmod is None or kmod.inode.type != REG:
+        # without the tool the unit would run and fail: an empty list skips it
+        generated["modules.devname"] = b""
     for name, data in generated.items():
         inode = Inode(REG, 0, 0, 0o644, epoch)
         spool.add_bytes(inode, data)
