@@ -14,11 +14,13 @@ depmod and ``banger_build.depmod`` read only the sections above.
 
 from __future__ import annotations
 
+import gzip
 import lzma
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -116,17 +118,15 @@ class Mod:
     modinfo: Sequence[str] = ()
     exports: Sequence[str] = ()
     needs: Sequence[str] = ()
-    extra: dict[str, object] = field(default_factory=dict)  # more elf_module arguments
+    extra: dict[str, Any] = field(default_factory=dict)  # more elf_module arguments
 
     def data(self) -> bytes:
-        elf = elf_module(self.modinfo, exports=self.exports, needs=self.needs, **self.extra)  # type: ignore[arg-type]
+        elf = elf_module(self.modinfo, exports=self.exports, needs=self.needs, **self.extra)
         if self.path.endswith(".xz"):
             return lzma.compress(elf, check=lzma.CHECK_CRC32)
         if self.path.endswith(".zst"):
             return zstandard.ZstdCompressor().compress(elf)
         if self.path.endswith(".gz"):
-            import gzip
-
             return gzip.compress(elf, mtime=0)
         return elf
 
