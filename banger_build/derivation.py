@@ -4,6 +4,8 @@ The store key is sha256 over the canonical JSON (sorted keys, no spaces,
 UTF-8) of this dict. What goes in: a format version, the name, the platform,
 the image's config digest and its layers' uncompressed digests (diff_ids: the
 same image recompressed or re-pushed has the same key), the kernel files' digests,
+where the modules are installed and the format of the indexes generated for them
+(``depmod.FORMAT``: the files depmod would write come from the modules' bytes alone),
 every injected path as (dest, kind, mode, owner, sha256), the size policy, the
 epoch used for timestamps, and the ext4 writer's parameters and format version
 (nothing of the host's tools: the writer is banger-build's own). What stays
