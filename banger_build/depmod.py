@@ -10,7 +10,8 @@ its version a hidden input).
 libkmod (modprobe, systemd-modules-load, udev) looks modules up in the binary
 indexes only: ``lookup_file`` and ``kmod_lookup_alias_from_alias_bin`` in its
 ``libkmod.c`` open ``<name>.bin`` and find nothing without it, and
-``kmod_load_resources`` gives up on all of them when one is missing. The text
+``kmod_load_resources`` gives up on all of them when one (but
+``modules.builtin.alias.bin``) is missing. The text
 files are for people, but ``modules.softdep`` and ``modules.weakdep``, which
 it reads as configuration. Every one is written:
 
