@@ -78,19 +78,24 @@ def inject_files(ctx: Context) -> None:
     guest_path = ctx.derivation.data.get("modules_install")
     if kernel is None or not guest_path:
         return
-    modules: Path | None = None
     if kernel.ref is not None:
-        tar = next((k.source for k in ctx.kernel if k.name == "modules.tar"), None)
-        if tar is None:
+        origin = next((k for k in ctx.kernel if k.name == "modules.tar"), None)
+        if origin is None:
             return
         modules = ctx.work / "kernel-modules"
-        extract_modules(tar, modules)
+        extract_modules(origin.source, modules)
+        label = f"kernel {kernel.ref} modules.tar"
     else:
+        origin = next(k for k in ctx.kernel if k.name == "modules")
         modules = ctx.out / "modules"  # the copy stage_kernel verified against the derivation
-    if modules is not None:
-        version = Path(guest_path).name
-        where = install_modules(ctx.tree, ctx.spool, modules, version, epoch=ctx.epoch)
-        ctx.reporter.step(f"installed the kernel modules at {where}")
+        label = str(origin.source)
+    version = Path(guest_path).name
+    try:
+        where = install_modules(ctx.tree, ctx.spool, modules, version, epoch=ctx.epoch, label=label)
+    except InputError as exc:  # a module the index generator refuses
+        at = f"{origin.where}: " if origin.where is not None else ""
+        raise InputError(f"{at}{exc.message}", reason=exc.reason) from None
+    ctx.reporter.step(f"installed the kernel modules at {where}, with modules.dep and indexes")
 
 
 @contextlib.contextmanager

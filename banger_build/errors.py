@@ -74,6 +74,8 @@ class Reason(StrEnum):
     MODULES_VERSION = "modules-version"
     INVALID_MODULES = "invalid-modules"
     NO_MODULES = "no-modules"
+    NOT_A_MODULES_TREE = "not-a-modules-tree"  # no modules.order or kernel/, none below
+    AMBIGUOUS_MODULES = "ambiguous-modules"  # several lib/modules/<version> below
     CONFIG_MISMATCH = "config-mismatch"
     PLATFORM_MISMATCH = "platform-mismatch"
     UNKNOWN_OWNER = "unknown-owner"

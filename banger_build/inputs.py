@@ -17,20 +17,14 @@ files only, never blocking. Templates render in one sandboxed, bounded child
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import lzma
 import os
-import re
 import stat
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
-
-import zstandard
 
 from banger_build import guest
 from banger_build.builtins import Builtin
@@ -38,15 +32,12 @@ from banger_build.entries import Injected as Injected
 from banger_build.entries import Staged as Staged
 from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
+from banger_build.kmodules import ModulesTreeError, find_tree
+from banger_build.kmodules import modules_version as modules_version
 from banger_build.recipe import GuestSpec, KernelSpec, Recipe
-from banger_build.sources import SourceRefused, SourceRoots, hash_regular, open_regular
+from banger_build.sources import SourceRefused, SourceRoots, hash_regular
 from banger_build.sources import hash_tree as hash_tree
 from banger_build.templating import TemplateJob, render_templates
-
-#: Bytes of one kernel module read (compressed, and again decompressed) to find
-#: its ``vermagic=``: modules are KiBs to a few MiB; the bound stops a
-#: decompression bomb named ``*.ko.xz``.
-MAX_MODULE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -257,10 +248,14 @@ def _read_input(
 
 
 def resolve_kernel(
-    kernel: KernelSpec | None, roots: SourceRoots | None = None
+    kernel: KernelSpec | None,
+    roots: SourceRoots | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> tuple[Staged, ...]:
     """The local kernel files, hashed; ``roots``: where they may lie (default: anywhere
-    ``load_recipe`` accepted them, i.e. a check against the filesystem root only)."""
+    ``load_recipe`` accepted them, i.e. a check against the filesystem root only).
+    A modules directory is the modules tree it names (``kmodules.find_tree``); when
+    that lies below it, ``note`` is told."""
     if kernel is None:
         return ()
     roots = roots or SourceRoots((Path("/"),))
@@ -273,6 +268,8 @@ def resolve_kernel(
         if path is None:
             continue
         where = key_where or kernel.where
+        if name == "modules":
+            path = _modules_tree(path, where, roots, note)
         digest, size = _read_input(path, where, f"kernel {name}", roots, tree_ok=name == "modules")
         if name == "modules" and not path.is_dir():
             if kernel.install_modules:
@@ -286,6 +283,26 @@ def resolve_kernel(
     return tuple(out)
 
 
+def _modules_tree(
+    path: Path, where: Where, roots: SourceRoots, note: Callable[[str], None] | None
+) -> Path:
+    """The modules tree directory ``path`` names (itself, or the one below it);
+    anything but a directory as it is (a tarball, or a missing path for
+    ``_read_input`` to name)."""
+    try:
+        if not stat.S_ISDIR(os.stat(roots.check(path)).st_mode):
+            return path
+    except (SourceRefused, OSError):
+        return path
+    try:
+        tree, found_below = find_tree(path)
+    except ModulesTreeError as exc:
+        raise where.error(exc.message, exc.reason) from None
+    if found_below is not None and note is not None:
+        note(f"{where.key or 'kernel.modules'}: {found_below}")
+    return tree
+
+
 _TARBALLS = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz")
 
 
@@ -294,62 +311,3 @@ def _tarball_name(path: Path) -> str:
         if path.name.endswith(suffix):
             return "modules" + suffix
     return "modules.tar"
-
-
-_VERSION_NAME = re.compile(r"\d+\.\d+[\w.+~-]*")
-
-
-def modules_version(modules: Path) -> str:
-    """The kernel version a ``lib/modules/<version>`` tree is for: its name when
-    that looks like a version, else the ``vermagic=`` of one of its modules."""
-    if _VERSION_NAME.fullmatch(modules.name):
-        return modules.name
-    for ko in _module_files(modules):
-        found = re.search(rb"vermagic=(\S+)", _module_bytes(ko))
-        if found:
-            return found.group(1).decode("ascii", "replace")
-    raise InputError(
-        f"{modules}: cannot tell the kernel version (name the directory after it, "
-        "e.g. lib/modules/6.1.0-13-amd64)",
-        reason=Reason.MODULES_VERSION,
-    )
-
-
-def _module_files(root: Path) -> list[Path]:
-    """Regular files named ``*.ko*`` under ``root``, sorted; symlinks never followed."""
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            scan = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in scan:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False) and ".ko" in entry.name:  # *.ko*
-                found.append(Path(entry.path))
-    return sorted(found)
-
-
-def _module_bytes(ko: Path) -> bytes:
-    """Up to ``MAX_MODULE_BYTES`` of a module, decompressed (b"" when unreadable)."""
-    try:
-        fd = open_regular(ko, "kernel module")
-    except SourceRefused:
-        return b""
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_MODULE_BYTES)
-        if ko.suffix == ".xz":
-            return lzma.LZMADecompressor().decompress(data, max_length=MAX_MODULE_BYTES)
-        if ko.suffix == ".gz":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, MAX_MODULE_BYTES)
-        if ko.suffix == ".zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
-            out: bytes = reader.read(MAX_MODULE_BYTES)
-            return out
-        return data
-    except (OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError):
-        return b""

@@ -514,13 +514,15 @@ RECIPE_SCHEMA: Schema = {
             ),
             "modules": Key(
                 (STRING,), convert=convert_src, default="none",
-                doc=f"a `lib/modules/<version>` directory, or a tarball staged as is "
-                f"({_PATH_ONLY})",
+                doc="a `lib/modules/<version>` directory (holding `modules.order` or "
+                "`kernel/`; given a directory with one such below it, e.g. an unpacked "
+                f"kernel package, that one), or a tarball staged as is ({_PATH_ONLY})",
                 example='modules = "/lib/modules/6.1.0-13-amd64"',
             ),
             "install_modules": Key(
                 (BOOLEAN,), default="false",
-                doc="also copy the modules into the image at `/lib/modules/<version>`",
+                doc="also copy the modules into the image at `/lib/modules/<version>`, "
+                "with the `modules.dep` and indexes modprobe reads, generated from them",
                 example="install_modules = true",
             ),
         },
