@@ -30,7 +30,7 @@ from banger_build.context import (
 from banger_build.errors import ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
-from banger_build.inject import inject, install_modules
+from banger_build.inject import inject, install_modules, resolve_owners
 from banger_build.inputs import hash_tree
 from banger_build.oci.kernel import extract_modules
 from banger_build.progress import Reporter
@@ -64,27 +64,38 @@ def flatten_layers(ctx: Context) -> None:
     ctx.tree = flattener.tree
 
 
+def check_owners(ctx: Context) -> None:
+    """Owner names of the recipe's entries, from the image's passwd and group: right
+    after the flatten, so an unknown one fails before anything else is done."""
+    ctx.owners = resolve_owners(ctx.tree, ctx.spool, ctx.injected)
+
+
 def inject_files(ctx: Context) -> None:
     if ctx.injected:
         ctx.reporter.step(f"injecting {len(ctx.injected)} recipe files")
-        inject(ctx.tree, ctx.spool, ctx.injected, epoch=ctx.epoch)
+        inject(ctx.tree, ctx.spool, ctx.injected, ctx.owners, epoch=ctx.epoch)
     kernel = ctx.recipe.kernel
     guest_path = ctx.derivation.data.get("modules_install")
     if kernel is None or not guest_path:
         return
-    modules: Path | None = None
     if kernel.ref is not None:
-        tar = next((k.source for k in ctx.kernel if k.name == "modules.tar"), None)
-        if tar is None:
+        origin = next((k for k in ctx.kernel if k.name == "modules.tar"), None)
+        if origin is None:
             return
         modules = ctx.work / "kernel-modules"
-        extract_modules(tar, modules)
+        extract_modules(origin.source, modules)
+        label = f"kernel {kernel.ref} modules.tar"
     else:
+        origin = next(k for k in ctx.kernel if k.name == "modules")
         modules = ctx.out / "modules"  # the copy stage_kernel verified against the derivation
-    if modules is not None:
-        version = Path(guest_path).name
-        where = install_modules(ctx.tree, ctx.spool, modules, version, epoch=ctx.epoch)
-        ctx.reporter.step(f"installed the kernel modules at {where}")
+        label = str(origin.source)
+    version = Path(guest_path).name
+    try:
+        where = install_modules(ctx.tree, ctx.spool, modules, version, epoch=ctx.epoch, label=label)
+    except InputError as exc:  # a module the index generator refuses
+        at = f"{origin.where}: " if origin.where is not None else ""
+        raise InputError(f"{at}{exc.message}", reason=exc.reason) from None
+    ctx.reporter.step(f"installed the kernel modules at {where}, with modules.dep and indexes")
 
 
 @contextlib.contextmanager
@@ -195,6 +206,7 @@ def write_manifest(ctx: Context) -> None:
 BUILD: tuple[Callable[[Context], None], ...] = (
     pull_layers,
     flatten_layers,
+    check_owners,
     stage_kernel,
     inject_files,
     size_image,

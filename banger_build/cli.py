@@ -21,7 +21,7 @@ import io
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -183,10 +183,16 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
     progress.reset()
+    return guarded(lambda: _run(argv))
+
+
+def guarded(run: Callable[[], int], label: str = "") -> int:
+    """Run a command: every failure one line on stderr and an exit status. ``label``
+    starts an error line that does not start with it already (a recipe's path)."""
+    debug = bool(os.environ.get("BANGER_BUILD_DEBUG"))
     try:
-        status = _run(argv)
+        status = run()
         sys.stdout.flush()  # a reader that went away is found here, not at exit
         signals.checkpoint()  # a signal whose raise was lost still ends the command
         return status
@@ -200,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if signals.pending() is not None:  # the error is the interruption's doing
             return _interrupted(None)
-        print(f"banger-build: error: {exc}", file=sys.stderr)
+        text = str(exc)
+        print(
+            f"banger-build: error: {'' if text.startswith(label) else label}{text}", file=sys.stderr
+        )
         progress.report_error(exc.reason, str(exc), EXIT_ERROR)
         return EXIT_ERROR
     except Exception as exc:  # a bug: one line, a distinct status

@@ -113,6 +113,7 @@ class Context:
         self.layers: list[LayerInput] = []
         self.tree: Tree
         self.spool: Spool
+        self.owners: list[tuple[int, int]] = []  # (uid, gid) of each injected entry
         self.plan: ext4.SizePlan
         self.inode_count = 0
         self.outputs: dict[str, dict[str, object]] = {}  # output name -> sha256, size

@@ -4,6 +4,8 @@ The store key is sha256 over the canonical JSON (sorted keys, no spaces,
 UTF-8) of this dict. What goes in: a format version, the name, the platform,
 the image's config digest and its layers' uncompressed digests (diff_ids: the
 same image recompressed or re-pushed has the same key), the kernel files' digests,
+where the modules are installed and the format of the indexes generated for them
+(``depmod.FORMAT``: the files depmod would write come from the modules' bytes alone),
 every injected path as (dest, kind, mode, owner, sha256), the size policy, the
 epoch used for timestamps, and the ext4 writer's parameters and format version
 (nothing of the host's tools: the writer is banger-build's own). What stays
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from banger_build import ext4
+from banger_build import depmod, ext4
 from banger_build.entries import Injected, Staged
 from banger_build.inputs import modules_version
 from banger_build.oci.manifest import ImageManifest
@@ -82,7 +84,7 @@ def derive(
                 "diff_ids": [str(d) for d in diff_ids],
             },
             "kernel": {k.name: {"sha256": k.sha256, "size": k.size} for k in kernel},
-            **_modules_install(recipe, kernel_version),
+            **_modules_install(recipe, kernel, kernel_version),
             "files": [i.as_dict() for i in injected],
             "size": recipe.size.text,
             "epoch": epoch,
@@ -91,15 +93,21 @@ def derive(
     )
 
 
-def _modules_install(recipe: Recipe, artifact_version: str | None) -> dict[str, str]:
-    """Where the kernel's modules go in the image, when the recipe installs them."""
+def _modules_install(
+    recipe: Recipe, kernel: tuple[Staged, ...], artifact_version: str | None
+) -> dict[str, Any]:
+    """Where the kernel's modules go in the image, when the recipe installs them, and
+    the format of the indexes generated for them (``depmod.FORMAT``)."""
     k = recipe.kernel
     if k is None or not k.install_modules:
         return {}
     if k.ref is not None:
         if not artifact_version:
             return {}  # resolve_kernel_artifact refuses this before deriving
-        return {"modules_install": f"/lib/modules/{artifact_version}"}
-    if k.modules is None:
-        return {}
-    return {"modules_install": f"/lib/modules/{modules_version(k.modules)}"}
+        version = artifact_version
+    else:
+        tree = next((s.source for s in kernel if s.name == "modules"), None)
+        if tree is None:
+            return {}
+        version = modules_version(tree)  # the tree resolve_kernel found
+    return {"modules_install": f"/lib/modules/{version}", "modules_index": depmod.FORMAT}

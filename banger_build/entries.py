@@ -67,6 +67,9 @@ class Injected:
     #: the entry's ``owner`` key (its ``dest`` when the owner is the default): for
     #: an owner the image's /etc/passwd or /etc/group does not define
     owner_where: Where | None = field(default=None, compare=False)
+    #: may replace a symlink the image has at ``dest`` (``replace = true``); it shapes
+    #: no byte, only whether the build goes on, so it is not in ``as_dict``
+    replace: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dest": self.dest, "kind": self.kind, "owner": self.owner}

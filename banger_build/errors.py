@@ -75,6 +75,8 @@ class Reason(StrEnum):
     MODULES_VERSION = "modules-version"
     INVALID_MODULES = "invalid-modules"
     NO_MODULES = "no-modules"
+    NOT_A_MODULES_TREE = "not-a-modules-tree"  # no modules.order or kernel/, none below
+    AMBIGUOUS_MODULES = "ambiguous-modules"  # several lib/modules/<version> below
     CONFIG_MISMATCH = "config-mismatch"
     PLATFORM_MISMATCH = "platform-mismatch"
     UNKNOWN_OWNER = "unknown-owner"
@@ -116,7 +118,8 @@ class Reason(StrEnum):
     NAME_TOO_LONG = "name-too-long"
     THROUGH_SYMLINK = "through-symlink"
     NOT_A_DIRECTORY = "not-a-directory"
-    LINK_ESCAPE = "link-escape"
+    BAD_WHITEOUT = "bad-whiteout"
+    DEST_IS_SYMLINK = "dest-is-symlink"
     LINK_TOO_LONG = "link-too-long"
     HARDLINK_TARGET = "hardlink-target"
     UNSUPPORTED_TYPE = "unsupported-type"

@@ -11,10 +11,12 @@ layer digest and the path inside it, when:
 - its name has a ``..`` component (``path-escape``), or a byte line-based
   tools cannot carry: NUL, CR or LF (``unsafe-name``), or a component longer
   than ext4's 255 bytes (``name-too-long``);
-- an ancestor of it is a symlink (``through-symlink``) or not a directory
-  (``not-a-directory``): nothing is ever written through a link;
-- it is a symlink whose target leaves the root (``link-escape``), or a hard
-  link whose target is missing, a directory, or escapes (``hardlink-target``);
+- an ancestor of it is a symlink (``through-symlink``, naming the path reached
+  through the link) or not a directory (``not-a-directory``): nothing is ever
+  written through a link, whichever layer planted it;
+- it is a whiteout of nothing: ``.wh.``, ``.wh..``, ``.wh...`` (``bad-whiteout``);
+- it is a symlink with an empty target (``corrupt``), or a hard link whose
+  target is missing, a directory, or escapes (``hardlink-target``);
 - it goes past a bound of ``Limits`` (the uncompressed size of the image,
   depth, path length, entries, entries per directory, links per inode,
   xattr sizes) or what ext4 can carry (file size, device numbers);
@@ -133,21 +135,6 @@ _REFUSALS = {
     Reason.PATH_ESCAPE: "path has a '..' component and would escape the image root",
     Reason.NAME_TOO_LONG: f"a path component is longer than {NAME_MAX} bytes (ext4's limit)",
 }
-
-
-def link_escapes(link_dir: str, target: str) -> bool:
-    """Does a symlink in ``link_dir`` pointing at ``target`` leave the root?"""
-    stack = [] if target.startswith("/") else [p for p in link_dir.split("/") if p]
-    for part in target.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                return True
-            stack.pop()
-        else:
-            stack.append(part)
-    return False
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
@@ -280,6 +267,12 @@ class Flattener:
             if base == OPAQUE_MARKER:
                 if parent_node is not None:
                     self._make_opaque(parent, parent_node)
+            elif base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
+                raise self._refuse(
+                    raw,
+                    f"whiteout {base!r} hides no name (a whiteout of '', '.' or '..')",
+                    Reason.BAD_WHITEOUT,
+                )
             elif parent_node is not None and not base.startswith(WHITEOUT_PREFIX * 2):
                 assert parent_node.children is not None
                 victim = parent_node.children.get(base[4:])
@@ -324,12 +317,8 @@ class Flattener:
                 raise self._refuse(
                     raw, "symlink target longer than 4095 bytes", Reason.LINK_TOO_LONG
                 )
-            if link_escapes(parent, member.linkname) or not member.linkname:
-                raise self._refuse(
-                    raw,
-                    f"symlink target {member.linkname!r} leaves the image root",
-                    Reason.LINK_ESCAPE,
-                )
+            if not member.linkname:  # symlink(2) refuses an empty target; ext4 cannot hold one
+                raise self._refuse(raw, "symlink with an empty target", Reason.CORRUPT)
             self._remove(parent_node, parent, base)
             inode = Inode(SYMLINK, target=member.linkname, size=len(name_bytes(member.linkname)))
             self._set_meta(inode, member)
@@ -457,7 +446,8 @@ class Flattener:
             elif child.inode.type == SYMLINK:
                 raise self._refuse(
                     raw,
-                    f"writes through the symlink {walked!r} planted earlier",
+                    f"writes through the symlink {walked!r} (-> {child.inode.target!r}): "
+                    f"{parent!r} would be reached through it",
                     Reason.THROUGH_SYMLINK,
                 )
             elif not child.is_dir:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from banger_build import depmod
 from banger_build.entries import Where
 from banger_build.errors import BangerError, InputError, Reason
 from banger_build.flatten import check_name
@@ -129,9 +130,22 @@ def _copy_input(item: Injected, spool: Spool, inode: Inode) -> None:
         ) from None
 
 
-def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int) -> None:
+def resolve_owners(tree: Tree, spool: Spool, items: tuple[Injected, ...]) -> list[tuple[int, int]]:
+    """Each item's (uid, gid): names looked up in the image's /etc/passwd and /etc/group
+    as the layers left them; an unknown name is an error at the entry's position."""
     owners = OwnerResolver(spool, tree)
-    for item in items:
+    return [owners.resolve(item) for item in items]
+
+
+def inject(
+    tree: Tree,
+    spool: Spool,
+    items: tuple[Injected, ...],
+    owners: list[tuple[int, int]],
+    *,
+    epoch: int,
+) -> None:
+    for item, (uid, gid) in zip(items, owners, strict=True):
         parent, _, name = item.dest.strip("/").rpartition("/")
         real_parent, dir_node = _resolve_dir(tree, parent, epoch, item.where)
         assert dir_node.children is not None
@@ -142,9 +156,16 @@ def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int)
                 "put the file elsewhere",
                 Reason.DEST_INVALID,
             )
-        uid, gid = owners.resolve(item)
         existing = dir_node.children.get(name)
         if existing is not None:
+            if existing.inode.type == SYMLINK and not item.replace:
+                raise _fail(
+                    item.where,
+                    f"{item.dest}: the image has a symlink there (-> {existing.inode.target}); "
+                    f"the {item.kind} would replace the link: set replace = true in this entry "
+                    "to do so, or write to the link's target",
+                    Reason.DEST_IS_SYMLINK,
+                )
             if existing.is_dir:
                 raise _fail(
                     item.where,
@@ -172,13 +193,53 @@ def inject(tree: Tree, spool: Spool, items: tuple[Injected, ...], *, epoch: int)
         dir_node.children[name] = Node(inode)
 
 
-def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int) -> str:
-    """Copy a kernel's ``lib/modules/<version>`` directory into the image.
+def _lookup(tree: Tree, path: str) -> Node | None:
+    """The node at ``path`` in the image, symlinks followed within it (None: missing)."""
+    parts = [p for p in path.split("/") if p]
+    real: list[Node] = []
+    node = tree.root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            if part == ".." and real:
+                node = real.pop()
+            continue
+        child = node.children.get(part) if node.children is not None else None
+        if child is None:
+            return None
+        if child.inode.type == SYMLINK:
+            hops += 1
+            if hops > _MAX_HOPS:
+                return None
+            if child.inode.target.startswith("/"):
+                real, node = [], tree.root
+            parts = [p for p in child.inode.target.split("/") if p] + parts
+            continue
+        real.append(node)
+        node = child
+    return node
+
+
+#: What runs ``kmod static-nodes``, the one reader of modules.devname
+#: (systemd's kmod-static-nodes.service, when the file is not empty).
+KMOD_TOOL = "bin/kmod"
+
+
+def install_modules(
+    tree: Tree, spool: Spool, modules: Path, version: str, *, epoch: int, label: str = ""
+) -> str:
+    """Copy a kernel's ``lib/modules/<version>`` directory into the image, with the
+    ``modules.dep`` and indexes modprobe reads generated from it (``depmod``).
 
     Returns the guest path. Everything is root-owned, directories 0755 and
     files 0644 whatever the source's modes (so the bytes do not depend on who
     unpacked the kernel), symlinks (``build``, ``source``) kept as they are.
+    The tree's own files of the generated names are replaced; ``modules.devname``
+    is left empty when the image has no ``/bin/kmod`` to read it. Errors name the
+    tree ``label`` (default: its path).
     """
+    generated = depmod.generate(modules, label)  # a tree it refuses is refused before any copying
     real, parent = _resolve_dir(tree, "lib/modules", epoch)
     assert parent.children is not None
     parent.children.pop(version, None)  # the image's own modules for this version: replaced
@@ -194,6 +255,8 @@ def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, ep
                     f"{entry.path}: a name the image cannot carry (NUL, CR, LF or over 255 bytes)",
                     reason=Reason.UNSAFE_NAME,
                 )
+            if node is top and entry.name in generated:
+                continue
             if entry.is_symlink():
                 link = os.readlink(entry.path)
                 node.children[entry.name] = Node(
@@ -209,4 +272,13 @@ def install_modules(tree: Tree, spool: Spool, modules: Path, version: str, *, ep
                 node.children[entry.name] = Node(inode)
             else:
                 raise InputError(f"{entry.path}: not a file, directory or symlink")
+    assert top.children is not None
+    kmod = _lookup(tree, KMOD_TOOL)
+    if kmod is None or kmod.inode.type != REG:
+        # without the tool the unit would run and fail: an empty list skips it
+        generated["modules.devname"] = b""
+    for name, data in generated.items():
+        inode = Inode(REG, 0, 0, 0o644, epoch)
+        spool.add_bytes(inode, data)
+        top.children[name] = Node(inode)
     return f"/{real}/{version}"

@@ -17,20 +17,14 @@ files only, never blocking. Templates render in one sandboxed, bounded child
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import lzma
 import os
-import re
 import stat
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
-
-import zstandard
 
 from banger_build import guest
 from banger_build.builtins import Builtin
@@ -38,16 +32,13 @@ from banger_build.entries import Injected as Injected
 from banger_build.entries import Staged as Staged
 from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
+from banger_build.kmodules import ModulesTreeError, find_tree
+from banger_build.kmodules import modules_version as modules_version
 from banger_build.oci.reference import Platform
 from banger_build.recipe import GuestSpec, KernelSpec, Recipe
-from banger_build.sources import SourceRefused, SourceRoots, hash_regular, open_regular
+from banger_build.sources import SourceRefused, SourceRoots, hash_regular
 from banger_build.sources import hash_tree as hash_tree
 from banger_build.templating import TemplateJob, render_templates
-
-#: Bytes of one kernel module read (compressed, and again decompressed) to find
-#: its ``vermagic=``: modules are KiBs to a few MiB; the bound stops a
-#: decompression bomb named ``*.ko.xz``.
-MAX_MODULE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,7 +47,7 @@ class FileEntry:
 
     src: Path
     dest: str
-    mode: int
+    mode: int | None  # None: 0755 if the source is executable, else 0644
     owner: str
     sha256: str | None  # the recipe's pin
     where: Where  # the src key: problems with the source
@@ -64,6 +55,7 @@ class FileEntry:
     owner_where: Where
     what: str = "file"  # how errors name the source
     hint: str = ""  # added to "does not exist"
+    replace: bool = False  # may replace a symlink at ``dest``
     roots: SourceRoots | None = None  # where the source may lie (None: the recipe's roots)
 
 
@@ -77,6 +69,7 @@ class TemplateEntry:
     owner: str
     dest_where: Where
     owner_where: Where
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,7 @@ class LinkEntry:
     owner: str
     dest_where: Where
     owner_where: Where
+    replace: bool = False
 
 
 Entry = FileEntry | TemplateEntry | LinkEntry
@@ -110,17 +104,21 @@ def entries(recipe: Recipe) -> list[Entry]:
         out.append(
             FileEntry(
                 f.src, f.dest, f.mode, f.owner, f.sha256, f.where, dest_where,
-                f.owner_where or dest_where,
+                f.owner_where or dest_where, replace=f.replace,
             )
         )  # fmt: skip
     for t in recipe.templates:
         dest_where = t.dest_where or t.where
         job = template_job(t.src, roots, t.where)
         out.append(
-            TemplateEntry(job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where)
+            TemplateEntry(
+                job, t.dest, t.mode, t.owner, dest_where, t.owner_where or dest_where, t.replace
+            )
         )
     for s in recipe.symlinks:
-        out.append(LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where))
+        out.append(
+            LinkEntry(s.dest, s.target, s.owner, s.where, s.owner_where or s.where, s.replace)
+        )
     if recipe.guest is not None:
         out.extend(guest_entries(recipe.guest, roots, recipe.platform))
     return out
@@ -189,11 +187,12 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     out: list[Injected] = []
     for e in items:  # files and links first: a missing file is said before any rendering
         if isinstance(e, FileEntry):
-            digest = _hash_file(e, e.roots or recipe.source_roots)
+            digest, executable = _hash_file(e, e.roots or recipe.source_roots)
+            mode = e.mode if e.mode is not None else 0o755 if executable else 0o644
             out.append(
                 Injected(
-                    e.dest, "file", e.mode, e.owner, digest, source=e.src,
-                    where=e.dest_where, owner_where=e.owner_where,
+                    e.dest, "file", mode, e.owner, digest, source=e.src,
+                    where=e.dest_where, owner_where=e.owner_where, replace=e.replace,
                 )
             )  # fmt: skip
         elif isinstance(e, LinkEntry):
@@ -201,7 +200,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
             out.append(
                 Injected(
                     e.dest, "symlink", 0o777, e.owner, digest, target=e.target,
-                    where=e.dest_where, owner_where=e.owner_where,
+                    where=e.dest_where, owner_where=e.owner_where, replace=e.replace,
                 )
             )  # fmt: skip
     rendered = render_templates([t.job for t in templates], template_context(recipe))
@@ -209,7 +208,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
         out.append(
             Injected(
                 t.dest, "template", t.mode, t.owner, hashlib.sha256(data).hexdigest(), data=data,
-                where=t.dest_where, owner_where=t.owner_where,
+                where=t.dest_where, owner_where=t.owner_where, replace=t.replace,
             )
         )  # fmt: skip
     out.sort(key=lambda i: i.dest.encode())
@@ -223,10 +222,12 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
     return tuple(out)
 
 
-def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
+def _hash_file(e: FileEntry, roots: SourceRoots) -> tuple[str, bool]:
+    """The source's sha256, and whether its owner may execute it (git's one mode bit)."""
     try:
         src = roots.check(e.src)  # again: a symlink on the way may have changed
         digest, _ = hash_regular(src, e.what)
+        executable = bool(os.stat(src).st_mode & stat.S_IXUSR)
     except SourceRefused as exc:
         hint = e.hint if exc.reason == Reason.MISSING_INPUT else ""
         raise InputError(f"{e.where}: {exc.message}{hint}", reason=exc.reason) from None
@@ -235,7 +236,7 @@ def _hash_file(e: FileEntry, roots: SourceRoots) -> str:
             f"{e.where}: {e.src} has sha256 {digest}, but the recipe pins {e.sha256}",
             reason=Reason.SHA256_MISMATCH,
         )
-    return digest
+    return digest, executable
 
 
 # -- the kernel ---------------------------------------------------------------------
@@ -263,10 +264,14 @@ def _read_input(
 
 
 def resolve_kernel(
-    kernel: KernelSpec | None, roots: SourceRoots | None = None
+    kernel: KernelSpec | None,
+    roots: SourceRoots | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> tuple[Staged, ...]:
     """The local kernel files, hashed; ``roots``: where they may lie (default: anywhere
-    ``load_recipe`` accepted them, i.e. a check against the filesystem root only)."""
+    ``load_recipe`` accepted them, i.e. a check against the filesystem root only).
+    A modules directory is the modules tree it names (``kmodules.find_tree``); when
+    that lies below it, ``note`` is told."""
     if kernel is None:
         return ()
     roots = roots or SourceRoots((Path("/"),))
@@ -279,6 +284,8 @@ def resolve_kernel(
         if path is None:
             continue
         where = key_where or kernel.where
+        if name == "modules":
+            path = _modules_tree(path, where, roots, note)
         digest, size = _read_input(path, where, f"kernel {name}", roots, tree_ok=name == "modules")
         if name == "modules" and not path.is_dir():
             if kernel.install_modules:
@@ -292,6 +299,26 @@ def resolve_kernel(
     return tuple(out)
 
 
+def _modules_tree(
+    path: Path, where: Where, roots: SourceRoots, note: Callable[[str], None] | None
+) -> Path:
+    """The modules tree directory ``path`` names (itself, or the one below it);
+    anything but a directory as it is (a tarball, or a missing path for
+    ``_read_input`` to name)."""
+    try:
+        if not stat.S_ISDIR(os.stat(roots.check(path)).st_mode):
+            return path
+    except (SourceRefused, OSError):
+        return path
+    try:
+        tree, found_below = find_tree(path)
+    except ModulesTreeError as exc:
+        raise where.error(exc.message, exc.reason) from None
+    if found_below is not None and note is not None:
+        note(f"{where.key or 'kernel.modules'}: {found_below}")
+    return tree
+
+
 _TARBALLS = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz")
 
 
@@ -300,62 +327,3 @@ def _tarball_name(path: Path) -> str:
         if path.name.endswith(suffix):
             return "modules" + suffix
     return "modules.tar"
-
-
-_VERSION_NAME = re.compile(r"\d+\.\d+[\w.+~-]*")
-
-
-def modules_version(modules: Path) -> str:
-    """The kernel version a ``lib/modules/<version>`` tree is for: its name when
-    that looks like a version, else the ``vermagic=`` of one of its modules."""
-    if _VERSION_NAME.fullmatch(modules.name):
-        return modules.name
-    for ko in _module_files(modules):
-        found = re.search(rb"vermagic=(\S+)", _module_bytes(ko))
-        if found:
-            return found.group(1).decode("ascii", "replace")
-    raise InputError(
-        f"{modules}: cannot tell the kernel version (name the directory after it, "
-        "e.g. lib/modules/6.1.0-13-amd64)",
-        reason=Reason.MODULES_VERSION,
-    )
-
-
-def _module_files(root: Path) -> list[Path]:
-    """Regular files named ``*.ko*`` under ``root``, sorted; symlinks never followed."""
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            scan = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in scan:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False) and ".ko" in entry.name:  # *.ko*
-                found.append(Path(entry.path))
-    return sorted(found)
-
-
-def _module_bytes(ko: Path) -> bytes:
-    """Up to ``MAX_MODULE_BYTES`` of a module, decompressed (b"" when unreadable)."""
-    try:
-        fd = open_regular(ko, "kernel module")
-    except SourceRefused:
-        return b""
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_MODULE_BYTES)
-        if ko.suffix == ".xz":
-            return lzma.LZMADecompressor().decompress(data, max_length=MAX_MODULE_BYTES)
-        if ko.suffix == ".gz":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, MAX_MODULE_BYTES)
-        if ko.suffix == ".zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
-            out: bytes = reader.read(MAX_MODULE_BYTES)
-            return out
-        return data
-    except (OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError):
-        return b""

@@ -25,6 +25,7 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.quiet = quiet
+        self.prefix = ""  # before each line: the recipe's name when several build at once
         self._live = False
         self._last = 0.0
         self._started = time.monotonic()
@@ -40,20 +41,20 @@ class Reporter:
             return
         self._clear()
         elapsed = time.monotonic() - self._started
-        self.stream.write(f"[{elapsed:6.1f}s] {message}\n")
+        self.stream.write(f"[{elapsed:6.1f}s] {self.prefix}{message}\n")
         self.stream.flush()
 
     def always(self, message: str) -> None:
         """Something the user must hear even with --quiet (e.g. a changed lock file)."""
         self._clear()
-        self.stream.write(f"banger-build: {message}\n")
+        self.stream.write(f"banger-build: {self.prefix}{message}\n")
         self.stream.flush()
 
     def note(self, message: str) -> None:
         if self.quiet:
             return
         self._clear()
-        self.stream.write(f"         {message}\n")
+        self.stream.write(f"         {self.prefix}{message}\n")
         self.stream.flush()
 
     def progress(self, what: str, done: int, total: int | None) -> None:

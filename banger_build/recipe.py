@@ -91,12 +91,13 @@ class SizeSpec:
 class FileSpec:
     src: Path  # absolute and resolved, inside the recipe's source roots
     dest: str  # absolute, normalised guest path
-    mode: int
+    mode: int | None  # None: the source's executable bit decides (0755 or 0644)
     owner: str  # "uid:gid", numbers or names resolved from the image
     sha256: str | None  # 64 lowercase hex
     where: Where  # the entry's ``src`` key
     dest_where: Where | None = None  # the entry's ``dest`` key
     owner_where: Where | None = None  # the entry's ``owner`` key (``dest`` when defaulted)
+    replace: bool = False  # may replace a symlink the image has at ``dest``
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class TemplateSpec:
     where: Where  # the entry's ``src`` key
     dest_where: Where | None = None
     owner_where: Where | None = None
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class SymlinkSpec:
     owner: str
     where: Where  # the entry's ``dest`` key
     owner_where: Where | None = None
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,12 @@ _OWNER = Key(
     doc="`USER:GROUP`, numbers or names from the image's /etc/passwd and /etc/group",
     example='owner = "root:adm"',
 )  # fmt: skip
+_REPLACE = Key(
+    (BOOLEAN,), default="false",
+    doc="`true`: the image may have a symlink at `dest`, which this entry replaces "
+    "(without it, that is an error: writing there would silently drop the link)",
+    example="replace = true",
+)  # fmt: skip
 _SRC = Key(
     (STRING,), required=True, convert=convert_src,
     doc="the file to copy, relative to the recipe; it must lie in the recipe's project "
@@ -375,17 +384,29 @@ _TEMPLATE_SRC = Key(
 )  # fmt: skip
 _TEMPLATE_SRC_OPT = Key((STRING,), convert=convert_template_src)
 
-TEMPLATE_SCHEMA: Schema = {"src": _TEMPLATE_SRC, "dest": _DEST, "mode": _MODE, "owner": _OWNER}
+TEMPLATE_SCHEMA: Schema = {
+    "src": _TEMPLATE_SRC,
+    "dest": _DEST,
+    "mode": _MODE,
+    "owner": _OWNER,
+    "replace": _REPLACE,
+}
 FILE_SCHEMA: Schema = {
     "src": _SRC,
     "dest": _DEST,
-    "mode": _MODE,
+    "mode": dataclasses.replace(
+        _MODE,
+        default='"0755" if the source is executable, else "0644"',
+        doc="permission bits, octal: a string, or an integer written `0o644`; without it the "
+        "source's executable bit decides (the bit git keeps)",
+    ),
     "owner": _OWNER,
     "sha256": Key(
         (STRING,), convert=convert_sha256, default="none",
         doc="pin the source's bytes: a build of other bytes fails (`sha256-mismatch`)",
         example='sha256 = "<64 hex digits>"',
     ),
+    "replace": _REPLACE,
 }  # fmt: skip
 SYMLINK_SCHEMA: Schema = {
     "dest": dataclasses.replace(_DEST, example='dest = "/etc/issue.net"', doc="the link's path"),
@@ -395,6 +416,7 @@ SYMLINK_SCHEMA: Schema = {
         example='target = "/etc/motd"',
     ),
     "owner": _OWNER,
+    "replace": _REPLACE,
 }  # fmt: skip
 
 GUEST_SCHEMA: Schema = {
@@ -494,13 +516,15 @@ RECIPE_SCHEMA: Schema = {
             ),
             "modules": Key(
                 (STRING,), convert=convert_src, default="none",
-                doc=f"a `lib/modules/<version>` directory, or a tarball staged as is "
-                f"({_PATH_ONLY})",
+                doc="a `lib/modules/<version>` directory (holding `modules.order` or "
+                "`kernel/`; given a directory with one such below it, e.g. an unpacked "
+                f"kernel package, that one), or a tarball staged as is ({_PATH_ONLY})",
                 example='modules = "/lib/modules/6.1.0-13-amd64"',
             ),
             "install_modules": Key(
                 (BOOLEAN,), default="false",
-                doc="also copy the modules into the image at `/lib/modules/<version>`",
+                doc="also copy the modules into the image at `/lib/modules/<version>`, "
+                "with the `modules.dep` and indexes modprobe reads, generated from them",
                 example="install_modules = true",
             ),
         },
@@ -576,12 +600,13 @@ def _build(path: Path, doc: RecipeDoc, v: dict[str, Any]) -> Recipe:
         FileSpec(
             e["src"],
             e["dest"],
-            e.get("mode", DEFAULT_MODE),
+            e.get("mode"),
             e.get("owner", DEFAULT_OWNER),
             e.get("sha256"),
             doc.where(("files", i, "src")),
             doc.where(("files", i, "dest")),
             owner_where("files", i, e),
+            replace=e.get("replace", False),
         )
         for i, e in enumerate(v.get("files", ()))
     )
@@ -594,6 +619,7 @@ def _build(path: Path, doc: RecipeDoc, v: dict[str, Any]) -> Recipe:
             doc.where(("templates", i, "src")),
             doc.where(("templates", i, "dest")),
             owner_where("templates", i, e),
+            replace=e.get("replace", False),
         )
         for i, e in enumerate(v.get("templates", ()))
     )
@@ -604,6 +630,7 @@ def _build(path: Path, doc: RecipeDoc, v: dict[str, Any]) -> Recipe:
             e.get("owner", DEFAULT_OWNER),
             doc.where(("symlinks", i, "dest")),
             owner_where("symlinks", i, e),
+            replace=e.get("replace", False),
         )
         for i, e in enumerate(v.get("symlinks", ()))
     )

@@ -21,6 +21,7 @@ from banger_build.entries import Staged, Where
 from banger_build.errors import InputError, Reason, RecipeError, RegistryError
 from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
+from banger_build.oci.kernel import modules_tar_is_tree
 from banger_build.oci.reference import Digest, ReferenceSyntaxError
 from banger_build.progress import Reporter
 from banger_build.recipe import apply_overrides, load_recipe
@@ -163,6 +164,14 @@ def resolve_kernel_artifact(ctx: Context) -> None:
     for name, desc in artifact.files.items():
         path = source.blob(ref, desc)
         staged.append(Staged(name, path, desc.digest.hex, desc.size, where=where))
+        if name == "modules.tar" and spec.install_modules and not modules_tar_is_tree(path):
+            raise RecipeError(
+                f"install_modules: the modules of kernel {ref}@{digest} are not a modules "
+                f"tree (no modules.order or kernel/ at the top of its modules.tar); push it "
+                "again with --modules naming the lib/modules/<version> directory",
+                file=str(ctx.recipe.path), line=where.line, col=where.col,
+                key="kernel.install_modules", reason=Reason.NOT_A_MODULES_TREE,
+            )  # fmt: skip
     ctx.kernel = tuple(staged)
     ctx.kernel_version = version
     ctx.kernel_artifact = {
@@ -175,7 +184,9 @@ def resolve_kernel_artifact(ctx: Context) -> None:
 def resolve_inputs(ctx: Context) -> None:
     ctx.injected = resolve_injected(ctx.recipe)
     if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
-        ctx.kernel = resolve_kernel(ctx.recipe.kernel, ctx.recipe.source_roots)
+        ctx.kernel = resolve_kernel(
+            ctx.recipe.kernel, ctx.recipe.source_roots, note=ctx.reporter.note
+        )
 
 
 def read_diff_ids(ctx: Context) -> None:

@@ -20,9 +20,12 @@ regular member stay holes in the image.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import queue
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,6 +95,61 @@ class BudgetExceeded(Refused):
         super().__init__("uncompressed content past the budget", Reason.IMAGE_TOO_LARGE)
 
 
+class Prefetched:
+    """A decompressing stream read ahead by a thread of its own, a MiB at a time.
+
+    zlib and zstd release the GIL while they work, so the next MiB is decompressed
+    while the tar stream of this one is parsed. At most ``_AHEAD`` chunks wait (the
+    memory is bounded); an exception of the thread is raised by ``read``.
+    """
+
+    _AHEAD = 8
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._AHEAD)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._pos = 0
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="decompress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._raw.read(_CHUNK)
+                self._queue.put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # given to the reader, raised there
+            self._queue.put(exc)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= len(self._buf):
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._buf, self._pos = item, 0
+        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
+        data = self._buf[self._pos : end]
+        self._pos = end
+        return data
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+
 class LayerReader:
     """The uncompressed stream of a layer: hashed, counted, cut at ``budget`` bytes."""
 
@@ -128,18 +186,30 @@ class LayerReader:
 
 
 @contextmanager
+def _ahead(stream: IO[bytes]) -> Iterator[IO[bytes]]:
+    ahead = Prefetched(stream)
+    try:
+        yield ahead  # type: ignore[misc]
+    finally:
+        ahead.close()
+
+
+@contextmanager
 def open_layer(path: Path) -> Iterator[IO[bytes]]:
     """The uncompressed tar stream of a blob; gzip, zstd or plain, by magic bytes."""
     with open(path, "rb") as raw:
         magic = raw.read(4)
         raw.seek(0)
         if magic[:2] == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                yield gz  # type: ignore[misc]
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz, _ahead(gz) as stream:  # type: ignore[arg-type]
+                yield stream
         elif magic == b"\x28\xb5\x2f\xfd":
             dctx = zstandard.ZstdDecompressor()
-            with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
-                yield zs
+            with (
+                dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs,
+                _ahead(zs) as stream,
+            ):
+                yield stream
         else:
             yield raw
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from banger_build.inputs import hash_tree
 from tests.support.e2e import BASE, CAP, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import fsck, read_image, sha256_file
+from tests.support.kmod import VSOCK_KO
 from tests.support.oci import Entry
 from tests.support.registry import RegistryServer
 from tests.support.tarlayer import member
@@ -157,7 +158,7 @@ def test_kernel_is_staged_and_modules_installed(tmp_path: Path, image_ref: str) 
     kdir = tmp_path / "k"
     mods = kdir / "6.1.0-test-amd64"
     (mods / "kernel" / "net").mkdir(parents=True)
-    (mods / "kernel" / "net" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (mods / "kernel" / "net" / "vsock.ko").write_bytes(VSOCK_KO)
     (mods / "modules.order").write_text("kernel/net/vsock.ko\n")
     (mods / "build").symlink_to("/usr/src/linux-headers-6.1.0-test-amd64")
     os.chmod(mods / "modules.order", 0o600)  # source modes do not leak into the image
@@ -181,7 +182,7 @@ install_modules = true
     seen = read_image(path / "rootfs.ext4")
     base = "usr/lib/modules/6.1.0-test-amd64"  # through the image's /lib -> usr/lib
     ko = seen[f"{base}/kernel/net/vsock.ko"]
-    assert (ko.uid, ko.gid, ko.mode & 0o7777, ko.size) == (0, 0, 0o644, 10)
+    assert (ko.uid, ko.gid, ko.mode & 0o7777, ko.size) == (0, 0, 0o644, len(VSOCK_KO))
     assert seen[f"{base}/modules.order"].mode & 0o7777 == 0o644
     assert seen[f"{base}/build"].target == "/usr/src/linux-headers-6.1.0-test-amd64"
     manifest = json.loads((path / "manifest.json").read_text())
@@ -194,8 +195,8 @@ def test_modules_with_a_name_debugfs_cannot_carry_are_refused(
     tmp_path: Path, image_ref: str
 ) -> None:
     mods = tmp_path / "k" / "6.1.0-test-amd64"
-    mods.mkdir(parents=True)
-    (mods / "evil\nname.ko").write_bytes(b"x")
+    (mods / "kernel").mkdir(parents=True)
+    (mods / "evil\nname.ko").write_bytes(VSOCK_KO)
     (tmp_path / "k" / "vmlinuz").write_bytes(b"kernel")
     recipe = write_recipe(
         tmp_path / "r",

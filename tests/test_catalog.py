@@ -22,6 +22,7 @@ from banger_build.derivation import canonical_json
 from banger_build.oci import rootfs
 from banger_build.oci.kernel import write_modules_tar
 from tests.support.e2e import run_cli, write_recipe
+from tests.support.kmod import VSOCK_KO
 from tests.support.oci import Pusher, canonical
 from tests.support.registry import RegistryServer
 from tests.test_kernel_artifact import push_kernel
@@ -51,7 +52,7 @@ def kernel_files(tmp_path: Path) -> str:
     k = tmp_path / "k"
     mods = k / "6.1.0-test-amd64"
     (mods / "kernel").mkdir(parents=True)
-    (mods / "kernel" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (mods / "kernel" / "vsock.ko").write_bytes(VSOCK_KO)
     (mods / "modules.order").write_text("kernel/vsock.ko\n")
     (k / "vmlinuz").write_bytes(b"kernel image " * 1000)
     (k / "initrd.img").write_bytes(b"initrd " * 500)

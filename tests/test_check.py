@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.support.e2e import run_cli, write_recipe
 from tests.support.ext4read import read_image, sha256_file
+from tests.support.kmod import VSOCK_KO
 
 
 def _tamper_mode(image: Path, path: str, mode: int) -> None:
@@ -119,7 +120,7 @@ def test_check_of_a_store_path_with_a_local_kernel_and_its_modules(
     kdir = tmp_path / "k"
     mods = kdir / "6.1.0-test-amd64"
     (mods / "kernel").mkdir(parents=True)
-    (mods / "kernel" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (mods / "kernel" / "vsock.ko").write_bytes(VSOCK_KO)
     (kdir / "vmlinuz").write_bytes(b"kernel")
     kernel = f'[kernel]\npath = "{kdir / "vmlinuz"}"\nmodules = "{mods}"\ninstall_modules = true\n'
     recipe = write_recipe(tmp_path / "r", image_ref, extra=kernel)

@@ -19,6 +19,7 @@ from banger_build.oci.reference import Digest, Reference
 from banger_build.recipe import load_recipe
 from tests.support.e2e import BASE, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import read_image
+from tests.support.kmod import VSOCK_KO
 from tests.support.registry import RegistryServer
 
 VERSION = "6.1.0-test-amd64"
@@ -27,7 +28,7 @@ VERSION = "6.1.0-test-amd64"
 def make_modules(root: Path) -> Path:
     mods = root / VERSION
     (mods / "kernel" / "net").mkdir(parents=True)
-    (mods / "kernel" / "net" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (mods / "kernel" / "net" / "vsock.ko").write_bytes(VSOCK_KO)
     (mods / "modules.order").write_text("kernel/net/vsock.ko\n")
     (mods / "build").symlink_to("/usr/src/linux-headers-6.1.0-test-amd64")
     return mods
@@ -200,7 +201,7 @@ def test_install_modules_from_an_artifact(
     seen = read_image(path / "rootfs.ext4")
     base = f"usr/lib/modules/{VERSION}"  # through the image's /lib -> usr/lib
     ko = seen[f"{base}/kernel/net/vsock.ko"]
-    assert (ko.uid, ko.gid, ko.mode & 0o7777, ko.size) == (0, 0, 0o644, 10)
+    assert (ko.uid, ko.gid, ko.mode & 0o7777, ko.size) == (0, 0, 0o644, len(VSOCK_KO))
     assert seen[f"{base}/build"].target == "/usr/src/linux-headers-6.1.0-test-amd64"
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["derivation"]["modules_install"] == f"/lib/modules/{VERSION}"

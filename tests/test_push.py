@@ -35,6 +35,7 @@ from banger_build.publish import PushResult, PushTarget, parse_target, push_stor
 from banger_build.store import Store
 from tests.support.e2e import run_cli, write_recipe
 from tests.support.faultproxy import FaultProxy, Lost, Status
+from tests.support.kmod import VSOCK_KO
 from tests.support.oci import Pusher
 from tests.support.registry import RegistryServer, write_docker_config
 
@@ -59,7 +60,7 @@ def build(tmp_path: Path, image_ref: str, home: str = "home", *, kernel: bool = 
         k = tmp_path / "k"
         mods = k / "6.1.0-test-amd64"
         (mods / "kernel").mkdir(parents=True, exist_ok=True)
-        (mods / "kernel" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+        (mods / "kernel" / "vsock.ko").write_bytes(VSOCK_KO)
         (mods / "modules.order").write_text("kernel/vsock.ko\n")
         (k / "vmlinuz").write_bytes(b"kernel image " * 1000)
         (k / "initrd.img").write_bytes(b"initrd " * 500)

@@ -44,6 +44,7 @@ from banger_build.cli import main
 from banger_build.errors import BangerError, RecipeError
 from banger_build.inputs import resolve_injected, resolve_kernel
 from banger_build.recipe import load_recipe
+from tests.support.kmod import VSOCK_KO
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240808
@@ -181,7 +182,7 @@ def make_project(top: Path) -> Project:
     (tests / "files" / "motd").write_text("hello\n")
     (tests / "files" / "agent").write_bytes(b"\x7fELF agent")
     (tests / "boot" / "6.1.0-test" / "kernel").mkdir(parents=True)
-    (tests / "boot" / "6.1.0-test" / "kernel" / "vsock.ko").write_bytes(b"\x7fELF vsock")
+    (tests / "boot" / "6.1.0-test" / "kernel" / "vsock.ko").write_bytes(VSOCK_KO)
     (tests / "boot" / "vmlinux").write_bytes(b"kernel")
     (tests / "boot" / "initrd.img").write_bytes(b"initrd")
     (tests / "hello.txt").write_text("hello from the recipe\n")

@@ -354,11 +354,11 @@ def test_modules_version_reads_bounded_and_never_follows_symlinks(
 ) -> None:
     import lzma
 
-    from banger_build import inputs
+    from banger_build import inputs, kmodules
 
     mods = tmp_path / "modules"
     (mods / "kernel").mkdir(parents=True)
-    monkeypatch.setattr(inputs, "MAX_MODULE_BYTES", 1 << 20)
+    monkeypatch.setattr(kmodules, "MAX_MODULE_BYTES", 1 << 20)
     # a decompression bomb: 8 MiB of zeros, then the vermagic past the bound
     (mods / "kernel" / "a.ko.xz").write_bytes(lzma.compress(bytes(8 << 20) + b"vermagic=6.1 "))
     os.mkfifo(mods / "kernel" / "b.ko")  # a FIFO named like a module: never opened

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print only the store path on stdout, and no progress",
     )  # fmt: skip
     common.add_output(p)
+    p.add_argument(
+        "-j", "--jobs", type=_jobs, default=None, metavar="N",
+        help="build up to N of the recipes at once, each in a process of its own "
+        "(default: the number of CPUs; 1: one after the other). Recipes that resolve "
+        "to the same store path wait for each other; paths are printed in recipe order",
+    )  # fmt: skip
     p.add_argument(
         "--check", action="store_true",
         help="rebuild the existing store path from scratch and compare (see `check`)",
@@ -76,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         target = parse_target(args.push)
         sign = push.sign_function(args.sign_key)
     reporter = common.reporter(args, quiet=args.print_out_paths)
-    for n, recipe in enumerate(args.recipes, 1):
+
+    def one(n: int, recipe: Path) -> int:
         link = None if args.no_link else out_link(args.out_link, n)
         path, key = build_one(args, recipe, common.build_options(args, out_link=link), reporter)
         if target is not None:
@@ -85,7 +93,22 @@ def run(args: argparse.Namespace) -> int:
                 reporter.result(pushed=str(pushed.ref), path=str(path), key=key)
             else:
                 print(pushed.ref, flush=True)
+        return 0
+
+    jobs = args.jobs if args.jobs is not None else os.cpu_count() or 1
+    if len(args.recipes) > 1 and jobs > 1:
+        from banger_build.commands.parallel import run_parallel
+
+        return run_parallel(args.recipes, one, jobs, reporter)
+    for n, recipe in enumerate(args.recipes, 1):
+        one(n, recipe)
     return 0
+
+
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of jobs (1 or more)")
+    return int(text)
 
 
 def out_link(link: Path, n: int) -> Path:

@@ -10,6 +10,7 @@ digest; the same inputs always give the same digest.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from banger_build.commands import common
@@ -27,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the kernel image")  # fmt: skip
     push.add_argument("--initrd", type=Path, metavar="INITRD", help="an initramfs")
     push.add_argument("--modules", type=Path, metavar="DIR",
-                      help="the kernel's lib/modules/<version> directory")  # fmt: skip
+                      help="the kernel's lib/modules/<version> directory (or a directory "
+                      "holding one, e.g. an unpacked package)")  # fmt: skip
     common.add_home(push)
     common.add_registry(push)
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 def push_kernel(args: argparse.Namespace) -> int:
     from banger_build.fsutil import hash_file
-    from banger_build.inputs import modules_version
+    from banger_build.kmodules import ModulesTreeError, find_tree, modules_version
     from banger_build.oci.blobs import BlobCache
     from banger_build.oci.kernel import (
         CONFIG_TYPE,
@@ -64,8 +66,16 @@ def push_kernel(args: argparse.Namespace) -> int:
     for what, path in (("--kernel", args.kernel), ("--initrd", args.initrd)):
         if path is not None and not path.is_file():
             raise InputError(f"{what} {path}: not a file", reason=Reason.MISSING_INPUT)
-    if args.modules is not None and not args.modules.is_dir():
-        raise InputError(f"--modules {args.modules}: not a directory", reason=Reason.MISSING_INPUT)
+    modules: Path | None = args.modules
+    if modules is not None:
+        if not modules.is_dir():
+            raise InputError(f"--modules {modules}: not a directory", reason=Reason.MISSING_INPUT)
+        try:
+            modules, found_below = find_tree(modules)
+        except ModulesTreeError as exc:
+            raise InputError(f"--modules {exc.message}", reason=exc.reason) from None
+        if found_below is not None:
+            print(f"banger-build: --modules: {found_below}", file=sys.stderr)
 
     store = Store(common.home(args))
     client = Remote(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
@@ -81,11 +91,11 @@ def push_kernel(args: argparse.Namespace) -> int:
         if args.initrd is not None:
             files.append(("initrd.img", push(args.initrd, LAYERS["initrd.img"])))
         version = ""
-        if args.modules is not None:
-            version = modules_version(args.modules)
+        if modules is not None:
+            version = modules_version(modules)
             tar = Path(tmp) / "modules.tar"
             with open(tar, "wb") as out:
-                write_modules_tar(args.modules, out)
+                write_modules_tar(modules, out)
             files.append(("modules.tar", push(tar, LAYERS["modules.tar"])))
         config_path = Path(tmp) / "config.json"
         config_path.write_bytes(config_bytes(version))

@@ -184,6 +184,24 @@ def parse_kernel_config(data: bytes) -> str:
     return version
 
 
+def modules_tar_is_tree(tar_path: Path) -> bool:
+    """Whether a modules tar holds a modules tree: ``modules.order`` (a file) or
+    ``kernel/`` at its top (``kmodules.is_tree``). Reads the headers only."""
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if (name == "modules.order" and member.isreg()) or (
+                    name.rstrip("/") == "kernel" and member.isdir()
+                ):
+                    return True
+    except (tarfile.TarError, OSError) as exc:
+        raise InputError(
+            f"{tar_path}: not a readable tar: {exc}", reason=Reason.INVALID_MODULES
+        ) from None
+    return False
+
+
 def extract_modules(tar_path: Path, dest: Path) -> None:
     """Unpack a modules tar into the new directory ``dest``: only files, directories
     and symlinks, no absolute or ``..`` names, nothing through a symlink."""
@@ -233,6 +251,7 @@ __all__ = [
     "KernelArtifact",
     "config_bytes",
     "extract_modules",
+    "modules_tar_is_tree",
     "manifest_bytes",
     "parse_kernel_manifest",
     "parse_kernel_config",

@@ -1,0 +1,96 @@
+"""Several recipes on one command line build at once, each in a process of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.e2e import BASE, UPPER, push, write_recipe
+from tests.support.oci import Entry
+from tests.support.registry import RegistryServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(
+    home: Path, *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "banger_build", "--home", str(home), *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _recipes(tmp: Path, registry: RegistryServer) -> tuple[Path, Path]:
+    push(registry, "par/a", [BASE, UPPER])
+    push(registry, "par/b", [BASE, [Entry.file("etc/b", b"b")]])
+    a = write_recipe(tmp / "r", f"{registry.host}/par/a:v1", name="a.toml")
+    b = write_recipe(tmp / "r", f"{registry.host}/par/b:v1", name="b.toml")
+    return a, b
+
+
+def test_two_recipes_build_at_once_and_print_in_recipe_order(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    a, b = _recipes(tmp_path, registry)
+    proc = _cli(tmp_path / "home", "build", "-j", "2", str(b), str(a), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    paths = out.split()
+    assert len(paths) == 2 and paths[0].endswith("-b-v1") and paths[1].endswith("-a-v1"), out
+    assert os.readlink(tmp_path / "result") == paths[0]
+    assert os.readlink(tmp_path / "result-2") == paths[1]
+    assert "] b: built" in err and "] a: built" in err  # progress says which recipe
+
+
+def test_one_failing_recipe_fails_the_command_and_the_others_still_build(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    a, _ = _recipes(tmp_path, registry)
+    missing = write_recipe(tmp_path / "r", f"{registry.host}/par/missing:v1", name="m.toml")
+    proc = _cli(tmp_path / "home", str(a), str(missing), "--no-link", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert out.strip().endswith("-a-v1") and len(out.split()) == 1
+    errors = [line for line in err.splitlines() if line.startswith("banger-build: error:")]
+    assert len(errors) == 1 and str(missing) in errors[0] and "Traceback" not in err
+
+
+def test_a_signal_reaches_every_build_and_leaves_no_temp_dir(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    a, b = _recipes(tmp_path, registry)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (fake / "e2fsck").write_text(f"#!/bin/sh\ntouch {markers}/$$\nsleep 600\n")
+    (fake / "e2fsck").chmod(0o755)
+    home = tmp_path / "home"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = _cli(home, str(a), str(b), "--no-link", "--fsck", cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert len(list(markers.iterdir())) == 2  # both builds are checking at once
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    for pid in (int(p.name) for p in markers.iterdir()):
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    assert list((home / "tmp").iterdir()) == []
+    assert list((home / "store").iterdir()) == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
