@@ -10,7 +10,8 @@ the installed package, whose built-in arm64 agent it uses). The arm64 image
 then boots, with Debian's arm64 cloud kernel, in qemu-system-aarch64 -M virt
 under TCG, to the guest probe (tests/support/guestprobe.py): the guest set's
 units ran, the network unit configured the address boot gave it, the
-aarch64 agent runs, and the login prompt ended the boot.
+aarch64 agent runs, the vsock modules of modules-load.d are loaded from the
+image's modules, and the login prompt ended the boot.
 """
 
 from __future__ import annotations
@@ -215,4 +216,7 @@ def test_the_arm64_image_boots_to_the_guest_probe_in_qemu_system_aarch64(
     assert got["route"].startswith("default via 10.0.2.2"), got
     assert got["agent"] == "755 0 0" and got["marker"] == "absent"
     assert got["modules"] == "present"
+    # modules-load.d's vsock modules, loaded from the image's modules (modules.dep made
+    # at build time)
+    assert got["module vsock"] == got["module vmw_vsock_virtio_transport"] == "loaded", got
     guestprobe.assert_agent_ping(err, console)

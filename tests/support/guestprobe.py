@@ -54,6 +54,10 @@ if [ -e /var/lib/banger/first-boot-pending ]; then say "marker present"
 else say "marker absent"; fi
 if [ -d "/lib/modules/$(uname -r)/kernel" ]; then say "modules present"
 else say "modules missing"; fi
+loaded=$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')
+for m in vsock vmw_vsock_virtio_transport; do
+    case " $loaded" in *" $m "*) say "module $m loaded" ;; *) say "module $m missing" ;; esac
+done
 echo BANGER-PROBE-DONE > /dev/console
 """
 
@@ -102,13 +106,14 @@ target = "/etc/systemd/system/banger-probe.service"
 
 
 def facts(console: str) -> dict[str, str]:
-    """``BANGER-PROBE <name> <value>`` lines as {name: value} (units as "unit NAME")."""
+    """``BANGER-PROBE <name> <value>`` lines as {name: value} (units and modules as
+    "unit NAME", "module NAME")."""
     out: dict[str, str] = {}
     for line in re.findall(r"BANGER-PROBE (\S+ .*?)\s*\r?$", console, re.MULTILINE):
         name, _, value = line.partition(" ")
-        if name == "unit":
-            unit, _, value = value.partition(" ")
-            name = f"unit {unit}"
+        if name in ("unit", "module"):
+            which, _, value = value.partition(" ")
+            name = f"{name} {which}"
         out[name] = value.strip()
     return out
 
