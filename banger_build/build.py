@@ -1,7 +1,7 @@
 """The build: small verb-named steps over one context, listed in order (``BUILD``).
 
     resolve (banger_build.resolve) --> key --store hit?--> link, done
-      --miss--> pull, flatten, stage kernel, inject, size, write ext4,
+      --miss--> pull, fetch files, flatten, stage kernel, inject, size, write ext4,
                 [fsck], manifest --> publish (one rename) --> link
 
 ``build()`` and ``check()`` are the library's entry points. Only the steps
@@ -32,7 +32,10 @@ from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
 from banger_build.inject import inject, install_modules, resolve_owners
 from banger_build.inputs import hash_tree
+from banger_build.oci.fileartifact import LAYER_TYPE
 from banger_build.oci.kernel import extract_modules
+from banger_build.oci.manifest import Descriptor
+from banger_build.oci.reference import Digest
 from banger_build.progress import Reporter
 from banger_build.resolve import RESOLVE, save_lock
 from banger_build.spool import Spool
@@ -50,6 +53,24 @@ def pull_layers(ctx: Context) -> None:
     ctx.reporter.step(f"pulling {len(layers)} layers of {image}")
     for desc, diff_id in zip(layers, ctx.diff_ids, strict=True):
         ctx.layers.append(LayerInput(desc.digest, ctx.source.blob(image, desc), diff_id))
+
+
+def fetch_files(ctx: Context) -> None:
+    """The fetched file inputs' bytes into the blob cache (each verified as it is
+    written), from their registry or URL when the cache lacks them."""
+    done: set[Digest] = set()
+    for f in ctx.fetches:
+        if f.sha256 in done:
+            continue
+        done.add(f.sha256)
+        if ctx.source.cache.get(f.sha256) is not None:
+            continue
+        ctx.reporter.step(f"fetching {f.url or f.reference} for {f.dest}")
+        if f.url is not None:
+            ctx.source.url(f.url, f.sha256, ctx.options.limits.max_file_input)
+        else:
+            assert f.reference is not None and f.size is not None
+            ctx.source.blob(f.reference, Descriptor(LAYER_TYPE, f.sha256, f.size))
 
 
 def flatten_layers(ctx: Context) -> None:
@@ -200,11 +221,14 @@ def write_manifest(ctx: Context) -> None:
     }
     if ctx.kernel_artifact:  # not in the derivation: a store path is about the kernel's bytes
         manifest["kernel_artifact"] = ctx.kernel_artifact
+    if ctx.fetches:  # the same: the derivation has their sha256 only
+        manifest["fetched_files"] = [f.as_dict() for f in ctx.fetches]
     write_manifest_file(ctx.out, manifest)
 
 
 BUILD: tuple[Callable[[Context], None], ...] = (
     pull_layers,
+    fetch_files,
     flatten_layers,
     check_owners,
     stage_kernel,

@@ -45,6 +45,7 @@ from banger_build.commands import (
 )
 from banger_build.commands import build as build_command
 from banger_build.commands import bundle as bundle_command
+from banger_build.commands import file as file_command
 from banger_build.commands import render as render_command
 from banger_build.errors import BangerError
 
@@ -65,6 +66,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     boot,
     render_command,
     kernel,
+    file_command,
     key,
     verify,
     bundle_command,

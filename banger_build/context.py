@@ -28,7 +28,7 @@ from banger_build.lockfile import Lock
 from banger_build.oci.blobs import BlobCache
 from banger_build.oci.manifest import ImageManifest
 from banger_build.oci.options import RegistryOptions
-from banger_build.oci.reference import Digest
+from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.source import Source
 from banger_build.progress import Reporter
 from banger_build.recipe import Overrides, Recipe
@@ -64,6 +64,34 @@ class BuildOptions:
     overrides: Overrides = field(default_factory=Overrides)
     #: check the image with ``e2fsck -fn`` before it is stored (``--fsck``)
     fsck: bool = False
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """A fetched file input (``ref`` or ``url``): where the build downloads its bytes
+    from when the blob cache lacks them, and what manifest.json records of it (gc keeps
+    those blobs; ``check STORE-PATH`` fetches them again)."""
+
+    dest: str
+    sha256: Digest
+    reference: Reference | None = None
+    manifest: Digest | None = None  # the file artifact's manifest
+    index: Digest | None = None  # the index it was taken from (the lock pins this one)
+    size: int | None = None  # the artifact's layer size
+    url: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"dest": self.dest, "sha256": str(self.sha256)}
+        if self.url is not None:
+            out["url"] = self.url
+        if self.reference is not None:
+            out["reference"] = str(self.reference)
+        for name, value in (("manifest", self.manifest), ("index", self.index)):
+            if value is not None:
+                out[name] = str(value)
+        if self.size is not None:
+            out["size"] = self.size
+        return out
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,8 @@ class Context:
         self.kernel_version: str | None = None  # a [kernel] ref artifact's modules version
         #: a [kernel] ref artifact's manifest and config digests (for manifest.json and gc)
         self.kernel_artifact: dict[str, str] = {}
+        #: the fetched file inputs (``[[files]] ref``/``url``, ``agent_ref``/``agent_url``)
+        self.fetches: list[FileInput] = []
         self.derivation: Derivation
         # filled by the build steps
         self.work: Path

@@ -34,7 +34,7 @@ from banger_build.entries import Where
 from banger_build.errors import InputError, Reason
 from banger_build.kmodules import ModulesTreeError, find_tree
 from banger_build.kmodules import modules_version as modules_version
-from banger_build.oci.reference import Platform
+from banger_build.oci.reference import Platform, Reference
 from banger_build.recipe import GuestSpec, KernelSpec, Recipe
 from banger_build.sources import SourceRefused, SourceRoots, hash_regular
 from banger_build.sources import hash_tree as hash_tree
@@ -43,9 +43,10 @@ from banger_build.templating import TemplateJob, render_templates
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A file copied into the image from ``src`` (a ``[[files]]`` entry, or the agent)."""
+    """A file copied into the image (a ``[[files]]`` entry, or the agent): from ``src``,
+    or fetched from ``ref`` (a file artifact) or ``url``."""
 
-    src: Path
+    src: Path | None
     dest: str
     mode: int | None  # None: 0755 if the source is executable, else 0644
     owner: str
@@ -57,6 +58,31 @@ class FileEntry:
     hint: str = ""  # added to "does not exist"
     replace: bool = False  # may replace a symlink at ``dest``
     roots: SourceRoots | None = None  # where the source may lie (None: the recipe's roots)
+    ref: Reference | None = None
+    url: str | None = None
+
+    @property
+    def fetched(self) -> bool:
+        """Its bytes come from a registry or a URL (the build's ``Source``)."""
+        return self.ref is not None or self.url is not None
+
+    @property
+    def origin(self) -> str:
+        """Where the bytes come from, for messages."""
+        return str(self.ref) if self.ref is not None else self.url or str(self.src)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched file input as resolving found it (``Fetch`` makes it)."""
+
+    path: Path  # its place in the blob cache (the build downloads it there if missing)
+    sha256: str
+    executable: bool | None  # None: the source does not say (0644 unless ``mode``)
+
+
+#: resolves a fetched entry (``FileEntry.fetched``): its digest, pinned, without its bytes
+Fetch = Callable[[FileEntry], Fetched]
 
 
 @dataclass(frozen=True)
@@ -104,7 +130,7 @@ def entries(recipe: Recipe) -> list[Entry]:
         out.append(
             FileEntry(
                 f.src, f.dest, f.mode, f.owner, f.sha256, f.where, dest_where,
-                f.owner_where or dest_where, replace=f.replace,
+                f.owner_where or dest_where, replace=f.replace, ref=f.ref, url=f.url,
             )
         )  # fmt: skip
     for t in recipe.templates:
@@ -146,11 +172,12 @@ def guest_entries(spec: GuestSpec, roots: SourceRoots, platform: Platform) -> It
 
 
 def _agent_entry(spec: GuestSpec, e: guest.BuiltinFile, platform: Platform) -> FileEntry:
-    if spec.agent is not None:
+    if spec.agent is not None or spec.agent_ref is not None or spec.agent_url is not None:
         return FileEntry(
             spec.agent, e.dest, e.mode, guest.OWNER, spec.agent_sha256, spec.where,
             spec.where, spec.where, what="the guest agent",
             hint=" (build it, or set guest.agents = false)",
+            ref=spec.agent_ref, url=spec.agent_url,
         )  # fmt: skip
     try:
         agent = guest.builtin_agent(str(platform), platform.architecture)
@@ -180,13 +207,16 @@ def _builtin(name: str) -> Traversable:
     return src
 
 
-def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
-    """Every entry resolved: files hashed, templates rendered (one batch), links as they are."""
+def resolve_injected(recipe: Recipe, fetch: Fetch | None = None) -> tuple[Injected, ...]:
+    """Every entry resolved: files hashed, templates rendered (one batch), links as they
+    are, then the fetched files by ``fetch`` (without it they are left out: ``render``).
+    Local problems are said before anything is asked of a registry."""
     items = entries(recipe)
     templates = [e for e in items if isinstance(e, TemplateEntry)]
+    fetched = [e for e in items if isinstance(e, FileEntry) and e.fetched]
     out: list[Injected] = []
     for e in items:  # files and links first: a missing file is said before any rendering
-        if isinstance(e, FileEntry):
+        if isinstance(e, FileEntry) and not e.fetched:
             digest, executable = _hash_file(e, e.roots or recipe.source_roots)
             mode = e.mode if e.mode is not None else 0o755 if executable else 0o644
             out.append(
@@ -211,6 +241,22 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
                 where=t.dest_where, owner_where=t.owner_where, replace=t.replace,
             )
         )  # fmt: skip
+    for e in fetched:
+        if fetch is None:
+            break
+        got = fetch(e)
+        if e.sha256 is not None and e.sha256 != got.sha256:
+            raise InputError(
+                f"{e.where}: {e.origin} has sha256 {got.sha256}, but the recipe pins {e.sha256}",
+                reason=Reason.SHA256_MISMATCH,
+            )
+        mode = e.mode if e.mode is not None else 0o755 if got.executable else 0o644
+        out.append(
+            Injected(
+                e.dest, "file", mode, e.owner, got.sha256, source=got.path,
+                where=e.dest_where, owner_where=e.owner_where, replace=e.replace,
+            )
+        )  # fmt: skip
     out.sort(key=lambda i: i.dest.encode())
     for a, b in itertools.pairwise(out):
         if a.dest == b.dest:  # load_recipe refuses this; a Recipe built by hand may not
@@ -224,6 +270,7 @@ def resolve_injected(recipe: Recipe) -> tuple[Injected, ...]:
 
 def _hash_file(e: FileEntry, roots: SourceRoots) -> tuple[str, bool]:
     """The source's sha256, and whether its owner may execute it (git's one mode bit)."""
+    assert e.src is not None, "a fetched file is resolved by a Fetch"
     try:
         src = roots.check(e.src)  # again: a symlink on the way may have changed
         digest, _ = hash_regular(src, e.what)

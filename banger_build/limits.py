@@ -48,3 +48,9 @@ class Limits:
     #: xattr block less its 32-byte header. Without the ea_inode feature (we do not
     #: enable it) a value cannot spill into an inode of its own.
     max_xattr_bytes: int = 4096 - 32
+    #: Bytes of one file input fetched for the recipe (``[[files]] ref``/``url``, the
+    #: guest agent's ``agent_ref``/``agent_url``): refused before download when the
+    #: artifact says so, else when the download passes it. Such a file is one entry of
+    #: the image (a binary, an archive, a model), held whole in the blob cache and
+    #: copied once into the spool: 1 GiB keeps a typo'd URL from filling the disk.
+    max_file_input: int = 1 * GiB

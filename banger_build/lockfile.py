@@ -15,9 +15,14 @@ no network and gives the same bytes::
     ref = "registry.example/kernels/vmlinux:6.1"
     digest = "sha256:..."   # the kernel artifact's manifest digest
 
+    [[file]]
+    ref = "registry.example/tools/agent:1"
+    digest = "sha256:..."   # the file artifact's manifest (or its index's) digest
+
 A ``Lock`` is frozen; ``with_image`` returns a new one. Entries are kept sorted
-so the file's bytes depend only on its content. Another kind of pin (say
-``[[kernel]]``) is one more pin class, one more schema entry and one more field.
+so the file's bytes depend only on its content. Each kind of pin is a pin class,
+a schema entry and a field. A file named by URL needs no pin: the recipe's
+``sha256`` is one.
 """
 
 from __future__ import annotations
@@ -87,6 +92,18 @@ class KernelPin:
         return {"ref": self.ref, "digest": str(self.digest)}
 
 
+@dataclass(frozen=True, order=True)
+class FilePin:
+    """One ``[[file]]`` entry: a file artifact reference resolved to the digest of its
+    manifest, or of the index of manifests per platform it names."""
+
+    ref: str  # str(Reference), normalised
+    digest: Digest
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "digest": str(self.digest)}
+
+
 def _convert_digest(value: str, doc: Doc) -> Digest:
     try:
         return Digest.parse(value)
@@ -119,6 +136,13 @@ LOCK_SCHEMA: Schema = {
             "digest": Key((STRING,), required=True, convert=_convert_digest),
         },
     ),
+    "file": Key(
+        (ARRAY_OF_TABLES,),
+        table={
+            "ref": Key((STRING,), required=True, convert=convert_reference),
+            "digest": Key((STRING,), required=True, convert=_convert_digest),
+        },
+    ),
 }
 
 
@@ -128,6 +152,7 @@ class Lock:
 
     images: tuple[ImagePin, ...] = ()
     kernels: tuple[KernelPin, ...] = ()
+    files: tuple[FilePin, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Lock:
@@ -163,7 +188,17 @@ class Lock:
             if kpin.ref in kernels:
                 raise doc.error(("kernel", i), f"kernel {kpin.ref} is pinned twice", Reason.VALUE)
             kernels[kpin.ref] = kpin
-        return cls(tuple(sorted(pins.values())), tuple(sorted(kernels.values())))
+        files: dict[str, FilePin] = {}
+        for i, entry in enumerate(checked.get("file", ())):
+            fpin = FilePin(str(entry["ref"]), entry["digest"])
+            if fpin.ref in files:
+                raise doc.error(("file", i), f"file {fpin.ref} is pinned twice", Reason.VALUE)
+            files[fpin.ref] = fpin
+        return cls(
+            tuple(sorted(pins.values())),
+            tuple(sorted(kernels.values())),
+            tuple(sorted(files.values())),
+        )
 
     def image_digest(self, ref: Reference, platform: Platform) -> Digest | None:
         """The pinned manifest digest of ``ref`` on ``platform``, if any."""
@@ -192,12 +227,27 @@ class Lock:
         kept = [p for p in self.kernels if p.ref != new.ref]
         return replace(self, kernels=tuple(sorted([*kept, new])))
 
+    def file_digest(self, ref: Reference) -> Digest | None:
+        """The pinned digest of file artifact ``ref``, if any."""
+        for pin in self.files:
+            if pin.ref == str(ref):
+                return pin.digest
+        return None
+
+    def with_file(self, ref: Reference, digest: Digest) -> Lock:
+        """A new Lock with file artifact ``ref`` pinned to ``digest`` (replacing any pin)."""
+        new = FilePin(str(ref), digest)
+        kept = [p for p in self.files if p.ref != new.ref]
+        return replace(self, files=tuple(sorted([*kept, new])))
+
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {"version": LOCK_VERSION}
         if self.images:
             data["image"] = [pin.as_dict() for pin in sorted(self.images)]
         if self.kernels:
             data["kernel"] = [pin.as_dict() for pin in sorted(self.kernels)]
+        if self.files:
+            data["file"] = [pin.as_dict() for pin in sorted(self.files)]
         return (HEADER + tomli_w.dumps(data)).encode("utf-8")
 
     def save(self, path: Path) -> None:
@@ -226,4 +276,4 @@ class Lock:
         fsync_dir(path.parent)
 
 
-__all__ = ["HEADER", "LOCK_VERSION", "ImagePin", "KernelPin", "Lock", "lock_path_for"]
+__all__ = ["HEADER", "LOCK_VERSION", "FilePin", "ImagePin", "KernelPin", "Lock", "lock_path_for"]

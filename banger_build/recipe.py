@@ -20,7 +20,8 @@ A new section is one more entry in ``RECIPE_SCHEMA`` and a few lines in
     [guest]                       # the built-in guest asset set (banger_build.guest)
     agents = true                 # default true; false: none of it is injected
     agent = "bin/banger-vsock-agent"   # default: the built-in one for the platform
-    agent_sha256 = "<64 hex>"     # optional pin of the agent's bytes
+    # or agent_ref = "REGISTRY/REPO:TAG" (a file artifact), agent_url = "https://..."
+    agent_sha256 = "<64 hex>"     # pin of the agent's bytes (required with agent_url)
     [guest.templates]             # replace built-in templates by name
     "banger-network-bootstrap" = "my-network.j2"
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,15 +91,19 @@ class SizeSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    src: Path  # absolute and resolved, inside the recipe's source roots
+    """A ``[[files]]`` entry: the bytes from exactly one of ``src``, ``ref``, ``url``."""
+
+    src: Path | None  # absolute and resolved, inside the recipe's source roots
     dest: str  # absolute, normalised guest path
     mode: int | None  # None: the source's executable bit decides (0755 or 0644)
     owner: str  # "uid:gid", numbers or names resolved from the image
-    sha256: str | None  # 64 lowercase hex
-    where: Where  # the entry's ``src`` key
+    sha256: str | None  # 64 lowercase hex (always given with ``url``)
+    where: Where  # the entry's ``src``, ``ref`` or ``url`` key
     dest_where: Where | None = None  # the entry's ``dest`` key
     owner_where: Where | None = None  # the entry's ``owner`` key (``dest`` when defaulted)
     replace: bool = False  # may replace a symlink the image has at ``dest``
+    ref: Reference | None = None  # a file artifact (``banger-build file push``)
+    url: str | None = None  # an http(s) URL, its bytes pinned by ``sha256``
 
 
 @dataclass(frozen=True)
@@ -151,11 +157,13 @@ class TemplateOverride:
 class GuestSpec:
     """``[guest]`` with ``agents = true``: inject the built-in set (``banger_build.guest``)."""
 
-    agent: Path | None  # the banger-vsock-agent binary; None: the built-in one
+    agent: Path | None  # the banger-vsock-agent binary; None: agent_ref, agent_url or built in
     agent_sha256: str | None
     templates: tuple[TemplateOverride, ...]  # in file order
-    where: Where  # the guest.agent key, else the [guest] table
+    where: Where  # the guest.agent, agent_ref or agent_url key, else the [guest] table
     table_where: Where | None = None  # the [guest] table: where the built-in entries point
+    agent_ref: Reference | None = None  # a file artifact (or an index of one per platform)
+    agent_url: str | None = None  # pinned by agent_sha256
 
 
 @dataclass(frozen=True)
@@ -345,6 +353,35 @@ def convert_template_src(value: str, doc: Doc) -> Path | Builtin:
         raise Invalid(str(exc), Reason.TEMPLATE_MISSING) from None
 
 
+_MAX_URL = 2048
+
+
+def convert_url(value: str, doc: Doc) -> str:
+    """An http(s) URL with a host, without credentials or a fragment; kept as written."""
+    if len(value) > _MAX_URL:
+        raise Invalid(f"url is longer than {_MAX_URL} characters")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise Invalid(f"url {show(value)} contains whitespace or a control character")
+    parts = urllib.parse.urlsplit(value)
+    problem = None
+    if parts.scheme not in ("http", "https"):
+        problem = "it must start with https:// (or http:// for a loopback or insecure host)"
+    elif not parts.hostname:
+        problem = "it has no host"
+    elif parts.username is not None or parts.password is not None:
+        problem = "credentials do not belong in a URL (it is recorded in manifest.json)"
+    elif parts.fragment:
+        problem = "a fragment (#...) is never sent to the server"
+    else:
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            problem = "it has an invalid port"
+    if problem:
+        raise Invalid(f"invalid url {show(value)}: {problem}")
+    return value
+
+
 # -- the recipe schema --------------------------------------------------------------
 
 _DEST = Key(
@@ -374,6 +411,8 @@ _SRC = Key(
     "(or an `--allow-source` directory)",
     example='src = "files/motd"',
 )  # fmt: skip
+_ONE_OF = "exactly one of `src`, `ref` and `url`"
+_FILE_SRC = dataclasses.replace(_SRC, required=False, default=_ONE_OF)
 _TEMPLATE_DOC = (
     "a Jinja2 template relative to the recipe, or `builtin:NAME` (see Built-in templates); "
     "rendered from `[vars]` and `recipe.*`"
@@ -392,7 +431,21 @@ TEMPLATE_SCHEMA: Schema = {
     "replace": _REPLACE,
 }
 FILE_SCHEMA: Schema = {
-    "src": _SRC,
+    "src": _FILE_SRC,
+    "ref": Key(
+        (STRING,), convert=convert_reference, default=_ONE_OF,
+        doc="a file artifact in a registry (`banger-build file push` makes one; an index of "
+        "them per platform gives the recipe's), fetched into the blob cache and pinned in "
+        "the lock file's `[[file]]` entries; its mode is the pushed file's unless `mode` says",
+        example='ref = "registry.example/tools/jq:1.7"',
+    ),
+    "url": Key(
+        (STRING,), convert=convert_url, default=_ONE_OF,
+        doc="an `https://` URL (`http://` only for loopback and `--insecure-registry` hosts), "
+        "fetched into the blob cache; needs `sha256` (no hash, no build); mode 0644 unless "
+        "`mode` says",
+        example='url = "https://example.com/jq-linux-amd64"',
+    ),
     "dest": _DEST,
     "mode": dataclasses.replace(
         _MODE,
@@ -402,8 +455,8 @@ FILE_SCHEMA: Schema = {
     ),
     "owner": _OWNER,
     "sha256": Key(
-        (STRING,), convert=convert_sha256, default="none",
-        doc="pin the source's bytes: a build of other bytes fails (`sha256-mismatch`)",
+        (STRING,), convert=convert_sha256, default="none (required with `url`)",
+        doc="pin the file's bytes: a build of other bytes fails (`sha256-mismatch`)",
         example='sha256 = "<64 hex digits>"',
     ),
     "replace": _REPLACE,
@@ -428,13 +481,26 @@ GUEST_SCHEMA: Schema = {
     "agent": Key(
         (STRING,), convert=convert_src,
         default="the built-in agent for the recipe's platform",
-        doc="the banger-vsock-agent binary, relative to the recipe; without it, the one "
-        "the package ships for the platform's architecture (`agents/build` makes them "
-        "before the package is built: amd64, arm64)",
+        doc="the banger-vsock-agent binary, relative to the recipe; without it (and "
+        "without `agent_ref` or `agent_url`), the one the package ships for the "
+        "platform's architecture (`agents/build` makes them before the package is "
+        "built: amd64, arm64)",
         example='agent = "bin/banger-vsock-agent"',
     ),
+    "agent_ref": Key(
+        (STRING,), convert=convert_reference, default="none",
+        doc="the agent as a file artifact in a registry, as `[[files]] ref`: an index of "
+        "one per platform (`banger-build file push --platform`) gives the recipe's "
+        "platform its own; pinned in the lock file's `[[file]]` entries",
+        example='agent_ref = "registry.example/banger/vsock-agent:1"',
+    ),
+    "agent_url": Key(
+        (STRING,), convert=convert_url, default="none",
+        doc="the agent from a URL, as `[[files]] url`; needs `agent_sha256`",
+        example='agent_url = "https://example.com/banger-vsock-agent-amd64"',
+    ),
     "agent_sha256": Key(
-        (STRING,), convert=convert_sha256, default="none",
+        (STRING,), convert=convert_sha256, default="none (required with `agent_url`)",
         doc="pin the agent's bytes", example='agent_sha256 = "<64 hex digits>"',
     ),
     # built-in template name -> the recipe's replacement
@@ -598,15 +664,17 @@ def _build(path: Path, doc: RecipeDoc, v: dict[str, Any]) -> Recipe:
 
     files = tuple(
         FileSpec(
-            e["src"],
+            e.get("src"),
             e["dest"],
             e.get("mode"),
             e.get("owner", DEFAULT_OWNER),
             e.get("sha256"),
-            doc.where(("files", i, "src")),
+            doc.where(("files", i, _one_source(doc, ("files", i), e, FILE_SOURCES))),
             doc.where(("files", i, "dest")),
             owner_where("files", i, e),
             replace=e.get("replace", False),
+            ref=e.get("ref"),
+            url=e.get("url"),
         )
         for i, e in enumerate(v.get("files", ()))
     )
@@ -709,6 +777,46 @@ def _kernel(doc: Doc, k: dict[str, Any]) -> KernelSpec:
     )
 
 
+#: where a ``[[files]]`` entry's bytes come from, and the key that must come with each
+FILE_SOURCES = {"src": None, "ref": None, "url": "sha256"}
+AGENT_SOURCES = {"agent": None, "agent_ref": None, "agent_url": "agent_sha256"}
+
+
+def _one_source(
+    doc: Doc, table: KeyPath, entry: Mapping[str, Any], sources: Mapping[str, str | None]
+) -> str:
+    """The one key of ``sources`` that ``entry`` gives (with the key it needs), else a
+    RecipeError; for ``[guest]`` (``AGENT_SOURCES``) none at all is fine: ''."""
+    given = [k for k in sources if k in entry]
+    keys = [f"`{k}`" for k in sources]
+    names = f"{', '.join(keys[:-1])} and {keys[-1]}"
+    if len(given) > 1:
+        raise doc.error(
+            (*table, given[1]),
+            f"give one of {names}, not both {given[0]} and {given[1]}",
+            Reason.CONFLICTING_KEYS,
+        )
+    if not given:
+        if sources is AGENT_SOURCES:
+            return ""
+        raise doc.error(
+            (*table, "src"),
+            "missing required key 'src' (a file of the project), 'ref' (a file artifact "
+            "in a registry) or 'url' (with its sha256)",
+            Reason.MISSING_KEY,
+            at=table,
+        )
+    needs = sources[given[0]]
+    if needs is not None and needs not in entry:
+        raise doc.error(
+            (*table, given[0]),
+            f"needs {needs}: the sha256 of the bytes it serves (no hash, no build; "
+            "`sha256sum FILE` prints it)",
+            Reason.MISSING_KEY,
+        )
+    return given[0]
+
+
 def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
     """``[guest]`` -> GuestSpec, or None when absent or switched off."""
     if g is None or not g.get("agents", True):
@@ -717,12 +825,15 @@ def _guest(doc: Doc, g: dict[str, Any] | None) -> GuestSpec | None:
         TemplateOverride(name, src, doc.where(("guest", "templates", name)))
         for name, src in g.get("templates", {}).items()
     )
+    source = _one_source(doc, ("guest",), g, AGENT_SOURCES)
     return GuestSpec(
         g.get("agent"),
         g.get("agent_sha256"),
         overrides,
-        doc.where(("guest", "agent") if "agent" in g else ("guest",)),
+        doc.where(("guest", source) if source else ("guest",)),
         doc.where(("guest",)),
+        agent_ref=g.get("agent_ref"),
+        agent_url=g.get("agent_url"),
     )
 
 

@@ -9,6 +9,8 @@ store path rebuilds exactly that derivation, whatever its recipe says today:
                    and diff_ids must be the derivation's
     name, platform, size, epoch, symlinks, modes, owners, modules_install
                    the derivation's values
+    fetched files  the recorded file artifact (by its manifest digest) or URL,
+                   from the blob cache or fetched again
     file and template bytes, local kernel files
                    named only by sha256 in the record: taken from the recipe
                    the path was built from (the store's meta record, or
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger_build import ext4
-from banger_build.context import BuildOptions, Context, run_steps
+from banger_build.context import BuildOptions, Context, FileInput, run_steps
 from banger_build.derivation import DERIVATION_FORMAT, OUTPUT_FORMAT, Derivation, derive
 from banger_build.entries import Injected, Staged, Where
 from banger_build.errors import BangerError, InputError, Reason, StoreError
@@ -187,9 +189,14 @@ def recorded_inputs(ctx: Context) -> None:
     """The recorded files, templates and symlinks; their bytes from today's recipe,
     its templates rendered with the recorded ``recipe.*`` facts (name, image, platform)."""
     rc = _ctx(ctx)
+    fetched = _fetched(rc)
+    rc.fetches = list(fetched.values())
     today: dict[str, Injected] = {}  # sha256 -> an entry of today's recipe with those bytes
     by_dest: dict[str, Injected] = {}
-    if rc.today is not None and any(f.get("kind") != "symlink" for f in _files(rc)):
+    if rc.today is not None and any(
+        f.get("kind") != "symlink" and (f.get("dest"), f.get("sha256")) not in fetched
+        for f in _files(rc)
+    ):
         try:
             for item in resolve_injected(rc.recipe):
                 if item.kind != "symlink":
@@ -205,6 +212,11 @@ def recorded_inputs(ctx: Context) -> None:
             target = str(f["target"])
             digest = hashlib.sha256(target.encode()).hexdigest()
             item = Injected(dest, kind, 0o777, owner, digest, target=target)
+        elif (dest, f.get("sha256")) in fetched:  # the build fetches it, cache first
+            sha = str(f["sha256"])
+            mode = int(str(f["mode"]), 8)
+            source = rc.source.cache.path(Digest(sha))
+            item = Injected(dest, kind, mode, owner, sha, source=source)
         else:
             sha = str(f["sha256"])
             have = today.get(sha)
@@ -217,6 +229,38 @@ def recorded_inputs(ctx: Context) -> None:
             item = dataclasses.replace(item, where=same.where, owner_where=same.owner_where)
         out.append(item)
     rc.injected = tuple(out)
+
+
+def _fetched(rc: RecordedContext) -> dict[tuple[str, str], FileInput]:
+    """The record's fetched files, by (dest, sha256 hex), in the record's order."""
+    raw = rc.record.get("fetched_files", [])
+    out: dict[tuple[str, str], FileInput] = {}
+    try:
+        if not isinstance(raw, list):
+            raise TypeError("fetched_files is not a list")
+        for item in raw:
+            digest = Digest.parse(str(item["sha256"]))
+
+            def opt(key: str, item: dict[str, Any] = item) -> Digest | None:
+                return Digest.parse(str(item[key])) if key in item else None
+
+            ref = item.get("reference")
+            size = item.get("size")
+            got = FileInput(
+                str(item["dest"]), digest,
+                reference=Reference.parse(str(ref)) if ref is not None else None,
+                manifest=opt("manifest"), index=opt("index"),
+                size=size if isinstance(size, int) else None,
+                url=str(item["url"]) if "url" in item else None,
+            )  # fmt: skip
+            if (got.url is None) == (got.reference is None) or (got.url is None and size is None):
+                raise ValueError(f"{got.dest}: neither a URL nor a sized artifact")
+            out[got.dest, digest.hex] = got
+    except (TypeError, KeyError, ValueError, ReferenceSyntaxError) as exc:
+        raise NotRebuildable(
+            f"cannot rebuild {rc.entry.path}: its record of fetched files is malformed ({exc})"
+        ) from None
+    return out
 
 
 def _files(rc: RecordedContext) -> list[dict[str, Any]]:

@@ -1,11 +1,15 @@
 """Resolve a recipe to its derivation: small verb-named steps, listed in order.
 
-    recipe --load--> Recipe --local files, templates--> entries
+    recipe --load--> Recipe --lock file--> pins
+      --local files, templates, then fetched files' digests--> entries
       --lock pin or registry--> image manifest, config --> epoch
       --kernel artifact--> staged kernel --> tool versions --> derivation (key)
 
-Only the image and kernel steps may touch the network, through the build's
-``Source`` (cache first). ``save_lock`` writes new pins, always reported.
+Only the fetched files', image and kernel steps may touch the network, through
+the build's ``Source`` (cache first); a fetched file's bytes are not needed to
+resolve (its digest is the artifact layer's, or the recipe's sha256): the
+build downloads them when it builds. ``save_lock`` writes new pins, always
+reported.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from banger_build.context import BuildOptions, Context, run_steps
+from banger_build.context import BuildOptions, Context, FileInput, run_steps
 from banger_build.derivation import derive
 from banger_build.entries import Staged, Where
 from banger_build.errors import InputError, Reason, RecipeError, RegistryError
-from banger_build.inputs import resolve_injected, resolve_kernel
+from banger_build.inputs import Fetched, FileEntry, resolve_injected, resolve_kernel
 from banger_build.lockfile import Lock, lock_path_for
+from banger_build.oci.fileartifact import FileArtifact
 from banger_build.oci.kernel import modules_tar_is_tree
-from banger_build.oci.reference import Digest, ReferenceSyntaxError
+from banger_build.oci.reference import Digest, Reference, ReferenceSyntaxError
 from banger_build.progress import Reporter
 from banger_build.recipe import apply_overrides, load_recipe
 
@@ -30,6 +35,24 @@ from banger_build.recipe import apply_overrides, load_recipe
 def read_recipe(ctx: Context) -> None:
     recipe = load_recipe(ctx.recipe_path, source_roots=ctx.options.source_roots)
     ctx.recipe = apply_overrides(recipe, ctx.options.overrides)
+
+
+def read_lock(ctx: Context) -> None:
+    ctx.lock = Lock.load(lock_file(ctx))
+
+
+def _pin_gone(ctx: Context, what: Reference, digest: Digest, name: str, exc: RegistryError) -> None:
+    """A pinned digest the registry answered 404 for: say which lock pins it."""
+    if exc.reason != Reason.NOT_FOUND:
+        return
+    raise RegistryError(
+        f"{what}@{digest}, pinned by {lock_file(ctx)}, is on no registry "
+        f"(the tag moved and the old manifest is gone, or a mirror lacks it); run "
+        f"`banger-build update {ctx.recipe.path} {name}` to pin what the tag names now",
+        reference=str(what),
+        status=exc.status,
+        reason=Reason.PIN_NOT_FOUND,
+    ) from exc
 
 
 def pin(
@@ -75,7 +98,6 @@ def resolve_image(ctx: Context) -> None:
     """Lock pin (no network) or registry resolution; then manifest and config,
     cache first (no registry client at all when they are cached)."""
     recipe, source = ctx.recipe, ctx.source
-    ctx.lock = Lock.load(lock_file(ctx))
     pinned = ctx.lock.image_digest(recipe.image, recipe.platform)
     digest = pin(
         ctx,
@@ -90,16 +112,9 @@ def resolve_image(ctx: Context) -> None:
     try:
         ctx.manifest = source.manifest(recipe.image, digest)
     except RegistryError as exc:
-        if digest != pinned or exc.reason != Reason.NOT_FOUND:
-            raise
-        raise RegistryError(
-            f"{recipe.image}@{digest}, pinned by {lock_file(ctx)}, is on no registry "
-            f"(the tag moved and the old manifest is gone, or a mirror lacks it); run "
-            f"`banger-build update {recipe.path} image` to pin what the tag names now",
-            reference=str(recipe.image),
-            status=exc.status,
-            reason=Reason.PIN_NOT_FOUND,
-        ) from exc
+        if digest == pinned:
+            _pin_gone(ctx, recipe.image, digest, "image", exc)
+        raise
     ctx.config = source.config(recipe.image, ctx.manifest)
     arch, os_ = ctx.config.get("architecture"), ctx.config.get("os")
     if (os_, arch) != (recipe.platform.os, recipe.platform.architecture):
@@ -181,8 +196,55 @@ def resolve_kernel_artifact(ctx: Context) -> None:
     }
 
 
+def fetched_file(ctx: Context, e: FileEntry) -> Fetched:
+    """A fetched file's digest, pinned, without its bytes: a URL's is the recipe's
+    sha256; a file artifact's is its layer's, by the lock pin (the manifest from the
+    blob cache, else the registry) or the registry's answer for the tag (pinned then).
+    The build downloads the bytes (``build.fetch_files``) when it builds."""
+    source = ctx.source
+    if e.url is not None:
+        assert e.sha256 is not None  # load_recipe requires it
+        digest = Digest(e.sha256)
+        ctx.fetches.append(FileInput(e.dest, digest, url=e.url))
+        return Fetched(source.cache.path(digest), e.sha256, None)
+    ref = e.ref
+    assert ref is not None
+    pinned = ctx.lock.file_digest(ref)
+    # a reference by digest is pinned by itself and never re-resolved
+    digest = ref.digest or pin(
+        ctx,
+        input_name="files",
+        what=f"file {ref}",
+        key=e.where.key,
+        where=e.where,
+        pinned=pinned,
+        resolve=lambda: source.digest(ref),
+        record=lambda d: ctx.lock.with_file(ref, d),
+    )
+    try:
+        artifact: FileArtifact = source.file(ref, digest, ctx.recipe.platform)
+    except RegistryError as exc:
+        if digest == pinned:
+            _pin_gone(ctx, ref, digest, "files", exc)
+        raise
+    layer, limit = artifact.layer, ctx.options.limits.max_file_input
+    if layer.size > limit:
+        raise e.where.error(
+            f"{ref}@{artifact.digest}: the file is {layer.size} bytes, more than the limit "
+            f"of {limit} bytes",
+            Reason.TOO_LARGE,
+        )
+    ctx.fetches.append(
+        FileInput(
+            e.dest, layer.digest, reference=ref, manifest=artifact.digest,
+            index=artifact.index, size=layer.size,
+        )
+    )  # fmt: skip
+    return Fetched(source.cache.path(layer.digest), layer.digest.hex, artifact.executable)
+
+
 def resolve_inputs(ctx: Context) -> None:
-    ctx.injected = resolve_injected(ctx.recipe)
+    ctx.injected = resolve_injected(ctx.recipe, lambda e: fetched_file(ctx, e))
     if ctx.recipe.kernel is None or ctx.recipe.kernel.ref is None:
         ctx.kernel = resolve_kernel(
             ctx.recipe.kernel, ctx.recipe.source_roots, note=ctx.reporter.note
@@ -228,6 +290,7 @@ def make_derivation(ctx: Context) -> None:
 
 RESOLVE: tuple[Callable[[Context], None], ...] = (
     read_recipe,
+    read_lock,
     resolve_inputs,  # local files and templates first: their errors need no network
     resolve_image,
     read_diff_ids,

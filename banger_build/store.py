@@ -218,7 +218,8 @@ class StoreEntry:
 
     def referenced_blobs(self) -> set[str]:
         """Hex digests of the registry blobs this entry was built from (image, kernel
-        artifact): gc keeps them while the entry lives, so it rebuilds offline."""
+        artifact, fetched files): gc keeps them while the entry lives, so it rebuilds
+        offline."""
         try:
             manifest = self.manifest()
         except StoreError:
@@ -234,6 +235,11 @@ class StoreEntry:
                 layers = image.get("layers")
                 if isinstance(layers, list):
                     refs += [layer.get("digest") for layer in layers if isinstance(layer, dict)]
+        fetched = manifest.get("fetched_files")
+        if isinstance(fetched, list):  # [[files]] ref/url inputs: their artifacts and bytes
+            for item in fetched:
+                if isinstance(item, dict):
+                    refs += [item.get("sha256"), item.get("manifest"), item.get("index")]
         artifact = manifest.get("kernel_artifact")
         if isinstance(artifact, dict) and artifact:
             refs += [artifact.get("manifest"), artifact.get("config")]

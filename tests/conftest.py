@@ -5,6 +5,7 @@ import os
 pytest_plugins = [
     "tests.support.registry",
     "tests.support.faultproxy",
+    "tests.support.httpfiles",
     "tests.support.e2e",
     "tests.support.debian",
     "tests.support.debian_arm64",

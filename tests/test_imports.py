@@ -1,10 +1,10 @@
 """A warm build needs no network, so it must not pay for the HTTP stack.
 
-``banger_build.oci.wire``, ``.transport`` and ``.remote`` are the only
-modules importing oras and requests (and, through oras, jsonschema): ~0.25 s
-of a ~0.65 s cached build. ``oci.source.Source`` creates the remote on first
-need; a pinned image whose manifest and config are in the blob cache is
-resolved without it.
+``banger_build.oci.wire``, ``.transport``, ``.remote`` and ``.url`` are the
+only modules importing oras and requests (and, through oras, jsonschema):
+~0.25 s of a ~0.65 s cached build. ``oci.source.Source`` creates the remote
+(or the URL fetcher) on first need; a pinned image whose manifest and config
+are in the blob cache is resolved without it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ from banger_build.oci.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor
 from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.store import Store
+from tests.support.httpfiles import HttpFiles
 from tests.support.oci import Entry, make_layer, push_image
 from tests.support.registry import RegistryServer, free_port
 
 HEAVY = ("oras", "requests", "jsonschema", "urllib3")
-HTTP_MODULES = ("banger_build.oci.remote", "banger_build.oci.transport", "banger_build.oci.wire")
+HTTP_MODULES = (
+    "banger_build.oci.remote",
+    "banger_build.oci.transport",
+    "banger_build.oci.url",
+    "banger_build.oci.wire",
+)
 
 #: runs the CLI, then reports which of HEAVY were imported, on stderr
 CLI_SCRIPT = f"""
@@ -60,7 +66,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_importing_the_build_and_cli_loads_no_http_stack() -> None:
-    """Every module of the package but the three that talk HTTP."""
+    """Every module of the package but the four that talk HTTP."""
     package = Path(banger_build.__file__).parent
     modules = sorted(
         "banger_build." + ".".join(path.relative_to(package).with_suffix("").parts)
@@ -86,7 +92,7 @@ def test_only_the_wire_modules_import_the_http_stack() -> None:
         for path in package.rglob("*.py")
         if re.search(r"^\s*(import|from) (oras|requests|urllib3)\b", path.read_text(), re.M)
     )
-    assert importing == ["oci/remote.py", "oci/transport.py", "oci/wire.py"]
+    assert importing == ["oci/remote.py", "oci/transport.py", "oci/url.py", "oci/wire.py"]
 
 
 def test_warm_build_loads_no_http_stack(tmp_path: Path, registry: RegistryServer) -> None:
@@ -173,3 +179,40 @@ def test_missing_config_falls_back_to_the_registry(
         build(recipe, options)
     assert info.value.reason == "test-stop"
     assert asked == ["sha256:" + hashlib.sha256(config).hexdigest()]
+
+
+def test_warm_build_with_fetched_files_loads_no_http_stack(
+    tmp_path: Path, registry: RegistryServer, http_files: HttpFiles
+) -> None:
+    """A file artifact pinned by the lock and a URL's file, both in the blob cache:
+    a build of another key resolves and builds without the HTTP stack."""
+    layer = make_layer([Entry.dir("etc"), Entry.file("etc/hostname", b"warm\n")])
+    push_image(registry.url, "imports/fetched", "v1", [layer])
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"a tool\n")
+    fref = f"{registry.host}/imports/tool:1"
+    home = tmp_path / "home"
+    pushed = run_cli("file", "push", fref, str(tool), "--home", str(home))
+    assert pushed.returncode == 0, pushed.stderr
+    data = b"some data\n"
+    url = http_files.put("data", data)
+    recipe = tmp_path / "r" / "recipe.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(
+        f'[image]\nref = "{registry.host}/imports/fetched:v1"\n\n'
+        f'[[files]]\nref = "{fref}"\ndest = "/tool"\n\n'
+        f'[[files]]\nurl = "{url}"\nsha256 = "{hashlib.sha256(data).hexdigest()}"\n'
+        'dest = "/data"\n'
+    )
+    args = (str(recipe), "--no-link", "--home", str(home))
+    cold = run_cli(*args)
+    assert cold.returncode == 0, cold.stderr
+    assert "oras" in loaded_modules(cold.stderr)
+    http_files.close()
+    other = recipe.with_name("other.toml")  # another name, another key: built, from the cache
+    other.write_text('name = "other"\n' + recipe.read_text())
+    other.with_suffix(".lock").write_text(recipe.with_suffix(".lock").read_text())
+    warm = run_cli(str(other), *args[1:])
+    assert warm.returncode == 0, warm.stderr
+    assert "cached" not in warm.stderr and warm.stdout != cold.stdout
+    assert loaded_modules(warm.stderr) == []

@@ -184,18 +184,21 @@ def write_lock(
 
 
 def prune_lock(ctx: Context) -> list[str]:
-    """Drop the pins the recipe no longer uses (another image, platform or kernel)."""
+    """Drop the pins the recipe no longer uses (another image, platform, kernel or file)."""
     from banger_build.lockfile import Lock
 
     recipe = ctx.recipe
     keep_image = (str(recipe.image), str(recipe.platform))
     kernel = recipe.kernel.ref if recipe.kernel is not None else None
+    used_files = {str(f.reference) for f in ctx.fetches if f.reference is not None}
     images = tuple(p for p in ctx.lock.images if (p.ref, p.platform) == keep_image)
     kernels = tuple(p for p in ctx.lock.kernels if kernel is not None and p.ref == str(kernel))
+    files = tuple(p for p in ctx.lock.files if p.ref in used_files)
     dropped = [f"{p.ref} ({p.platform})" for p in ctx.lock.images if p not in images]
     dropped += [f"kernel {p.ref}" for p in ctx.lock.kernels if p not in kernels]
+    dropped += [f"file {p.ref}" for p in ctx.lock.files if p not in files]
     if dropped:
-        ctx.lock = Lock(images, kernels)
+        ctx.lock = Lock(images, kernels, files)
         ctx.lock_changed = True
     return [f"dropped the unused pin of {what}" for what in dropped]
 

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
     p.add_argument(
         "--prune", action="store_true",
-        help="also drop pins the recipe no longer uses (another image, platform or kernel)",
+        help="also drop pins the recipe no longer uses (another image, platform, kernel or file)",
     )  # fmt: skip
     p.add_argument("--lock-file", type=Path, metavar="PATH",
                    help="the lock file (default: RECIPE.lock beside the recipe)")  # fmt: skip

@@ -6,7 +6,8 @@ building and without the network. By default each file is printed under a
 ``==> /dest (mode owner) <==`` header; ``-o DIR`` writes them under DIR at
 their destination paths, to diff against another rendering; ``--list`` prints
 every path the build would add (files, templates, symlinks) with its mode,
-owner, kind and sha256.
+owner, kind and sha256; a file fetched from a registry or URL with where it
+comes from instead (its digest may need the registry).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from banger_build.commands import common
 from banger_build.errors import Reason
 
 if TYPE_CHECKING:
-    from banger_build.inputs import Injected
+    from collections.abc import Sequence
+
+    from banger_build.inputs import FileEntry, Injected
 
 NAME = "render"
 HELP = "render the recipe's templates (built-in guest set and [[templates]]) without building"
@@ -43,13 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from banger_build.inputs import resolve_injected
+    from banger_build.inputs import FileEntry, entries, resolve_injected
     from banger_build.recipe import apply_overrides, load_recipe
 
-    recipe = load_recipe(args.recipe, source_roots=common.source_roots(args))
-    injected = resolve_injected(apply_overrides(recipe, common.overrides(args)))
+    recipe = apply_overrides(
+        load_recipe(args.recipe, source_roots=common.source_roots(args)), common.overrides(args)
+    )
+    injected = resolve_injected(recipe)  # without the fetched files: no network
     if args.list:
-        print_list(injected)
+        fetched = [e for e in entries(recipe) if isinstance(e, FileEntry) and e.fetched]
+        print_list(injected, fetched)
     elif args.output is not None:
         write_tree(args.output, [i for i in injected if i.kind == "template"])
     else:
@@ -66,13 +72,22 @@ def print_templates(templates: list[Injected]) -> None:
         out.write(text if text.endswith("\n") or not text else text + "\n")
 
 
-def print_list(injected: tuple[Injected, ...]) -> None:
-    width = max((len(i.dest) for i in injected), default=0)
+def print_list(injected: tuple[Injected, ...], fetched: Sequence[FileEntry] = ()) -> None:
+    """One line per added path, in dest order; a fetched file's mode is ``----`` unless
+    the recipe gives it (else the artifact says, or 0644), its digest ``from ORIGIN``."""
+    lines = []
     for i in injected:
-        line = f"{i.dest:<{width}}  {i.mode:04o}  {i.owner}  {i.kind:<8}  {i.sha256}"
+        line = f"{i.mode:04o}  {i.owner}  {i.kind:<8}  {i.sha256}"
         if i.kind == "symlink":
             line += f"  -> {i.target}"
-        print(line)
+        lines.append((i.dest, line))
+    for e in fetched:
+        mode = f"{e.mode:04o}" if e.mode is not None else "----"
+        lines.append((e.dest, f"{mode}  {e.owner}  {'file':<8}  from {e.origin}"))
+    lines.sort(key=lambda item: item[0].encode())
+    width = max((len(dest) for dest, _ in lines), default=0)
+    for dest, line in lines:
+        print(f"{dest:<{width}}  {line}")
 
 
 def write_tree(root: Path, templates: list[Injected]) -> None:

@@ -8,15 +8,17 @@ from pathlib import Path
 from banger_build.commands import common
 
 NAME = "update"
-HELP = "refresh the lock file's pins from the registry (all inputs, or INPUT: image or kernel)"
+HELP = (
+    "refresh the lock file's pins from the registry (all inputs, or INPUT: image, kernel or files)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="the recipe (TOML)")
-    p.add_argument("input", nargs="?", choices=["image", "kernel"], help="only this input")
+    p.add_argument("input", nargs="?", choices=["image", "kernel", "files"], help="only this input")
     p.add_argument(
         "--prune", action="store_true",
-        help="also drop pins the recipe no longer uses (another image, platform or kernel)",
+        help="also drop pins the recipe no longer uses (another image, platform, kernel or file)",
     )  # fmt: skip
     p.add_argument("--lock-file", type=Path, metavar="PATH",
                    help="the lock file (default: RECIPE.lock beside the recipe)")  # fmt: skip

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from banger_build.errors import Reason
 from banger_build.oci.blobs import BlobCache
 from banger_build.oci.failure import Failure
+from banger_build.oci.fileartifact import FileArtifact, parse_file_manifest
 from banger_build.oci.kernel import KernelArtifact, parse_kernel_config, parse_kernel_manifest
 from banger_build.oci.manifest import (
     INDEX_TYPES,
@@ -47,7 +48,8 @@ if TYPE_CHECKING:  # imported on first use: oras and requests come with it
 
 
 class Source:
-    """Images and kernel artifacts for one build, from ``cache`` or the registry."""
+    """Images, kernel and file artifacts for one build, from ``cache`` or the registry;
+    files named by URL, from ``cache`` or their URL."""
 
     def __init__(
         self,
@@ -151,6 +153,37 @@ class Source:
         """The modules version a kernel artifact's config records ('' for none)."""
         with self._boundary(ref):
             return parse_kernel_config(self._config_bytes(ref, artifact.config))
+
+    # -- file artifacts and URLs
+    def file(self, ref: Reference, digest: Digest, platform: Platform) -> FileArtifact:
+        """The file artifact ``digest`` names: a file artifact's manifest, or an image
+        index of them, whose entry for ``platform`` is taken."""
+        with self._boundary(ref):
+            digest, data, header = self._manifest_bytes(ref, digest)
+            media_type, body = media_type_of(data, header)
+            if media_type not in INDEX_TYPES:
+                return parse_file_manifest(digest, data)
+            index = digest
+            digest, data, _ = self._manifest_bytes(ref, select_platform(index, body, platform))
+            return parse_file_manifest(digest, data, index)
+
+    def url(self, url: str, digest: Digest, limit: int) -> Path:
+        """The path of the verified blob ``digest`` in the cache, downloaded from ``url``
+        (at most ``limit`` bytes) if missing. Errors name the URL."""
+        path = self.cache.get(digest)
+        if path is not None:
+            return path
+        try:
+            if self.options.offline:
+                raise Failure(
+                    "not in the blob cache, and --offline forbids downloading it",
+                    reason=Reason.OFFLINE,
+                )
+            from banger_build.oci.url import fetch_url
+
+            return fetch_url(url, digest, self.cache, self.options, limit, self.progress)
+        except Failure as exc:
+            raise exc.error_for(url) from exc
 
     # -- cache first
     def _manifest_bytes(self, ref: Reference, digest: Digest) -> tuple[Digest, bytes, str | None]:
