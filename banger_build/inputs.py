@@ -11,7 +11,10 @@ same three kinds as the recipe's own ``[[files]]``, ``[[templates]]`` and
 Sources are read through ``sources.py``: checked again against the recipe's
 source roots (a symlink may have changed since the recipe was loaded), regular
 files only, never blocking. Templates render in one sandboxed, bounded child
-(``templating.py``). Every error names the recipe position of its entry.
+(``templating.py``). A file whose bytes come from a registry or a URL
+(``ref``, ``url``) is resolved last, by the caller's ``Fetch`` (``resolve``
+pins it; its bytes are the blob cache's), so a local problem is said before
+any network. Every error names the recipe position of its entry.
 """
 
 from __future__ import annotations

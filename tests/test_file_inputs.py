@@ -29,6 +29,7 @@ from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.oci.source import Source
 from tests.support.e2e import BASE, UPPER, push, run_cli
 from tests.support.ext4read import read_image
+from tests.support.faultproxy import Cut, FaultProxy, Stall, Status
 from tests.support.httpfiles import HttpFiles
 from tests.support.registry import RegistryServer
 
@@ -415,3 +416,31 @@ def test_render_lists_where_fetched_files_come_from(tmp_path: Path) -> None:
         "/opt/b  ----  0:0  file      from r.example/f:1",
         f"/opt/c  0644  0:0  file      {sha(b'c')}",
     ]
+
+
+def test_a_url_has_the_registry_clients_bounds(tmp_path: Path, http_files: HttpFiles) -> None:
+    """Through a fault proxy in front of the HTTP server: a cut body is retried, a
+    stalled one fails within the low-speed window, a 500 is retried then reported
+    with its status; nothing partial stays in the cache."""
+    data = DATA * 20
+    with FaultProxy(http_files.url) as proxy:
+        url = http_files.put("big", data).replace(http_files.url, proxy.url)
+        digest = Digest(sha(data))
+        options = RegistryOptions(retries=2, low_speed_time=1.5, timeout=1.5)
+        source = Source(BlobCache(tmp_path / "cache"), options)
+        proxy.add(Cut(after=100), match="/big", times=1)
+        assert source.url(url, digest, 1 << 20).read_bytes() == data  # the retry got it whole
+        source.cache.path(digest).unlink()
+        proxy.clear()
+        proxy.add(Stall(after=100), match="/big")
+        with pytest.raises(RegistryError) as info:
+            source.url(url, digest, 1 << 20)
+        assert info.value.reason == "timeout" and info.value.reference == url
+        assert proxy.count("Stall") == 3  # one total bound: the request and its 2 retries
+        proxy.clear()
+        proxy.add(Status(500), match="/big")
+        with pytest.raises(RegistryError) as info:
+            source.url(url, digest, 1 << 20)
+        assert info.value.status == 500 and str(info.value).startswith(f"{url}: HTTP 500: ")
+    assert not source.cache.path(digest).exists()
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
