@@ -127,7 +127,7 @@ def conflicting_dest(dest: str) -> str | None:
 def replacement_hint(dest: str) -> str:
     """How a recipe changes the built-in path ``dest`` instead of writing it itself."""
     if dest == AGENT_DEST:
-        return "set guest.agent to the binary you want there"
+        return "set guest.agent or guest.agent_ref to the agent you want there"
     for t in TEMPLATES:
         if t.dest == dest:
             return f'replace it under [guest.templates] as "{t.name}"'
@@ -222,8 +222,9 @@ def builtin_agent(platform: str, arch: str) -> Path:
     looked = " and ".join(str(d) for d in agent_dirs()) or "a zip import, which cannot hold it"
     raise InputError(
         f"no built-in guest agent for {platform} in this installation (looked in {looked}; "
-        f"built in: {', '.join(have) or 'none'}): build it with agents/build {arch} in a "
-        "checkout (Debian's gcc for that architecture) and install from there, set "
-        "guest.agent to a banger-vsock-agent binary, or set guest.agents = false",
+        f"built in: {', '.join(have) or 'none'}): set guest.agent_ref to an agent in a "
+        "registry (`banger-build file push`) or guest.agent to a banger-vsock-agent binary, "
+        f"build it with agents/build {arch} in a checkout (Debian's gcc for that "
+        "architecture) and install from there, or set guest.agents = false",
         reason=Reason.AGENT_MISSING,
     )

@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.support.httpfiles",
     "tests.support.e2e",
     "tests.support.debian",
+    "tests.support.agent",
     "tests.support.debian_arm64",
     "tests.support.multiarch",
     "tests.support.kernel",

@@ -5,8 +5,10 @@ tests/support/debian_arm64.py) and the amd64 one sit behind one multi-arch
 OCI index in the test registry (tests/support/multiarch.py). From that one
 reference, recipes that differ only in ``platform`` build both images; each
 image is what its own manifest's layers say, with the guest agent of its
-architecture. The arm64 build is reproducible as root and as uid 65534 (from
-the installed package, whose built-in arm64 agent it uses). The arm64 image
+architecture (recipes/debian.toml's agent_ref names an index of one per
+architecture, tests/support/agent.py). The arm64 build is reproducible as root
+and as uid 65534 (from the installed package, whose built-in arm64 agent gives
+the same key). The arm64 image
 then boots, with Debian's arm64 cloud kernel, in qemu-system-aarch64 -M virt
 under TCG, to the guest probe (tests/support/guestprobe.py): the guest set's
 units ran, the network unit configured the address boot gave it, the
@@ -28,6 +30,7 @@ import pytest
 from banger_build.guest import DESTS
 from banger_build.machines import kernel_arch
 from tests.support import guestprobe
+from tests.support.agent import AGENT_REFERENCE, GuestAgents
 from tests.support.bootkernel import BootKernel
 from tests.support.debian import expected_tree, image_file
 from tests.support.e2e import run_cli
@@ -61,7 +64,11 @@ def multi_recipe(top: Path, ref: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def both(multiarch_debian: MultiArchDebian, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def both(
+    multiarch_debian: MultiArchDebian,
+    guest_agents: GuestAgents,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
     """The multi-arch reference built as root for linux/amd64 (the recipe) and, with
     --platform, for linux/arm64; both in one home."""
     top = tmp_path_factory.mktemp("multi")
@@ -123,14 +130,19 @@ def test_each_image_is_its_own_layers_with_its_own_agent(
 def test_an_unprivileged_user_builds_the_same_arm64_image_from_the_installed_package(
     both: Any, multiarch_debian: MultiArchDebian, unpriv_venv: UnprivVenv
 ) -> None:
-    """As uid 65534, with banger-build installed in a venv (its built-in agents are
-    package data there, not the checkout's agents/out)."""
+    """As uid 65534, with banger-build installed in a venv, the recipe without its
+    agent_ref: the built-in agent (package data there, not the checkout's
+    agents/out) is the bytes the registry served, so the key is root's."""
     user = unpriv_venv.user()
     try:
         (user.home / ".git").mkdir()
+        builtin = both["recipe"].parent / "builtin.toml"
+        text = both["recipe"].read_text()
+        assert f'agent_ref = "{AGENT_REFERENCE}"\n' in text
+        builtin.write_text(text.replace(f'agent_ref = "{AGENT_REFERENCE}"\n', ""))
         recipes = user.copy_in(both["recipe"].parent, "recipes")
         proc = user.run(
-            [recipes / "multi.toml", "--no-link", "--platform", "linux/arm64",
+            [recipes / "builtin.toml", "--no-link", "--platform", "linux/arm64",
              "--mirror", multiarch_debian.mirror],
         )  # fmt: skip
         path = Path(proc.stdout.strip())
@@ -149,7 +161,7 @@ def test_an_unprivileged_user_builds_the_same_arm64_image_from_the_installed_pac
 
 
 def test_a_platform_the_index_or_image_lacks_fails_clearly(
-    both: Any, multiarch_debian: MultiArchDebian, debian_image: Any
+    both: Any, multiarch_debian: MultiArchDebian, debian_image_and_agent: Any
 ) -> None:
     bare = both["recipe"].parent / "bare.toml"  # no guest set: no agent for riscv64 needed
     bare.write_text(both["recipe"].read_text().replace("[guest]\n", "[guest]\nagents = false\n"))
@@ -159,15 +171,19 @@ def test_a_platform_the_index_or_image_lacks_fails_clearly(
     )  # fmt: skip
     assert code == 1 and "Traceback" not in err
     assert "no image for platform linux/riscv64 (available: linux/amd64, linux/arm64/v8)" in err
-    code, _, err = run_cli(  # with the guest set, the missing agent is said first (no network)
+    code, _, err = run_cli(  # with the guest set, the agent is said first (the pinned index)
         both["home"], str(both["recipe"]), "--no-link", "--platform", "linux/riscv64",
     )  # fmt: skip
-    assert code == 1 and "no built-in guest agent for linux/riscv64" in err
+    assert code == 1 and "Traceback" not in err
+    assert (
+        f"{AGENT_REFERENCE}: no file for platform linux/riscv64 (available: linux/amd64, "
+        "linux/arm64)" in err
+    ), err
     # recipes/debian.toml's reference is a single linux/amd64 image: no arm64 in it
     recipe = both["recipe"].parent / "single.toml"
     recipe.write_text((REPO / "recipes" / "debian.toml").read_text())
     code, _, err = run_cli(
-        both["home"], str(recipe), "--no-link", "--mirror", debian_image.mirror,
+        both["home"], str(recipe), "--no-link", "--mirror", debian_image_and_agent.mirror,
         "--platform", "linux/arm64",
     )  # fmt: skip
     assert code == 1 and "Traceback" not in err
@@ -175,7 +191,10 @@ def test_a_platform_the_index_or_image_lacks_fails_clearly(
 
 
 def test_the_arm64_image_boots_to_the_guest_probe_in_qemu_system_aarch64(
-    multiarch_debian: MultiArchDebian, arm64_boot_kernel: BootKernel, tmp_path: Path
+    multiarch_debian: MultiArchDebian,
+    guest_agents: GuestAgents,
+    arm64_boot_kernel: BootKernel,
+    tmp_path: Path,
 ) -> None:
     kernel = arm64_boot_kernel
     assert kernel_arch(kernel.vmlinuz) == "arm64"

@@ -110,13 +110,13 @@ target = "/etc/systemd/system/banger-check.service"
 
 
 def test_debian_boots_with_the_guest_set_running(
-    debian_image: DebianImage, amd64_boot_kernel: BootKernel, tmp_path: Path
+    debian_image_and_agent: DebianImage, amd64_boot_kernel: BootKernel, tmp_path: Path
 ) -> None:
     recipe = _recipe(tmp_path, amd64_boot_kernel)
     home = tmp_path / "home"
     allow = [a for d in amd64_boot_kernel.dirs for a in ("--allow-source", str(d))]
     code, out, err = run_cli(
-        home, str(recipe), "--no-link", "--mirror", debian_image.mirror, *allow
+        home, str(recipe), "--no-link", "--mirror", debian_image_and_agent.mirror, *allow
     )  # the cached kernel
     assert code == 0, err
     store_path = Path(out.strip())
@@ -153,7 +153,7 @@ def test_debian_boots_with_the_guest_set_running(
 
 
 def test_boot_recipe_with_user_supplied_kernel(
-    debian_image: DebianImage, amd64_boot_kernel: BootKernel, tmp_path: Path
+    debian_image_and_agent: DebianImage, amd64_boot_kernel: BootKernel, tmp_path: Path
 ) -> None:
     """`banger-build boot recipes/debian.toml --kernel --initrd --ping-agent`: the recipe
     names no kernel, the user supplies one, as a microVM manager would; without
@@ -168,7 +168,7 @@ def test_boot_recipe_with_user_supplied_kernel(
     started = time.monotonic()
     code, _, err = run_cli(
         tmp_path / "home", "boot", str(tmp_path / "recipes" / "debian.toml"), "--accel", "tcg",
-        "--mirror", debian_image.mirror, "--kernel", str(kernel.vmlinuz),
+        "--mirror", debian_image_and_agent.mirror, "--kernel", str(kernel.vmlinuz),
         "--initrd", str(kernel.initrd), "--ping-agent", "--timeout", "600",
         "--console-log", str(tmp_path / "console.log"),
     )  # fmt: skip

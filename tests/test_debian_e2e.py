@@ -2,9 +2,10 @@
 
 The real Debian image (debootstrap, two layers, see tests/support/debian.py)
 is served by a real docker-registry as docker.io/library/debian:bookworm's
-mirror. banger-build runs as uid 65534 from a venv of Debian's python3. The
-image it builds is read back with debugfs and compared, path by path, with
-an independent replay of the tar headers.
+mirror, with the recipe's guest agent (agent_ref, pushed by `banger-build file
+push`; the project has no agents/). banger-build runs as uid 65534 from a venv
+of Debian's python3. The image it builds is read back with debugfs and
+compared, path by path, with an independent replay of the tar headers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from banger_build.guest import DESTS
+from tests.support.agent import agent_file, push_agents
 from tests.support.debian import SPECIAL, expected_tree, group_id
 from tests.support.ext4read import fsck, read_image, sha256_file
 from tests.support.oci import push_layout
@@ -38,11 +40,11 @@ def built(debian_oci_layout: Path, unpriv_venv: object, tmp_path_factory: pytest
     (user.home / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
     user.copy_in(REPO / "recipes", "recipes")
     user.copy_in(REPO / "templates", "templates")
-    user.copy_in(REPO / "agents", "agents")
     recipe = user.home / "recipes" / "debian.toml"
     args = [str(recipe), "--mirror"]
     with RegistryServer() as server:
         push_layout(server.url, "library/debian", "bookworm", debian_oci_layout)
+        push_agents(server.host)
         started = time.monotonic()
         cold = user.run([*args, f"docker.io={server.url}"], timeout=900)
         cold_s = time.monotonic() - started
@@ -142,3 +144,5 @@ def test_the_facts_users_rely_on(built: dict) -> None:  # type: ignore[type-arg]
         assert (seen[path].uid, seen[path].gid, seen[path].mode & 0o7777) == (0, 0, 0o644)
     for path in GUEST_FILES:
         assert (seen[path].uid, seen[path].gid) == (0, 0), path
+    agent = read_image(image)["usr/local/bin/banger-vsock-agent"]  # from the registry
+    assert agent.sha256 == sha256_file(agent_file("amd64")) and agent.mode & 0o7777 == 0o755

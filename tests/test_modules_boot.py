@@ -105,13 +105,13 @@ target = "/etc/systemd/system/banger-modules-check.service"
 
 
 def test_modules_from_the_image_load_in_the_guest(
-    debian_image: DebianImage, debian_kernel_files: KernelFiles, tmp_path: Path
+    debian_image_and_agent: DebianImage, debian_kernel_files: KernelFiles, tmp_path: Path
 ) -> None:
     recipe = _recipe(tmp_path, debian_kernel_files)
     home = tmp_path / "home"
     started = time.monotonic()
     code, out, err = run_cli(
-        home, str(recipe), "--no-link", "--mirror", debian_image.mirror,
+        home, str(recipe), "--no-link", "--mirror", debian_image_and_agent.mirror,
         "--allow-source", str(debian_kernel_files.vmlinuz.parent),  # the cached kernel
     )  # fmt: skip
     assert code == 0, err

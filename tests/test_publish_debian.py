@@ -42,7 +42,7 @@ def cli(top: Path, *args: str, umask: int = 0o022, env: dict[str, str] | None = 
 
 
 def test_debian_bundle_and_push(
-    debian_image: DebianImage, tmp_path: Path, token_registry: RegistryServer
+    debian_image_and_agent: DebianImage, tmp_path: Path, token_registry: RegistryServer
 ) -> None:
     project = tmp_path / "project"
     (project / ".git").mkdir(parents=True)
@@ -59,7 +59,9 @@ def test_debian_bundle_and_push(
     made = []
     for n, umask in ((1, 0o022), (2, 0o077)):
         top = tmp_path / f"machine{n}"
-        path, build_s = cli(top, recipe, "--no-link", "--mirror", debian_image.mirror, umask=umask)
+        path, build_s = cli(
+            top, recipe, "--no-link", "--mirror", debian_image_and_agent.mirror, umask=umask
+        )
         bundle, bundle_s = cli(top, "bundle", path, umask=umask)
         ref, push_s = cli(top, "push", path, target, umask=umask, env=env)
         again, again_s = cli(top, "push", path, target, umask=umask, env=env)

@@ -70,9 +70,11 @@ def _build_as_root(
 
 
 @pytest.fixture(scope="module")
-def baseline(debian_image: DebianImage, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def baseline(
+    debian_image_and_agent: DebianImage, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     top = tmp_path_factory.mktemp("baseline")
-    path = _build_as_root(top, top / "home", debian_image.mirror)
+    path = _build_as_root(top, top / "home", debian_image_and_agent.mirror)
     return _digests(path)
 
 
@@ -92,7 +94,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_same_bytes_when(
-    variant: str, baseline: dict[str, str], debian_image: DebianImage, tmp_path: Path
+    variant: str, baseline: dict[str, str], debian_image_and_agent: DebianImage, tmp_path: Path
 ) -> None:
     spec = VARIANTS[variant]
     top = tmp_path
@@ -102,7 +104,8 @@ def test_same_bytes_when(
     try:
         # the recipe's copy stays in tmp_path: /dev (and so /dev/shm) is never a source
         path = _build_as_root(
-            top, top / str(spec.get("home", "home")), debian_image.mirror, env, spec.get("umask"),
+            top, top / str(spec.get("home", "home")), debian_image_and_agent.mirror, env,
+            spec.get("umask"),
             work=tmp_path,
         )  # type: ignore[arg-type]  # fmt: skip
         assert _digests(path) == baseline
@@ -112,7 +115,7 @@ def test_same_bytes_when(
 
 
 def test_same_bytes_as_an_unprivileged_user_without_e2fsprogs(
-    baseline: dict[str, str], debian_image: DebianImage, unpriv: Unpriv
+    baseline: dict[str, str], debian_image_and_agent: DebianImage, unpriv: Unpriv
 ) -> None:
     (unpriv.home / ".git").mkdir()  # a project, as the checkout is
     for name in COPY:
@@ -125,7 +128,7 @@ def test_same_bytes_as_an_unprivileged_user_without_e2fsprogs(
             str(unpriv.home / "recipes" / "debian.toml"),
             "--no-link",
             "--mirror",
-            debian_image.mirror,
+            debian_image_and_agent.mirror,
         ],
         timeout=900,
         env=NO_E2FSPROGS,
@@ -134,10 +137,13 @@ def test_same_bytes_as_an_unprivileged_user_without_e2fsprogs(
 
 
 def test_source_date_epoch_is_honoured_and_recorded(
-    baseline: dict[str, str], debian_image: DebianImage, tmp_path: Path
+    baseline: dict[str, str], debian_image_and_agent: DebianImage, tmp_path: Path
 ) -> None:
     path = _build_as_root(
-        tmp_path, tmp_path / "home", debian_image.mirror, {"SOURCE_DATE_EPOCH": "1234567890"}
+        tmp_path,
+        tmp_path / "home",
+        debian_image_and_agent.mirror,
+        {"SOURCE_DATE_EPOCH": "1234567890"},
     )
     manifest = (path / "manifest.json").read_text()
     assert '"epoch": 1234567890' in manifest

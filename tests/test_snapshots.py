@@ -17,7 +17,13 @@ import pytest
 
 from banger_build import ext4, guest
 from banger_build.derivation import derive
-from banger_build.inputs import resolve_injected, resolve_kernel, template_context
+from banger_build.inputs import (
+    Fetched,
+    FileEntry,
+    resolve_injected,
+    resolve_kernel,
+    template_context,
+)
 from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
 from banger_build.oci.reference import Digest
 from banger_build.recipe import load_recipe
@@ -32,6 +38,7 @@ RECIPE_NAMES = sorted(
     str(p.relative_to(REPO)) for p in [*REPO.glob("recipes/*.toml"), *REPO.glob("examples/*.toml")]
 )
 #: The agent binary is built by gcc on each machine; keys must not depend on its bytes.
+#: The built-in agents are it, and so is what a recipe's agent_ref fetches.
 STAND_IN_AGENT = b"\x7fELF stand-in for agents/out/banger-vsock-agent\n"
 
 
@@ -66,13 +73,19 @@ DIFF_IDS = (Digest("5" * 64), Digest("6" * 64))  # the layers' uncompressed dige
 EPOCH = 1_700_000_000
 
 
+def stand_in_fetch(entry: FileEntry) -> Fetched:
+    """A fetched file (recipes/debian.toml's agent_ref) as the stand-in agent: the
+    bytes the built-in agent has here, so the key is the same as with it."""
+    return Fetched(Path("/stand-in"), hashlib.sha256(STAND_IN_AGENT).hexdigest(), True)
+
+
 def _derivation(recipe_path: Path) -> dict:  # type: ignore[type-arg]
     recipe = load_recipe(recipe_path)
     return derive(
         recipe,
         IMAGE,
         diff_ids=DIFF_IDS,
-        injected=resolve_injected(recipe),
+        injected=resolve_injected(recipe, stand_in_fetch),
         kernel=resolve_kernel(recipe.kernel),
         epoch=EPOCH,
     ).data
@@ -97,7 +110,7 @@ def test_golden_keys(snapshot, tree: Path) -> None:  # type: ignore[no-untyped-d
             recipe,
             IMAGE,
             diff_ids=DIFF_IDS,
-            injected=resolve_injected(recipe),
+            injected=resolve_injected(recipe, stand_in_fetch),
             kernel=resolve_kernel(recipe.kernel),
             epoch=EPOCH,
         )

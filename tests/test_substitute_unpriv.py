@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from banger_build.cli import main
+from tests.support.agent import AGENT_REPO, push_agents
 from tests.support.debian import read_manifest
 from tests.support.oci import push_layout
 from tests.support.registry import RegistryServer
@@ -70,6 +71,7 @@ def test_an_unprivileged_empty_home_substitutes_roots_signed_path(
     config = image["config"]["digest"]
     with RegistryServer(access_log=True) as server:
         push_layout(server.url, "library/debian", "bookworm", debian_oci_layout)
+        push_agents(server.host)
         mirror = f"docker.io={server.url}"
         cache = f"{server.host}/ci/debian"
 
@@ -120,6 +122,7 @@ def test_an_unprivileged_empty_home_substitutes_roots_signed_path(
     base = {p.rsplit("/", 1)[1] for p in blobs if p.startswith("/v2/library/debian/")}
     assert base == {config}, blobs  # the image's config (the key needs it), no layer
     assert not base & layers and any(p.startswith("/v2/ci/debian/") for p in blobs)
+    assert not [p for p in blobs if p.startswith(f"/v2/{AGENT_REPO}/")]  # its digest will do
     cached = {p.name for p in (home / "blobs" / "sha256").iterdir()}
     assert not {d.partition(":")[2] for d in layers} & cached
     # the user's store says where it came from; verify trusts it with root's key only

@@ -203,8 +203,11 @@ def platform_text(spec: Mapping[str, object]) -> str:
     return "/".join(parts)
 
 
-def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Platform) -> Digest:
-    """The digest of the first entry of image index ``body`` that matches ``platform``."""
+def select_platform(
+    index_digest: Digest, body: Mapping[str, Any], platform: Platform, what: str = "image"
+) -> Digest:
+    """The digest of the first entry of image index ``body`` that matches ``platform``
+    (``what`` the entries are, for the error: an image, a file)."""
     entries = body.get("manifests")
     if not isinstance(entries, list):
         raise ManifestError(
@@ -227,7 +230,7 @@ def select_platform(index_digest: Digest, body: Mapping[str, Any], platform: Pla
             return desc.digest
     listed = ", ".join(available) if available else "none"
     raise ManifestError(
-        f"no image for platform {platform} (available: {listed})", reason=Reason.NO_PLATFORM
+        f"no {what} for platform {platform} (available: {listed})", reason=Reason.NO_PLATFORM
     )
 
 

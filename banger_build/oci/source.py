@@ -164,7 +164,8 @@ class Source:
             if media_type not in INDEX_TYPES:
                 return parse_file_manifest(digest, data)
             index = digest
-            digest, data, _ = self._manifest_bytes(ref, select_platform(index, body, platform))
+            entry = select_platform(index, body, platform, "file")
+            digest, data, _ = self._manifest_bytes(ref, entry)
             return parse_file_manifest(digest, data, index)
 
     def url(self, url: str, digest: Digest, limit: int) -> Path:

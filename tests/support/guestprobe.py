@@ -3,7 +3,7 @@ reports from inside the running guest what the tests assert.
 
 ``probe_recipe`` copies the checkout's recipes/ and templates/ into a project
 and writes ``recipes/probe.toml``: recipes/debian.toml (its [guest] set
-included, the agent the built-in one of the platform) with another image
+included, the agent its agent_ref's for the platform) with another image
 reference and platform, a [kernel] (installed modules) and the probe. The
 probe unit runs once the guest set's units ran and before the serial getty,
 so the login prompt, which ``boot`` waits for by default, comes after every
