@@ -286,6 +286,22 @@ def test_locked_update_and_a_pinned_digest(
     assert "digest.toml:" in line and "files[0].ref" in line
 
 
+def test_lock_prune_drops_a_file_pin_the_recipe_no_longer_uses(
+    tmp_path: Path, image_ref: str, registry: RegistryServer
+) -> None:
+    home = tmp_path / "home"
+    first, second = f"{registry.host}/files/prune-a:1", f"{registry.host}/files/prune-b:1"
+    push_file(home, first, a_file(tmp_path / "a", "f", b"a"))
+    push_file(home, second, a_file(tmp_path / "b", "f", b"b"))
+    r = recipe(tmp_path / "r", image_ref, files_entry("/f", ref=first))
+    assert run_cli(home, "lock", str(r))[0] == 0
+    r.write_text(r.read_text().replace(first, second))
+    code, _, err = run_cli(home, "lock", str(r), "--prune")
+    assert code == 0, err
+    assert f"dropped the unused pin of file {first}" in err
+    assert [p.ref for p in Lock.load(r.with_suffix(".lock")).files] == [second]
+
+
 def test_a_file_over_the_limit_is_refused_before_it_is_fetched(
     tmp_path: Path, image_ref: str, registry: RegistryServer, http_files: HttpFiles
 ) -> None:
