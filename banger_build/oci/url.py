@@ -42,15 +42,14 @@ def _plain_http(url: str, options: RegistryOptions) -> WireError | None:
     return None
 
 
+_DENIED = (Reason.AUTH, "access denied (no credentials are sent for a URL)")
+_STATUS = {404: (Reason.NOT_FOUND, "not found"), 401: _DENIED, 403: _DENIED}
+
+
 def _status(resp: requests.Response) -> WireError:
-    status = resp.status_code
-    if status == 404:
-        message, reason = "not found", Reason.NOT_FOUND
-    elif status in (401, 403):
-        message, reason = "access denied (no credentials are sent for a URL)", Reason.AUTH
-    else:
-        message, reason = f"unexpected response {resp.reason or ''}".strip(), Reason.HTTP_STATUS
-    return WireError(message, reason=reason, status=status)
+    unexpected = (Reason.HTTP_STATUS, f"unexpected response {resp.reason or ''}".strip())
+    reason, message = _STATUS.get(resp.status_code, unexpected)
+    return WireError(message, reason=reason, status=resp.status_code)
 
 
 def fetch_url(
