@@ -23,7 +23,8 @@ from banger_build.errors import RecipeError, RegistryError
 from banger_build.limits import Limits
 from banger_build.lockfile import FilePin, Lock
 from banger_build.oci.blobs import BlobCache
-from banger_build.oci.fileartifact import ARTIFACT_TYPE, LAYER_TYPE
+from banger_build.oci.fileartifact import ARTIFACT_TYPE, LAYER_TYPE, TITLE, parse_file_manifest
+from banger_build.oci.manifest import ManifestError
 from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.oci.source import Source
@@ -462,3 +463,69 @@ def test_a_url_has_the_registry_clients_bounds(tmp_path: Path, http_files: HttpF
         assert info.value.status == 500 and str(info.value).startswith(f"{url}: HTTP 500: ")
     assert not source.cache.path(digest).exists()
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def test_agent_url_with_its_sha256(tmp_path: Path, image_ref: str, http_files: HttpFiles) -> None:
+    url = http_files.put("agent", b"an agent from a URL")
+    body = f'[guest]\nagent_url = "{url}"\nagent_sha256 = "{sha(b"an agent from a URL")}"\n'
+    r = recipe(tmp_path / "r", image_ref, body)
+    code, out, err = run_cli(tmp_path / "home", str(r), "--no-link")
+    assert code == 0, err
+    agent = read_image(Path(out.strip()) / "rootfs.ext4")["usr/local/bin/banger-vsock-agent"]
+    assert agent.sha256 == sha(b"an agent from a URL") and agent.mode & 0o7777 == 0o755
+
+
+# -- the artifact's manifest, parsed -------------------------------------------------
+
+
+def _manifest(config_type: str, layers: list[dict[str, object]], **extra: object) -> bytes:
+    body = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": config_type, "digest": f"sha256:{sha(b'{}')}", "size": 2},
+        "layers": layers,
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+def _layer(media_type: str, **annotations: str) -> dict[str, object]:
+    out: dict[str, object] = {"mediaType": media_type, "digest": f"sha256:{sha(DATA)}",
+                              "size": len(DATA)}  # fmt: skip
+    if annotations:
+        out["annotations"] = annotations
+    return out
+
+
+def test_what_counts_as_a_file_artifact() -> None:
+    digest = Digest("a" * 64)
+    # one file pushed by `oras push` (its own artifact type, the empty config): taken, no mode
+    titled = _layer("application/vnd.oci.image.layer.v1.tar", **{TITLE: "x"})
+    oras = _manifest(
+        "application/vnd.oci.empty.v1+json", [titled],
+        artifactType="application/vnd.unknown.artifact.v1",
+    )  # fmt: skip
+    got = parse_file_manifest(digest, oras)
+    assert (got.layer.digest.hex, got.name, got.executable) == (sha(DATA), "x", None)
+    refused = {
+        "a container image": _manifest(
+            "application/vnd.oci.image.config.v1+json",
+            [_layer("application/vnd.oci.image.layer.v1.tar+gzip")],
+        ),
+        "2 files": _manifest(
+            "application/vnd.oci.empty.v1+json",
+            [_layer("application/octet-stream"), _layer("application/octet-stream")],
+        ),
+        "not application/vnd.banger.file.content.v1": _manifest(
+            "application/vnd.oci.empty.v1+json", [_layer("application/octet-stream")],
+            artifactType=ARTIFACT_TYPE,
+        ),
+        "has mode '0777'": _manifest(
+            "application/vnd.oci.empty.v1+json",
+            [_layer(LAYER_TYPE, **{"vnd.banger.file.mode": "0777"})], artifactType=ARTIFACT_TYPE,
+        ),
+    }  # fmt: skip
+    for words, data in refused.items():
+        with pytest.raises(ManifestError) as info:
+            parse_file_manifest(digest, data)
+        assert words in info.value.message, (words, info.value.message)
