@@ -195,6 +195,7 @@ class Flattener:
         self._touched = 0  # the current layer's marks (see the class docstring)
         self._created = 1
         self._entries = 1  # nodes in the tree, the root included
+        self._segments = 0  # data ranges of regular files (``Inode.segments``)
         self._used = 0  # uncompressed bytes of the layers applied so far
         self._member: str | None = None  # the member being read, for errors
 
@@ -311,6 +312,15 @@ class Flattener:
             self._set_meta(inode, member)
             self._insert(parent_node, base, Node(inode), raw)
             self.spool.add(inode, member_chunks(tar, member))
+            if inode.segments is not None:
+                self._segments += len(inode.segments) // 2
+                if self._segments > self.limits.max_segments:
+                    raise self._refuse(
+                        raw,
+                        f"the image's files would hold more than {self.limits.max_segments} "
+                        "separate data ranges (sparse files and runs of zeros)",
+                        Reason.TOO_MANY_SEGMENTS,
+                    )
             return int(member.size)
         elif member.issym():
             if len(name_bytes(member.linkname)) > MAX_TARGET:

@@ -29,6 +29,9 @@ class Limits:
     #: Entries (paths) in the image at any time, implicit directories included: the
     #: tree costs a few hundred bytes of memory each. 10x a large distribution image.
     max_entries: int = 2_000_000
+    #: Data ranges of all regular files together (a sparse member's segments, and a
+    #: file's runs between all-zero MiBs): 16 bytes of memory each while building.
+    max_segments: int = 4_000_000
     #: Entries in one directory. The writer is linear in them (100,000 in one
     #: directory: 0.6 s); the directory is linear too (no htree index), so the guest
     #: pays a scan of it per lookup: past a million entries that is seconds per name.

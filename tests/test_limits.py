@@ -140,6 +140,17 @@ def test_sparse_members_stay_sparse(tmp_path: Path, options: tuple[str, ...]) ->
     assert image.stat().st_size < 256 * MiB  # sized by the data, not the apparent size
 
 
+def test_data_ranges_of_all_files_are_bounded(tmp_path: Path) -> None:
+    """16 bytes of memory each: a layer of sparse files cannot make it grow unbounded."""
+    pieces = [(i * 8192, b"x") for i in range(10)]
+    layer = write_layer(
+        tmp_path, [sparse_member(f"s{n}", pieces, 100_000) for n in range(3)], "none"
+    )
+    flatten(tmp_path / "ok", [layer], Limits(max_segments=30))
+    err = refused(tmp_path / "no", [layer], "too-many-segments", "s2", Limits(max_segments=25))
+    assert "25" in str(err)
+
+
 @pytest.mark.parametrize(
     "segments,size,reason",
     [
