@@ -196,6 +196,9 @@ class Flattener:
         self._created = 1
         self._entries = 1  # nodes in the tree, the root included
         self._segments = 0  # data ranges of regular files (``Inode.segments``)
+        #: distinct xattr sets, each kept once and shared by the inodes that have it
+        self._xattr_sets: dict[tuple[tuple[str, bytes], ...], dict[str, bytes]] = {}
+        self._xattr_total = 0  # their bytes in ext4's layout
         self._used = 0  # uncompressed bytes of the layers applied so far
         self._member: str | None = None  # the member being read, for errors
 
@@ -556,7 +559,21 @@ class Flattener:
                 f"holds ({limits.max_xattr_bytes})",
                 Reason.XATTR_TOO_LARGE,
             )
-        inode.xattrs = xattrs
+        # one dict per distinct set (an SELinux label repeats on every file): the
+        # memory is the distinct sets', and that is bounded
+        key = tuple(sorted(xattrs.items()))
+        shared = self._xattr_sets.get(key)
+        if shared is None:
+            self._xattr_total += size
+            if self._xattr_total > limits.max_xattr_total:
+                raise self._refuse(
+                    member.name,
+                    f"the image's distinct xattr sets take more than "
+                    f"{human(limits.max_xattr_total)}",
+                    Reason.XATTR_TOO_LARGE,
+                )
+            shared = self._xattr_sets[key] = xattrs
+        inode.xattrs = shared
 
 
 def flatten(

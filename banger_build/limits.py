@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from banger_build.oci.manifest import MAX_LAYERS
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -51,3 +52,6 @@ class Limits:
     #: xattr block less its 32-byte header. Without the ea_inode feature (we do not
     #: enable it) a value cannot spill into an inode of its own.
     max_xattr_bytes: int = 4096 - 32
+    #: Bytes of all distinct xattr sets of the image together (each set is held once
+    #: in memory however many inodes share it): 64x a large SELinux-labelled image.
+    max_xattr_total: int = 256 * MiB
