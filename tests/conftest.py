@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.support.e2e",
     "tests.support.debian",
     "tests.support.debian_arm64",
+    "tests.support.debian_trixie",
     "tests.support.multiarch",
     "tests.support.kernel",
     "tests.support.bootkernel",
