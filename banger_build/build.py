@@ -82,6 +82,7 @@ def flatten_layers(ctx: Context) -> None:
         ctx.reporter.note(
             f"{layer.digest.short}: {stats.entries} entries, {stats.bytes / 1e6:.1f} MB"
         )
+    ctx.spool.flush()  # a write the spool's thread could not make fails this step
     ctx.tree = flattener.tree
 
 

@@ -177,6 +177,13 @@ def _reliable_stdout() -> None:
     )
 
 
+def whole_writes_stdout(fd: int) -> io.TextIOWrapper:
+    """A text stdout on ``fd`` written whole, a closed reader raising StdoutClosed."""
+    return io.TextIOWrapper(
+        io.BufferedWriter(_WholeWrites(fd)), encoding="utf-8", line_buffering=True
+    )
+
+
 def _quiet_stdout() -> None:
     """stdout is gone: point it at /dev/null so the final flush cannot fail again."""
     with contextlib.suppress(OSError, ValueError):

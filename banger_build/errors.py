@@ -120,6 +120,7 @@ class Reason(StrEnum):
     NOT_A_DIRECTORY = "not-a-directory"
     BAD_WHITEOUT = "bad-whiteout"
     DEST_IS_SYMLINK = "dest-is-symlink"
+    TOO_MANY_SEGMENTS = "too-many-segments"
     LINK_TOO_LONG = "link-too-long"
     HARDLINK_TARGET = "hardlink-target"
     UNSUPPORTED_TYPE = "unsupported-type"

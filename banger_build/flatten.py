@@ -195,6 +195,10 @@ class Flattener:
         self._touched = 0  # the current layer's marks (see the class docstring)
         self._created = 1
         self._entries = 1  # nodes in the tree, the root included
+        self._segments = 0  # data ranges of regular files (``Inode.segments``)
+        #: distinct xattr sets, each kept once and shared by the inodes that have it
+        self._xattr_sets: dict[tuple[tuple[str, bytes], ...], dict[str, bytes]] = {}
+        self._xattr_total = 0  # their bytes in ext4's layout
         self._used = 0  # uncompressed bytes of the layers applied so far
         self._member: str | None = None  # the member being read, for errors
 
@@ -311,6 +315,15 @@ class Flattener:
             self._set_meta(inode, member)
             self._insert(parent_node, base, Node(inode), raw)
             self.spool.add(inode, member_chunks(tar, member))
+            if inode.segments is not None:
+                self._segments += len(inode.segments) // 2
+                if self._segments > self.limits.max_segments:
+                    raise self._refuse(
+                        raw,
+                        f"the image's files would hold more than {self.limits.max_segments} "
+                        "separate data ranges (sparse files and runs of zeros)",
+                        Reason.TOO_MANY_SEGMENTS,
+                    )
             return int(member.size)
         elif member.issym():
             if len(name_bytes(member.linkname)) > MAX_TARGET:
@@ -546,7 +559,21 @@ class Flattener:
                 f"holds ({limits.max_xattr_bytes})",
                 Reason.XATTR_TOO_LARGE,
             )
-        inode.xattrs = xattrs
+        # one dict per distinct set (an SELinux label repeats on every file): the
+        # memory is the distinct sets', and that is bounded
+        key = tuple(sorted(xattrs.items()))
+        shared = self._xattr_sets.get(key)
+        if shared is None:
+            self._xattr_total += size
+            if self._xattr_total > limits.max_xattr_total:
+                raise self._refuse(
+                    member.name,
+                    f"the image's distinct xattr sets take more than "
+                    f"{human(limits.max_xattr_total)}",
+                    Reason.XATTR_TOO_LARGE,
+                )
+            shared = self._xattr_sets[key] = xattrs
+        inode.xattrs = shared
 
 
 def flatten(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from banger_build.oci.manifest import MAX_LAYERS
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -29,6 +30,9 @@ class Limits:
     #: Entries (paths) in the image at any time, implicit directories included: the
     #: tree costs a few hundred bytes of memory each. 10x a large distribution image.
     max_entries: int = 2_000_000
+    #: Data ranges of all regular files together (a sparse member's segments, and a
+    #: file's runs between all-zero MiBs): 16 bytes of memory each while building.
+    max_segments: int = 4_000_000
     #: Entries in one directory. The writer is linear in them (100,000 in one
     #: directory: 0.6 s); the directory is linear too (no htree index), so the guest
     #: pays a scan of it per lookup: past a million entries that is seconds per name.
@@ -54,3 +58,6 @@ class Limits:
     #: the image (a binary, an archive, a model), held whole in the blob cache and
     #: copied once into the spool: 1 GiB keeps a typo'd URL from filling the disk.
     max_file_input: int = 1 * GiB
+    #: Bytes of all distinct xattr sets of the image together (each set is held once
+    #: in memory however many inodes share it): 64x a large SELinux-labelled image.
+    max_xattr_total: int = 256 * MiB

@@ -90,12 +90,19 @@ class JsonReporter(Reporter):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream or sys.stdout)
         self.tty = False
+        #: in every event: the recipe, when several are built by one command
+        self.fields: dict[str, str] = {}
         self._last_progress: dict[str, float] = {}
         global _json
         _json = self
 
     def emit(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "t": round(time.monotonic() - self._started, 3), **fields}
+        record = {
+            "event": event,
+            "t": round(time.monotonic() - self._started, 3),
+            **self.fields,
+            **fields,
+        }
         self.stream.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         self.stream.flush()
 

@@ -101,6 +101,11 @@ def deferred() -> Iterator[None]:
     checkpoint()
 
 
+def after_fork() -> None:
+    """In a forked child: no critical section of the parent's is open here."""
+    _state.depth = 0
+
+
 def reset() -> None:
     """Forget any pending signal (tests that deliver signals in-process)."""
     _state.pending = None

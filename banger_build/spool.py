@@ -20,6 +20,7 @@ import hashlib
 import os
 import queue
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -92,22 +93,22 @@ class Spool:
         """Append (file offset, bytes) chunks, in increasing offset order, as
         ``inode``'s data; return the bytes stored. Adjacent chunks make one segment."""
         inode.src = self.end
-        segments: list[int] = []
+        segments = array("Q")
         seg_start = seg_end = -1
         for offset, chunk in chunks:
             if offset != seg_end:
                 if seg_end > seg_start:
-                    segments += (seg_start, seg_end - seg_start)
+                    segments.extend((seg_start, seg_end - seg_start))
                 seg_start = seg_end = offset
             self._write(chunk)
             seg_end += len(chunk)
         if seg_end > seg_start:
-            segments += (seg_start, seg_end - seg_start)
+            segments.extend((seg_start, seg_end - seg_start))
         stored = sum(segments[1::2])
-        if segments == [0, inode.size]:
+        if segments == array("Q", (0, inode.size)):
             inode.segments = None  # the common case: dense from 0 to the end
         else:
-            inode.segments = tuple(segments)
+            inode.segments = segments
         return stored
 
     def add_bytes(self, inode: Inode, data: bytes) -> None:
@@ -131,7 +132,7 @@ class Spool:
         start = self.end
         self.add(inode, chunks())
         inode.size = size
-        inode.segments = None if size else ()
+        inode.segments = None if size else array("Q")
         inode.src = start
         digest = sha.hexdigest()
         if expected is not None and digest != expected:

@@ -11,6 +11,7 @@ Hard links are two ``Node``s sharing one ``Inode``.
 from __future__ import annotations
 
 import stat
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,9 +52,10 @@ class Inode:
     ino: int = 0  # assigned by the ext4 writer
     #: where a regular file's data starts in the build's spool (``banger_build.spool``)
     src: int = -1
-    #: the ranges of a regular file that hold data, flat (offset, length, ...); None:
-    #: all of it, from 0 to ``size``. Holes take no blocks in the image.
-    segments: tuple[int, ...] | None = None
+    #: the ranges of a regular file that hold data, flat (offset, length, ...) in an
+    #: array of 64-bit numbers (16 bytes a range); None: all of it, from 0 to
+    #: ``size``. Holes take no blocks in the image.
+    segments: array[int] | None = None
     #: nanoseconds of ``mtime`` (times are kept as the tar header gives them)
     mtime_ns: int = 0
 

@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.support.debian",
     "tests.support.agent",
     "tests.support.debian_arm64",
+    "tests.support.debian_trixie",
     "tests.support.multiarch",
     "tests.support.kernel",
     "tests.support.bootkernel",

@@ -140,6 +140,27 @@ def test_sparse_members_stay_sparse(tmp_path: Path, options: tuple[str, ...]) ->
     assert image.stat().st_size < 256 * MiB  # sized by the data, not the apparent size
 
 
+def test_distinct_xattr_sets_are_bounded_and_shared_ones_kept_once(tmp_path: Path) -> None:
+    same = [member(f"s{i}", "fifo", xattrs={"user.v": b"v" * 1000}) for i in range(50)]
+    tree = flatten(tmp_path / "same", [write_layer(tmp_path, same)], Limits(max_xattr_total=2000))
+    assert len({id(n.inode.xattrs) for _, n in tree.walk() if n.inode.xattrs}) == 1
+    distinct = [member(f"d{i}", "fifo", xattrs={"user.v": b"%04d" % i * 250}) for i in range(3)]
+    layer = write_layer(tmp_path, distinct)
+    err = refused(tmp_path / "no", [layer], "xattr-too-large", "d2", Limits(max_xattr_total=2100))
+    assert "distinct xattr sets" in str(err)
+
+
+def test_data_ranges_of_all_files_are_bounded(tmp_path: Path) -> None:
+    """16 bytes of memory each: a layer of sparse files cannot make it grow unbounded."""
+    pieces = [(i * 8192, b"x") for i in range(10)]
+    layer = write_layer(
+        tmp_path, [sparse_member(f"s{n}", pieces, 100_000) for n in range(3)], "none"
+    )
+    flatten(tmp_path / "ok", [layer], Limits(max_segments=30))
+    err = refused(tmp_path / "no", [layer], "too-many-segments", "s2", Limits(max_segments=25))
+    assert "25" in str(err)
+
+
 @pytest.mark.parametrize(
     "segments,size,reason",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,61 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_in_turn_every_recipe_is_tried_and_a_failure_names_its_recipe(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    a, _ = _recipes(tmp_path, registry)
+    missing = write_recipe(tmp_path / "r", f"{registry.host}/par/missing:v1", name="m.toml")
+    proc = _cli(tmp_path / "home", "-j", "1", str(missing), str(a), "--no-link", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert out.strip().endswith("-a-v1")  # built after the failure
+    (error,) = [line for line in err.splitlines() if line.startswith("banger-build: error:")]
+    assert str(missing) in error
+
+
+def test_json_events_say_which_recipe_and_a_killed_build_is_reported(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    a, b = _recipes(tmp_path, registry)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "e2fsck").write_text("#!/bin/sh\nkill -KILL $PPID\n")  # the build of a recipe dies
+    (fake / "e2fsck").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = _cli(
+        tmp_path / "home", "--json", "--fsck", str(a), str(b), "--no-link", cwd=tmp_path, env=env
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert {e.get("recipe") for e in events if e["event"] == "step"} == {str(a), str(b)}
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 2 and all(e["reason"] == "killed" for e in errors), errors
+    assert f"{a}: the build was killed by SIGKILL" in err
+
+
+def test_builds_stop_when_the_command_is_killed(tmp_path: Path, registry: RegistryServer) -> None:
+    """SIGKILL to the command itself: each build gets SIGTERM and cleans up."""
+    a, b = _recipes(tmp_path, registry)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (fake / "e2fsck").write_text(f"#!/bin/sh\ntouch {markers}/$$\nsleep 600\n")
+    (fake / "e2fsck").chmod(0o755)
+    home = tmp_path / "home"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = _cli(home, str(a), str(b), "--no-link", "--fsck", cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while list((home / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list((home / "tmp").iterdir()) == []
+    assert list((home / "store").iterdir()) == []

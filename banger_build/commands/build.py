@@ -95,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
                 print(pushed.ref, flush=True)
         return 0
 
-    jobs = args.jobs if args.jobs is not None else os.cpu_count() or 1
-    if len(args.recipes) > 1 and jobs > 1:
-        from banger_build.commands.parallel import run_parallel
+    if len(args.recipes) == 1:
+        return one(1, args.recipes[0])
+    from banger_build.commands.parallel import run_in_turn, run_parallel
 
+    jobs = args.jobs if args.jobs is not None else os.cpu_count() or 1
+    if jobs > 1:
         return run_parallel(args.recipes, one, jobs, reporter)
-    for n, recipe in enumerate(args.recipes, 1):
-        one(n, recipe)
-    return 0
+    return run_in_turn(args.recipes, one, reporter)
 
 
 def _jobs(text: str) -> int:

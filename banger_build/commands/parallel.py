@@ -1,39 +1,71 @@
-"""Several recipes at once: one forked process per recipe, at most ``jobs`` at a time.
+"""Several recipes on one command line, each built as a lone build would be.
 
-Each child builds its recipe exactly as a lone build would (its own key locks,
-temp dirs, signal handling and one-line errors on stderr) and writes its stdout
-(store paths, pushed references, JSON events) into a pipe. The parent prints
-those in recipe order as each earlier recipe finishes, so ``a b`` prints a's
-path before b's whichever finishes first. Progress lines on stderr carry the
-recipe's name. A terminating signal reaches every child (they share the
-parent's process group from a terminal; a ``kill`` of the parent is forwarded),
-each removes its temp dirs, and the parent exits 128+n. The exit status is the
-first failing recipe's, else 0.
+``-j N`` (default: the CPU count) runs up to N at once, one forked process per
+recipe: its own key locks, temp dirs, signal handling and one-line errors on
+stderr, its stdout (store paths, pushed references, JSON events) sent through
+a pipe. The parent prints each recipe's stdout in recipe order as soon as the
+recipes before it are done, so ``a b`` prints a's path before b's whichever
+finishes first. Progress lines start with the recipe's name, JSON events carry
+a ``recipe`` field. A terminating signal stops every child (each removes its
+temp dirs) and the parent exits 128+n; a child whose parent dies gets SIGTERM.
+``-j 1`` builds them one after the other in this process. Either way every
+recipe is tried, a failure is one line naming the recipe, and the exit status
+is the first failing recipe's (else 0).
 """
 
 from __future__ import annotations
 
-import io
+import ctypes
+import functools
 import os
 import select
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger_build import signals
+from banger_build import progress, signals
 from banger_build.progress import Reporter
+
+#: Exit status of a child that failed before it could say why (a bug).
+_INTERNAL = 70
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
 class _Child:
     n: int
     recipe: Path
+    label: str
     pid: int = 0
     fd: int = -1  # its stdout, read end
     out: bytearray = field(default_factory=bytearray)
     status: int | None = None
+
+
+def labels(recipes: Sequence[Path]) -> list[str]:
+    """What names each recipe in progress lines: its file's stem, or its path when
+    two recipes share a stem."""
+    stems = [r.stem for r in recipes]
+    return [s if stems.count(s) == 1 else str(r) for s, r in zip(stems, recipes, strict=True)]
+
+
+def run_in_turn(
+    recipes: Sequence[Path], one: Callable[[int, Path], int], reporter: Reporter
+) -> int:
+    """``-j 1``: one after the other, every recipe tried; stops at a signal."""
+    from banger_build.cli import guarded
+
+    first = 0
+    for n, (recipe, label) in enumerate(zip(recipes, labels(recipes), strict=True), 1):
+        _name(reporter, recipe, label)
+        status = guarded(functools.partial(one, n, recipe), f"{recipe}: ")
+        if status >= 128:  # interrupted (or stdout gone): the rest would be too
+            return status
+        first = first or status
+    return first
 
 
 def run_parallel(
@@ -42,7 +74,10 @@ def run_parallel(
     jobs: int,
     reporter: Reporter,
 ) -> int:
-    children = [_Child(n, recipe) for n, recipe in enumerate(recipes, 1)]
+    children = [
+        _Child(n, recipe, label)
+        for n, (recipe, label) in enumerate(zip(recipes, labels(recipes), strict=True), 1)
+    ]
     waiting = list(children)
     running: dict[int, _Child] = {}
     printed = 0
@@ -52,8 +87,9 @@ def run_parallel(
         while waiting or running:
             while waiting and len(running) < jobs:
                 child = waiting.pop(0)
-                _start(child, one, reporter)
-                running[child.pid] = child
+                with signals.deferred():  # forked and recorded, or neither
+                    _start(child, one, reporter)
+                    running[child.pid] = child
             _pump(running)
             while printed < len(children) and children[printed].status is not None:
                 _emit(children[printed].out)
@@ -65,31 +101,53 @@ def run_parallel(
     return next((c.status for c in children if c.status), 0)
 
 
+def _name(reporter: Reporter, recipe: Path, label: str) -> None:
+    reporter.prefix = f"{label}: "
+    if isinstance(reporter, progress.JsonReporter):
+        reporter.fields = {"recipe": str(recipe)}
+
+
 def _start(child: _Child, one: Callable[[int, Path], int], reporter: Reporter) -> None:
     read, write = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: build, report, and never return into the parent's code
-        status = 70
+        status = _INTERNAL
         try:
+            signals.after_fork()
+            _die_with(parent)
             os.close(read)
             os.dup2(write, 1)
             os.close(write)
             parent_stdout = sys.stdout
-            sys.stdout = io.TextIOWrapper(
-                io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True
-            )
+            from banger_build.cli import guarded, whole_writes_stdout
+
+            sys.stdout = whole_writes_stdout(1)
             if reporter.stream is parent_stdout:  # --json: events into the pipe too
                 reporter.stream = sys.stdout
-            reporter.prefix = f"{child.recipe.stem}: "
-            from banger_build.cli import guarded
-
+            _name(reporter, child.recipe, child.label)
             status = guarded(lambda: one(child.n, child.recipe), f"{child.recipe}: ")
-            sys.stdout.flush()
-            sys.stderr.flush()
+        except BaseException:  # BANGER_BUILD_DEBUG=1 (guarded re-raises), or a bug
+            traceback.print_exc()
         finally:
-            os._exit(status)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
     os.close(write)
     child.pid, child.fd = pid, read
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM this process when the parent dies (Linux), so an orphan stops."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _pump(running: dict[int, _Child]) -> None:
@@ -108,9 +166,14 @@ def _pump(running: dict[int, _Child]) -> None:
         if child.fd >= 0:
             continue  # its stdout is still open: not done yet
         _, status = os.waitpid(pid, 0)
-        child.status = os.waitstatus_to_exitcode(status)
-        if child.status < 0:  # killed by a signal
-            child.status = 128 - child.status
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # killed by a signal before it could say why
+            name = signal.Signals(-code).name
+            message = f"{child.recipe}: the build was killed by {name}"
+            print(f"banger-build: error: {message}", file=sys.stderr, flush=True)
+            progress.report_error("killed", message, 128 - code)
+            code = 128 - code
+        child.status = code
         del running[pid]
     signals.checkpoint()
 

@@ -194,25 +194,61 @@ class Allocator:
             count -= take
         return out
 
-    def contiguous(self, count: int) -> int:
-        """``count`` blocks in one run (inode tables); returns its first block."""
-        region = self._region_ahead()
-        if region is not None and self.cursor >= region[0]:
-            self.cursor = region[1]
-            self._next_region += 1
+    def tables(self, count: int, size: int) -> list[int]:
+        """``count`` runs of ``size`` blocks each in one piece (inode tables), their
+        first blocks. A table that would cross a group head starts after it; the
+        blocks jumped over are ``skipped``. O(group heads), not O(count)."""
+        starts: list[int] = []
+        while len(starts) < count:
             region = self._region_ahead()
-        if region is not None and self.cursor + count > region[0]:
-            self.skipped.append((self.cursor, region[0]))
-            self.cursor = region[1]
-            self._next_region += 1
-        if self.cursor + count > self.blocks:
-            raise ImageFull
-        start = self.cursor
-        self.cursor += count
-        return start
+            if region is not None and self.cursor >= region[0]:
+                self.cursor = region[1]
+                self._next_region += 1
+                continue
+            limit = region[0] if region is not None else self.blocks
+            n = min(count - len(starts), (limit - self.cursor) // size)
+            starts.extend(range(self.cursor, self.cursor + n * size, size))
+            self.cursor += n * size
+            if len(starts) < count:
+                if region is None:
+                    raise ImageFull
+                if self.cursor < region[0]:
+                    self.skipped.append((self.cursor, region[0]))
+                self.cursor = region[1]
+                self._next_region += 1
+        return starts
+
+    def blocks_of(self, count: int) -> list[int]:
+        """``count`` single blocks (bitmaps), in order."""
+        return [b for start, n in self.runs(count) for b in range(start, start + n)]
 
     def one(self) -> int:
         return self.runs(1)[0][0]
+
+    def free(self) -> int:
+        """Blocks still to be had: past the cursor, less the group heads there."""
+        heads = sum(e - s for s, e in self._regions[self._next_region :] if s >= self.cursor)
+        return self.blocks - self.cursor - heads
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the groups' bitmaps and inode tables are: the first allocations."""
+
+    block_bitmaps: list[int]
+    inode_bitmaps: list[int]
+    itables: list[int]
+
+
+def place_metadata(geometry: Geometry, alloc: Allocator) -> Placement:
+    """Bitmaps then inode tables, for every group, from the allocator's cursor (the
+    writer and ``fits`` both place them so, so sizing counts what is skipped)."""
+    groups = geometry.groups
+    return Placement(
+        alloc.blocks_of(groups),
+        alloc.blocks_of(groups),
+        alloc.tables(groups, geometry.itable_blocks),
+    )
 
 
 # -- what the tree needs ---------------------------------------------------------
@@ -297,9 +333,12 @@ def tree_usage(tree: Tree) -> Usage:
         inodes += 1
         n = 0
         if node.children is not None:
-            n = dir_block_count(len(name_bytes(c)) for c in node.children)
+            # packed in the writer's order (byte order of the names): another order
+            # can take another number of blocks
+            names = [name_bytes(c) for c in node.children]
             if node is tree.root and not has_lost_found:
-                n = dir_block_count([len(name_bytes(c)) for c in node.children] + [len(LOST_FOUND)])
+                names.append(LOST_FOUND.encode())
+            n = dir_block_count(len(b) for b in sorted(names))
             count = _ceil(n, MAX_EXTENT_LEN)
         elif inode.type == REG:
             runs = data_runs(inode)
@@ -340,13 +379,24 @@ def inode_count(tree_inodes: int, size: int) -> int:
 
 
 def fits(usage: Usage, size: int) -> bool:
-    """Does an image of ``size`` bytes hold the tree? Exact but for extents split by
-    a backup group's head, which may each cost one more extent block."""
+    """Does an image of ``size`` bytes hold the tree? The groups' metadata is placed
+    as the writer places it (inode tables skip ahead of group heads); the rest is
+    counted exactly, but for extents split by a group head, which may each cost an
+    extent block more (two per head, at most)."""
     geometry = Geometry.make(size, inode_count(usage.inodes, size))
     if geometry.inodes < usage.inodes + FIRST_INO or geometry.inodes >= 2**32:
         return False
-    slack = 2 * len(geometry.reserved_regions()) + geometry.groups  # splits, skipped runs
-    return geometry.metadata_blocks() + usage.blocks + slack <= geometry.blocks
+    alloc = Allocator(geometry)
+    try:
+        place_metadata(geometry, alloc)
+    except ImageFull:
+        return False
+    heads = len(geometry.reserved_regions())
+    journal = geometry.journal
+    if journal:  # its extents: 32768 blocks each, split by heads; their tree
+        journal += index_blocks(_ceil(journal, MAX_EXTENT_LEN) + heads)
+    need = journal + 1 + usage.blocks + 2 * heads  # 1: the resize inode's block
+    return need <= alloc.free()
 
 
 def _round_mib(n: int) -> int:

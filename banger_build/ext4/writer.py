@@ -33,6 +33,7 @@ from banger_build.ext4.layout import (
     SizePlan,
     data_runs,
     human,
+    place_metadata,
     super_groups,
 )
 from banger_build.spool import Spool, data_segments
@@ -113,9 +114,10 @@ class _Writer:
         self.epoch = epoch
         self.alloc = Allocator(geometry)
         groups = geometry.groups
-        self.block_bitmaps = [self.alloc.one() for _ in range(groups)]
-        self.inode_bitmaps = [self.alloc.one() for _ in range(groups)]
-        self.itables = [self.alloc.contiguous(geometry.itable_blocks) for _ in range(groups)]
+        placed = place_metadata(geometry, self.alloc)
+        self.block_bitmaps = placed.block_bitmaps
+        self.inode_bitmaps = placed.inode_bitmaps
+        self.itables = placed.itables
         self.dirs = [0] * groups
         self._table = bytearray()
         self._table_ino = 0  # the inode number of the table buffer's first inode
@@ -126,22 +128,30 @@ class _Writer:
     def write(self, tree: Tree, hash_seed: bytes) -> Written:
         journal = self._write_journal()
         resize_block = self.alloc.one()
-        self._add_lost_found(tree)
-        self._number(tree)
-        self._write_tree(tree)
+        added = self._add_lost_found(tree)
+        try:
+            self._number(tree)
+            self._write_tree(tree)
+        finally:
+            if added:  # the caller's tree is as it was: written again, the same bytes
+                assert tree.root.children is not None
+                del tree.root.children[LOST_FOUND]
         self._flush_table()
         self._write_resize_inode(resize_block)
         used_blocks = self._write_groups()
         self._write_superblocks(hash_seed, journal, used_blocks)
         return Written(self.max_ino, used_blocks)
 
-    def _add_lost_found(self, tree: Tree) -> None:
+    def _add_lost_found(self, tree: Tree) -> bool:
+        """lost+found as inode 11: the tree's own, or one added for the write (True)."""
         assert tree.root.children is not None
         node = tree.root.children.get(LOST_FOUND)
+        added = False
         if node is None:
             node = Node(Inode(DIR, perm=0o700, mtime=self.epoch), children={})
             tree.root.children[LOST_FOUND] = node
             self._lost_found_blocks = LOST_FOUND_BLOCKS
+            added = True
         elif not node.is_dir:
             raise ImageError(
                 f"/{LOST_FOUND} in the image is not a directory; e2fsck needs it to be one",
@@ -150,6 +160,7 @@ class _Writer:
         else:
             self._lost_found_blocks = 1
         self._lost_found = node.inode
+        return added
 
     def _number(self, tree: Tree) -> None:
         """Inode numbers in tree order and every inode's count of names."""
