@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger_build import __version__, ext4
+from banger_build import __version__, ext4, guest
 from banger_build.context import (
     ROOTFS,
     BuildOptions,
@@ -90,6 +90,22 @@ def check_owners(ctx: Context) -> None:
     """Owner names of the recipe's entries, from the image's passwd and group: right
     after the flatten, so an unknown one fails before anything else is done."""
     ctx.owners = resolve_owners(ctx.tree, ctx.spool, ctx.injected)
+
+
+def check_agent(ctx: Context) -> None:
+    """The guest agent (local, built-in or fetched) runs on the image's architecture:
+    an agent for another one would only fail in the guest, silently."""
+    for item in ctx.injected:
+        if item.dest != guest.AGENT_DEST or item.source is None:
+            continue
+        with open(item.source, "rb") as f:
+            head = f.read(20)
+        problem = guest.agent_arch_problem(head, ctx.recipe.platform.architecture)
+        if problem is not None:
+            message = f"the guest agent {item.source} {problem}"
+            if item.where is not None:
+                raise item.where.error(message, Reason.AGENT_ARCH_MISMATCH)
+            raise InputError(message, reason=Reason.AGENT_ARCH_MISMATCH)
 
 
 def inject_files(ctx: Context) -> None:
@@ -232,6 +248,7 @@ BUILD: tuple[Callable[[Context], None], ...] = (
     fetch_files,
     flatten_layers,
     check_owners,
+    check_agent,
     stage_kernel,
     inject_files,
     size_image,

@@ -121,6 +121,7 @@ class Reason(StrEnum):
     BAD_WHITEOUT = "bad-whiteout"
     DEST_IS_SYMLINK = "dest-is-symlink"
     TOO_MANY_SEGMENTS = "too-many-segments"
+    AGENT_ARCH_MISMATCH = "agent-arch-mismatch"
     LINK_TOO_LONG = "link-too-long"
     HARDLINK_TARGET = "hardlink-target"
     UNSUPPORTED_TYPE = "unsupported-type"

@@ -228,3 +228,19 @@ def builtin_agent(platform: str, arch: str) -> Path:
         "architecture) and install from there, or set guest.agents = false",
         reason=Reason.AGENT_MISSING,
     )
+
+
+#: ELF e_machine -> the OCI architecture it runs on.
+_ELF_MACHINES = {3: "386", 40: "arm", 62: "amd64", 183: "arm64", 243: "riscv64", 21: "ppc64le"}
+
+
+def agent_arch_problem(head: bytes, architecture: str) -> str | None:
+    """What is wrong with an agent whose file starts with ``head`` (its first 20
+    bytes) for an image of ``architecture``, or None: an ELF executable for it."""
+    if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+        return "is not an ELF executable"
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    arch = _ELF_MACHINES.get(machine, f"ELF machine {machine}")
+    if arch != architecture:
+        return f"is built for {arch}, the image is for {architecture}"
+    return None

@@ -28,6 +28,7 @@ from banger_build.oci.manifest import ManifestError
 from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, Platform, Reference
 from banger_build.oci.source import Source
+from tests.support import elf
 from tests.support.e2e import BASE, UPPER, push, run_cli
 from tests.support.ext4read import read_image
 from tests.support.faultproxy import Cut, FaultProxy, Stall, Status
@@ -195,7 +196,7 @@ def test_agent_ref_takes_the_agent_of_the_platform(
     home = tmp_path / "home"
     fref = f"{registry.host}/files/guest-agent:1"
     for arch in ("amd64", "arm64"):
-        agent = a_file(tmp_path / arch, "banger-vsock-agent", f"{arch} agent".encode())
+        agent = a_file(tmp_path / arch, "banger-vsock-agent", elf.stub(arch, arch.encode()))
         push_file(home, fref, agent, "--platform", f"linux/{arch}")
     r = recipe(tmp_path / "r", image_ref, f'[guest]\nagent_ref = "{fref}"\n')
     code, out, err = run_cli(home, str(r), "--no-link")
@@ -203,7 +204,7 @@ def test_agent_ref_takes_the_agent_of_the_platform(
     seen = read_image(Path(out.strip()) / "rootfs.ext4")
     agent = seen["usr/local/bin/banger-vsock-agent"]
     assert (
-        agent.sha256 == sha(b"amd64 agent") and agent.mode & 0o7777 == 0o755
+        agent.sha256 == sha(elf.stub("amd64", b"amd64")) and agent.mode & 0o7777 == 0o755
     )  # the guest set's mode
     (pin,) = Lock.load(r.with_suffix(".lock")).files
     assert pin.ref == fref  # the index's digest: every platform resolves from it offline
@@ -466,13 +467,31 @@ def test_a_url_has_the_registry_clients_bounds(tmp_path: Path, http_files: HttpF
 
 
 def test_agent_url_with_its_sha256(tmp_path: Path, image_ref: str, http_files: HttpFiles) -> None:
-    url = http_files.put("agent", b"an agent from a URL")
-    body = f'[guest]\nagent_url = "{url}"\nagent_sha256 = "{sha(b"an agent from a URL")}"\n'
+    data = elf.stub("amd64", b"an agent from a URL")
+    url = http_files.put("agent", data)
+    body = f'[guest]\nagent_url = "{url}"\nagent_sha256 = "{sha(data)}"\n'
     r = recipe(tmp_path / "r", image_ref, body)
     code, out, err = run_cli(tmp_path / "home", str(r), "--no-link")
     assert code == 0, err
     agent = read_image(Path(out.strip()) / "rootfs.ext4")["usr/local/bin/banger-vsock-agent"]
-    assert agent.sha256 == sha(b"an agent from a URL") and agent.mode & 0o7777 == 0o755
+    assert agent.sha256 == sha(data) and agent.mode & 0o7777 == 0o755
+
+
+def test_an_agent_for_another_architecture_is_refused(
+    tmp_path: Path, image_ref: str, http_files: HttpFiles
+) -> None:
+    """An arm64 agent in an amd64 image would only fail in the guest: refused at its key."""
+    for data, words in (
+        (elf.stub("arm64"), "is built for arm64, the image is for amd64"),
+        (b"#!/bin/sh\necho not an agent\n", "is not an ELF executable"),
+    ):
+        url = http_files.put("agent", data)
+        body = f'[guest]\nagent_url = "{url}"\nagent_sha256 = "{sha(data)}"\n'
+        r = recipe(tmp_path / "r", image_ref, body)
+        code, out, err = run_cli(tmp_path / "home", str(r), "--no-link")
+        line = one_line_error(err)
+        assert code == 1 and out == "" and words in line, err
+        assert f"{r}:" in line and "agent_url" in line
 
 
 # -- the artifact's manifest, parsed -------------------------------------------------

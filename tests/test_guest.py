@@ -33,13 +33,14 @@ from banger_build.oci.manifest import OCI_MANIFEST, Descriptor, ImageManifest
 from banger_build.oci.reference import Digest
 from banger_build.recipe import Recipe, load_recipe
 from banger_build.vsock import AgentPing
+from tests.support import elf
 from tests.support.e2e import BASE, UPPER, push, run_cli, write_recipe
 from tests.support.ext4read import fsck, read_image
 from tests.support.registry import RegistryServer
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "guest"
-FAKE_AGENT = b"\x7fELF stand-in for banger-vsock-agent\n"
+FAKE_AGENT = elf.stub("amd64", b"stand-in for banger-vsock-agent\n")
 
 IMAGE = ImageManifest(
     digest=Digest("1" * 64),
