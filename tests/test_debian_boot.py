@@ -14,7 +14,6 @@ the image.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -23,9 +22,8 @@ import pytest
 from tests.support.bootkernel import BootKernel
 from tests.support.debian import DebianImage
 from tests.support.e2e import run_cli
-from tests.support.guestprobe import assert_agent_ping
+from tests.support.guestprobe import assert_agent_ping, boot, copy_project, kernel_section
 
-REPO = Path(__file__).resolve().parents[1]
 BAKED_ID = "0123456789abcdef0123456789abcdef"  # as if the base image shipped one
 
 pytestmark = pytest.mark.slow
@@ -68,25 +66,16 @@ echo BANGER-CHECK-DONE > /dev/console
 
 
 def _recipe(top: Path, kernel: BootKernel) -> Path:
-    (top / ".git").mkdir()  # a project, as the checkout is: ../templates lies inside it
-    for name in ("recipes", "templates", "agents"):
-        shutil.copytree(
-            REPO / name, top / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
-        )
-    d = top / "recipes"
+    # a project, as the checkout is: ../templates lies inside it
+    d = copy_project(top, ("recipes", "templates", "agents"))
     (d / "machine-id").write_text(BAKED_ID + "\n")
     (d / "banger-check.service.j2").write_text(CHECK_UNIT)
     (d / "banger-check.j2").write_text(CHECK_SCRIPT)
     recipe = d / "boot-check.toml"
     recipe.write_text(
         (d / "debian.toml").read_text()
-        + f"""
-[kernel]
-path = "{kernel.vmlinuz}"
-initrd = "{kernel.initrd}"
-modules = "{kernel.modules_dir}"
-install_modules = true
-
+        + kernel_section(kernel.vmlinuz, kernel.initrd, kernel.modules_dir)
+        + """
 [[files]]
 src = "machine-id"
 dest = "/etc/machine-id"
@@ -122,15 +111,10 @@ def test_debian_boots_with_the_guest_set_running(
     store_path = Path(out.strip())
     assert (store_path / "vmlinux").is_file() and (store_path / "initrd.img").is_file()
 
-    log = tmp_path / "console.log"
-    started = time.monotonic()
-    code, out, err = run_cli(
-        home, "boot", str(store_path), "--accel", "tcg", "--expect", "BANGER-CHECK-DONE",
-        "--timeout", "600", "--console-log", str(log),
+    _, console, boot_s = boot(
+        home, store_path, tmp_path / "console.log",
+        "--accel", "tcg", "--expect", "BANGER-CHECK-DONE", "--timeout", "600",
     )  # fmt: skip
-    boot_s = time.monotonic() - started
-    console = log.read_text(errors="replace")
-    assert code == 0, f"{err}\n--- console (end) ---\n{console[-4000:]}"
     print(f"booted to the check unit in {boot_s:.1f}s")
     facts = dict(
         line.split(" ", 1)
@@ -159,11 +143,7 @@ def test_boot_recipe_with_user_supplied_kernel(
     names no kernel, the user supplies one, as a microVM manager would; without
     --expect the login prompt ends the boot; the agent ping is answered or skipped
     with its reason (asserted)."""
-    (tmp_path / ".git").mkdir()  # a project, as the checkout is
-    for name in ("recipes", "templates"):
-        shutil.copytree(
-            REPO / name, tmp_path / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
-        )
+    copy_project(tmp_path)  # a project, as the checkout is
     kernel = amd64_boot_kernel
     started = time.monotonic()
     code, _, err = run_cli(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from tests.support.ext4read import Seen, fsck, read_image, sha256_file
 from tests.support.oci import DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST
 from tests.support.treecheck import tree_mismatches, unexpected_paths
 
-REPO = Path(__file__).resolve().parents[1]
 RELEASES = ("bookworm", "trixie")
 RECIPE_TOOL = "sbin/banger-recipe-tool"  # trixie's recipe writes /sbin/banger-recipe-tool
 INJECTED = {"etc/hostname", "etc/hosts", "etc/fstab"} | {d.lstrip("/") for d in DESTS}
@@ -48,10 +46,7 @@ pytestmark = pytest.mark.slow
 def release_recipes(top: Path) -> dict[str, Path]:
     """recipes/debian.toml as it is (bookworm), and as recipes/trixie.toml with the
     trixie tag and a [[files]] entry to /sbin/ (a project like the checkout)."""
-    (top / ".git").mkdir(parents=True)
-    for name in ("recipes", "templates"):
-        shutil.copytree(REPO / name, top / name, ignore=shutil.ignore_patterns("*.lock"))
-    d = top / "recipes"
+    d = guestprobe.copy_project(top)
     text = (d / "debian.toml").read_text()
     old = 'ref = "docker.io/library/debian:bookworm"\n'
     assert old in text, "recipes/debian.toml's [image] changed"
@@ -201,38 +196,16 @@ def test_trixie_boots_to_the_login_prompt_with_the_guest_probe(
     amd64_boot_kernel: BootKernel,
     tmp_path: Path,
 ) -> None:
-    kernel = amd64_boot_kernel
-    recipe = guestprobe.probe_recipe(
-        tmp_path / "project", ref=trixie_image.reference, platform="linux/amd64",
-        vmlinuz=kernel.vmlinuz, initrd=kernel.initrd, modules=kernel.modules_dir,
+    home, store_path = guestprobe.build_probe(
+        tmp_path, ref=trixie_image.reference, platform="linux/amd64",
+        mirror=trixie_image.mirror, kernel=amd64_boot_kernel,
     )  # fmt: skip
-    home = tmp_path / "home"
-    allow = [a for d in kernel.dirs for a in ("--allow-source", str(d))]
-    code, out, err = run_cli(
-        home, str(recipe), "--no-link", "--mirror", trixie_image.mirror, *allow
+    err, console, boot_s = guestprobe.boot(
+        home, store_path, tmp_path / "console.log", "--ping-agent", "--timeout", "600"
     )
-    assert code == 0, err
-    store_path = Path(out.strip())
-    log = tmp_path / "console.log"
-    started = time.monotonic()
-    code, _, err = run_cli(
-        home, "boot", str(store_path), "--ping-agent", "--timeout", "600",
-        "--console-log", str(log),
-    )  # fmt: skip
-    boot_s = time.monotonic() - started
-    console = log.read_text(errors="replace")
-    assert code == 0, f"{err}\n--- console (end) ---\n{console[-4000:]}"
     accel = re.search(r"boot ok under (\w+) \(amd64\)", err)
     assert accel is not None and "the login prompt appeared" in err, err
     print(f"trixie boot to the login prompt under {accel.group(1)}: {boot_s:.1f} s")
     assert "Debian GNU/Linux 13" in console
-    got = guestprobe.facts(console)
-    assert guestprobe.DONE in console and console.index(guestprobe.DONE) < console.rindex("login:")
-    assert got["unit banger-network"] == "active success", console[-3000:]
-    assert got["unit banger-first-boot"] == "active success", console[-3000:]
-    assert got["unit banger-vsock-agent"].startswith("active"), console[-3000:]
-    assert "10.0.2.15/24" in got["addr"], got
-    assert got["agent"] == "755 0 0" and got["marker"] == "absent"
-    assert got["modules"] == "present"
-    assert got["module vsock"] == got["module vmw_vsock_virtio_transport"] == "loaded", got
+    guestprobe.assert_guest_set_ran(console)
     guestprobe.assert_agent_ping(err, console)

@@ -17,7 +17,6 @@ reads /proc/modules.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import pytest
 
 from tests.support.debian import DebianImage
 from tests.support.e2e import run_cli
+from tests.support.guestprobe import boot, copy_project, kernel_section
 from tests.support.kernel import KernelFiles
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -64,25 +62,15 @@ LOAD_CONF = "# tests: an alias, and a module built into the kernel\nfs-vfat\next
 
 
 def _recipe(top: Path, kernel: KernelFiles) -> Path:
-    (top / ".git").mkdir()  # a project, as the checkout is
-    for name in ("recipes", "templates", "agents"):
-        shutil.copytree(
-            REPO / name, top / name, symlinks=True, ignore=shutil.ignore_patterns("*.lock")
-        )
-    d = top / "recipes"
+    d = copy_project(top, ("recipes", "templates", "agents"))  # a project, as the checkout is
     (d / "check.service").write_text(CHECK_UNIT)
     (d / "check.sh").write_text(CHECK_SCRIPT)
     (d / "load.conf").write_text(LOAD_CONF)
     recipe = d / "modules-check.toml"
     recipe.write_text(
         (d / "debian.toml").read_text()
-        + f"""
-[kernel]
-path = "{kernel.vmlinuz}"
-initrd = "{kernel.initrd}"
-modules = "{kernel.modules_dir}"
-install_modules = true
-
+        + kernel_section(kernel.vmlinuz, kernel.initrd, kernel.modules_dir)
+        + """
 [[files]]
 src = "load.conf"
 dest = "/etc/modules-load.d/banger-tests.conf"
@@ -117,15 +105,11 @@ def test_modules_from_the_image_load_in_the_guest(
     assert code == 0, err
     print(f"built in {time.monotonic() - started:.1f}s")
     store_path = Path(out.strip())
-    log = tmp_path / "console.log"
-    started = time.monotonic()
-    code, out, err = run_cli(
-        home, "boot", str(store_path), "--accel", "tcg", "--expect", "BANGER-MODULES-DONE",
-        "--timeout", "600", "--console-log", str(log),
+    _, console, boot_s = boot(
+        home, store_path, tmp_path / "console.log",
+        "--accel", "tcg", "--expect", "BANGER-MODULES-DONE", "--timeout", "600",
     )  # fmt: skip
-    console = log.read_text(errors="replace")
-    assert code == 0, f"{err}\n--- console (end) ---\n{console[-4000:]}"
-    print(f"booted to the check unit in {time.monotonic() - started:.1f}s")
+    print(f"booted to the check unit in {boot_s:.1f}s")
     said = re.findall(r"BANGER-MODULES (.*?)\r?$", console, re.MULTILINE)
     modules = dict(re.findall(r"module (\S+) (\S+)", "\n".join(said)))
     units = {u: (a, r) for u, a, r in re.findall(r"unit (\S+) (\S+) (\S+)", "\n".join(said))}

@@ -11,6 +11,13 @@ import time
 from pathlib import Path
 
 from tests.support.e2e import BASE, UPPER, push, write_recipe
+from tests.support.fakefsck import (
+    assert_no_leftovers,
+    fake_e2fsck,
+    gone,
+    hanging_e2fsck,
+    wait_for_markers,
+)
 from tests.support.oci import Entry
 from tests.support.registry import RegistryServer
 
@@ -66,35 +73,18 @@ def test_a_signal_reaches_every_build_and_leaves_no_temp_dir(
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     a, b = _recipes(tmp_path, registry)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    (fake / "e2fsck").write_text(f"#!/bin/sh\ntouch {markers}/$$\nsleep 600\n")
-    (fake / "e2fsck").chmod(0o755)
+    env, markers = hanging_e2fsck(tmp_path)
     home = tmp_path / "home"
-    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
     proc = _cli(home, str(a), str(b), "--no-link", "--fsck", cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 120
-    while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    wait_for_markers(markers, 2, running=proc)
     assert len(list(markers.iterdir())) == 2  # both builds are checking at once
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
     for pid in (int(p.name) for p in markers.iterdir()):
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-    assert list((home / "tmp").iterdir()) == []
-    assert list((home / "store").iterdir()) == []
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except OSError:
-        return True
+        assert gone(pid)
+    assert_no_leftovers(home)
 
 
 def test_in_turn_every_recipe_is_tried_and_a_failure_names_its_recipe(
@@ -114,11 +104,7 @@ def test_json_events_say_which_recipe_and_a_killed_build_is_reported(
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     a, b = _recipes(tmp_path, registry)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "e2fsck").write_text("#!/bin/sh\nkill -KILL $PPID\n")  # the build of a recipe dies
-    (fake / "e2fsck").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    env = fake_e2fsck(tmp_path, "kill -KILL $PPID\n")  # the build of a recipe dies
     proc = _cli(
         tmp_path / "home", "--json", "--fsck", str(a), str(b), "--no-link", cwd=tmp_path, env=env
     )
@@ -134,22 +120,13 @@ def test_json_events_say_which_recipe_and_a_killed_build_is_reported(
 def test_builds_stop_when_the_command_is_killed(tmp_path: Path, registry: RegistryServer) -> None:
     """SIGKILL to the command itself: each build gets SIGTERM and cleans up."""
     a, b = _recipes(tmp_path, registry)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    (fake / "e2fsck").write_text(f"#!/bin/sh\ntouch {markers}/$$\nsleep 600\n")
-    (fake / "e2fsck").chmod(0o755)
+    env, markers = hanging_e2fsck(tmp_path)
     home = tmp_path / "home"
-    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
     proc = _cli(home, str(a), str(b), "--no-link", "--fsck", cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 120
-    while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_markers(markers, 2)
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 60
     while list((home / "tmp").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list((home / "tmp").iterdir()) == []
-    assert list((home / "store").iterdir()) == []
+    assert_no_leftovers(home)

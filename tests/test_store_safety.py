@@ -25,6 +25,7 @@ from banger_build.progress import Reporter
 from banger_build.store import Store, live_temp_roots
 from tests.support.e2e import run_cli, write_recipe
 from tests.support.ext4read import read_image
+from tests.support.fakefsck import assert_no_leftovers, fake_e2fsck, gone
 
 REPO = Path(__file__).resolve().parents[1]
 #: the module (``banger_build.build`` as an attribute is the API function)
@@ -247,15 +248,12 @@ def test_publish_fsyncs_files_and_directories(
 def test_signal_in_a_build_leaves_no_temp_dir_and_no_child(tmp_path: Path, image_ref: str) -> None:
     """SIGTERM and SIGHUP while e2fsck runs (--fsck): exit 128+n, the tool's whole
     process group gone, the build's temp dir removed, nothing in the store."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
     marker = tmp_path / "fsck-started"
-    (fake / "e2fsck").write_text(
-        f"#!/bin/sh\nsleep 600 &\necho $$ $! > {marker}\nwait\n"
+    fake = fake_e2fsck(
+        tmp_path, f"sleep 600 &\necho $$ $! > {marker}\nwait\n"
     )  # a child of its own, like a real tool's helpers
-    (fake / "e2fsck").chmod(0o755)
     recipe = write_recipe(tmp_path / "r", image_ref)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **fake}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         marker.unlink(missing_ok=True)
         home = tmp_path / f"home-{sig.name}"
@@ -275,16 +273,8 @@ def test_signal_in_a_build_leaves_no_temp_dir_and_no_child(tmp_path: Path, image
         assert proc.returncode == 128 + sig, err
         assert f"interrupted by {sig.name}" in err and "Traceback" not in err
         for pid in pids:
-            assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-        assert list((home / "tmp").iterdir()) == []
-        assert list((home / "store").iterdir()) == []
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except OSError:
-        return True
+            assert gone(pid)
+        assert_no_leftovers(home)
 
 
 def test_an_interrupted_gc_never_leaves_a_path_that_looks_built(tmp_path: Path) -> None:

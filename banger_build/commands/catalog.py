@@ -48,8 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from banger_build.catalog import make_catalog, parse_ref, render, write_catalog
-    from banger_build.oci.blobs import BlobCache
-    from banger_build.oci.remote import Remote
     from banger_build.store import Store
 
     reporter = common.reporter(args)  # first: --json reports the errors below too
@@ -62,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
     trusted = common.trusted_keys(args)
     started = time.monotonic()
     store = Store(common.home(args))
-    remote = Remote(
-        BlobCache(store.blobs, store.temp_roots),
-        common.registry_options(args),
-        progress=reporter.progress,
-    )
+    remote = common.remote(args, store, reporter.progress)
     try:
         catalog = make_catalog(remote, refs, reporter, trusted)
     finally:

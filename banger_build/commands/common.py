@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from banger_build.context import Context
     from banger_build.limits import Limits
     from banger_build.oci.options import RegistryOptions
+    from banger_build.oci.remote import Progress, Remote
     from banger_build.progress import Reporter
     from banger_build.recipe import Overrides
     from banger_build.signing.keys import PublicKey
+    from banger_build.store import Store
 
 
 def add_home(p: argparse.ArgumentParser) -> None:
@@ -94,6 +96,14 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
         offline=getattr(args, "offline", False),
         mirror_only=getattr(args, "mirror_only", False),
     )
+
+
+def remote(args: argparse.Namespace, store: Store, progress: Progress | None = None) -> Remote:
+    """A registry client over ``store``'s blob cache, with the registry options of ``args``."""
+    from banger_build.oci.blobs import BlobCache
+    from banger_build.oci.remote import Remote
+
+    return Remote(BlobCache(store.blobs, store.temp_roots), registry_options(args), progress)
 
 
 def add_sources(p: argparse.ArgumentParser) -> None:

@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def push_file(args: argparse.Namespace) -> int:
     from banger_build.errors import RegistryError
-    from banger_build.fsutil import hash_file
     from banger_build.limits import Limits
-    from banger_build.oci.blobs import BlobCache
     from banger_build.oci.fileartifact import (
         EMPTY_CONFIG,
         LAYER_TYPE,
@@ -62,9 +60,8 @@ def push_file(args: argparse.Namespace) -> int:
         manifest_bytes,
         merge_index,
     )
-    from banger_build.oci.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, ManifestError
+    from banger_build.oci.manifest import OCI_INDEX, OCI_MANIFEST, ManifestError
     from banger_build.oci.reference import Digest, Platform, Reference, ReferenceSyntaxError
-    from banger_build.oci.remote import Remote
     from banger_build.store import Store
 
     try:
@@ -95,11 +92,8 @@ def push_file(args: argparse.Namespace) -> int:
     if problem is not None:
         raise InputError(f"--name: {problem}", reason=Reason.BAD_ARGUMENT)
 
-    store = Store(common.home(args))
-    client = Remote(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
-    hexdigest, size = hash_file(path)
-    layer = Descriptor(LAYER_TYPE, Digest(hexdigest), size)
-    client.push_blob(ref, path, layer.digest, size)
+    client = common.remote(args, Store(common.home(args)))
+    layer = client.push_file(ref, path, LAYER_TYPE)
     client.push_bytes(ref, EMPTY_CONFIG)
     manifest = manifest_bytes(layer, name, bool(st.st_mode & stat.S_IXUSR))
     if platform is None:

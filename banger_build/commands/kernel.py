@@ -10,6 +10,7 @@ digest; the same inputs always give the same digest.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -44,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def push_kernel(args: argparse.Namespace) -> int:
-    from banger_build.fsutil import hash_file
     from banger_build.kmodules import ModulesTreeError, find_tree, modules_version
-    from banger_build.oci.blobs import BlobCache
     from banger_build.oci.kernel import (
         CONFIG_TYPE,
         LAYERS,
@@ -55,8 +54,7 @@ def push_kernel(args: argparse.Namespace) -> int:
         write_modules_tar,
     )
     from banger_build.oci.manifest import OCI_MANIFEST, Descriptor
-    from banger_build.oci.reference import Digest, Reference, ReferenceSyntaxError
-    from banger_build.oci.remote import Remote
+    from banger_build.oci.reference import Reference, ReferenceSyntaxError
     from banger_build.store import Store
 
     try:
@@ -78,14 +76,8 @@ def push_kernel(args: argparse.Namespace) -> int:
             print(f"banger-build: --modules: {found_below}", file=sys.stderr)
 
     store = Store(common.home(args))
-    client = Remote(BlobCache(store.blobs, store.temp_roots), common.registry_options(args))
-
-    def push(path: Path, media_type: str) -> Descriptor:
-        hexdigest, size = hash_file(path)
-        digest = Digest(hexdigest)
-        client.push_blob(ref, path, digest, size)
-        return Descriptor(media_type, digest, size)
-
+    client = common.remote(args, store)
+    push = functools.partial(client.push_file, ref)
     with store.temp_dir("kernel-push") as tmp:
         files: list[tuple[str, Descriptor]] = [("vmlinux", push(args.kernel, LAYERS["vmlinux"]))]
         if args.initrd is not None:

@@ -77,15 +77,9 @@ def push_path(
 ) -> PushResult:
     """Push the store path ``path`` (held by the caller) to ``target``, signed with
     ``args.sign_key`` when ``sign`` is given."""
-    from banger_build.oci.blobs import BlobCache
-    from banger_build.oci.remote import Remote
     from banger_build.publish import push_store_path
 
-    remote = Remote(
-        BlobCache(store.blobs, store.temp_roots),
-        common.registry_options(args),
-        progress=reporter.progress,
-    )
+    remote = common.remote(args, store, reporter.progress)
     attach: Attach | None = None
     if sign is not None:
 

@@ -108,9 +108,7 @@ def _verify(
     args: argparse.Namespace, target: str, trusted: Sequence[PublicKey], reporter: Reporter
 ) -> Verdict:
     from banger_build.errors import BangerError, InputError, Reason, host_error
-    from banger_build.oci.blobs import BlobCache
     from banger_build.oci.reference import Reference, ReferenceSyntaxError
-    from banger_build.oci.remote import Remote
     from banger_build.signing.verify import OTHER, Verdict, verify_reference, verify_store_path
     from banger_build.store import Store
 
@@ -127,11 +125,7 @@ def _verify(
                     f"{target}: neither a path nor a reference ({exc})",
                     reason=Reason.INVALID_REFERENCE,
                 ) from None
-            remote = Remote(
-                BlobCache(store.blobs, store.temp_roots),
-                common.registry_options(args),
-                progress=reporter.progress,
-            )
+            remote = common.remote(args, store, reporter.progress)
             verdict = verify_reference(remote, ref, trusted, **options)
     except OSError as exc:
         verdict = Verdict(target)

@@ -47,6 +47,7 @@ import oras.utils
 import requests
 
 from banger_build.errors import InputError, Reason, RegistryError
+from banger_build.fsutil import hash_file
 from banger_build.oci.auth import Auth
 from banger_build.oci.blobs import BlobCache, BlobMismatch, CacheError
 from banger_build.oci.failure import Failure
@@ -601,6 +602,14 @@ class Remote:
         return result
 
     # -- referrers (OCI 1.1)
+    def push_file(self, ref: Reference, path: Path, media_type: str) -> Descriptor:
+        """Upload the file ``path`` as a blob (skipped when the registry has it); return
+        its descriptor, typed ``media_type``."""
+        hexdigest, size = hash_file(path)
+        desc = Descriptor(media_type, Digest(hexdigest), size)
+        self.push_blob(ref, path, desc.digest, size)
+        return desc
+
     def push_bytes(self, ref: Reference, data: bytes) -> Digest:
         """Upload a small blob held in memory (skipped when the registry has it), the
         way ``push_blob`` uploads a file; return its digest."""

@@ -10,9 +10,10 @@ they are not yet. The tree is normalised like the amd64 image's and packed
 into an OCI image layout of one gzip layer whose config says linux/arm64/v8.
 
 It reuses ``tests.support.debian``'s packing, normaliser and oracle, and is
-cached the same way: in
+built and cached by ``tests.support.debian_variant`` (``IMAGE``) in
 ``${BANGER_TEST_CACHE:-/var/cache/banger-build-tests}/debian-arm64-<hash16>/layout``
-where the hash covers this file and ``tests/support/debian.py``.
+where the hash covers this file, ``tests/support/debian_variant.py`` and
+``tests/support/debian.py``.
 
 Fixture: ``debian_arm64_layout`` (session), the arm64 layout directory
 (``tests.support.multiarch`` pushes it with the amd64 one in one index).
@@ -23,22 +24,15 @@ CLI: ``python -m tests.support.debian_arm64 build`` prints the layout path;
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-from tests.support import debian
+from tests.support import debian, debian_variant
 
 ARCH = "arm64"
 VARIANT = "v8"
@@ -47,103 +41,15 @@ PLATFORM = f"linux/{ARCH}/{VARIANT}"
 INCLUDE = "systemd-sysv,udev,iproute2,kmod"
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 QEMU_ENTRY = "qemu-aarch64"
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH = debian_variant.PATH
 
 
-# --------------------------------------------------------------------------- cache
-
-
-def source_hash() -> str:
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(Path(debian.__file__).read_bytes())  # the packing and normaliser used here
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get(debian.CACHE_ENV) or debian.DEFAULT_CACHE)
-    return root / f"debian-arm64-{source_hash()[:16]}"
-
-
-def _ready(layout: Path) -> bool:
-    return (layout / "index.json").is_file() and (layout / "oci-layout").is_file()
+# --------------------------------------------------------------------------- image
 
 
 def arm64_layout(*, log: IO[str] | None = None) -> Path:
     """Build (once) or reuse the cached arm64 Debian OCI layout; return its directory."""
-    base = cache_dir()
-    layout = base / "layout"
-    if _ready(layout):
-        with contextlib.suppress(OSError):
-            os.utime(base / "stats.json")  # in use: not pruned
-        return layout
-    out = log if log is not None else sys.stderr
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base.parent, 0o755)
-    os.chmod(base, 0o755)
-    with open(base / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _ready(layout):
-            return layout
-        for stale in base.glob("build-*"):  # a crashed builder's leftovers
-            debian._remove_tree(stale)
-        if os.geteuid() != 0:
-            raise RuntimeError(
-                f"the arm64 Debian test image is not cached at {layout} and building it "
-                "(debootstrap, binfmt_misc) needs root"
-            )
-        ensure_binfmt()
-        work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
-        try:
-            rootfs = work / "rootfs"
-            mirror = debian.apt_mirror()
-            print(
-                f"arm64 debian test image: debootstrap --arch={ARCH} {debian.SUITE} from "
-                f"{mirror} (second stage under qemu-user) ...",
-                file=out,
-                flush=True,
-            )
-            t0 = time.monotonic()
-            debootstrap(rootfs, mirror)
-            t1 = time.monotonic()
-            debian.normalize_tree(rootfs)
-            stats = pack_layout(rootfs, work / "layout")
-            t2 = time.monotonic()
-            stats.update(
-                debootstrap_seconds=round(t1 - t0, 1),
-                pack_seconds=round(t2 - t1, 1),
-                mirror=mirror,
-                source_hash=source_hash(),
-            )
-            debian._chmod_readable(work / "layout")
-            os.rename(work / "layout", layout)
-            (base / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-            os.chmod(base / "stats.json", 0o644)
-            print(
-                f"arm64 debian test image: {layout} ({stats['entries']} entries, debootstrap "
-                f"{stats['debootstrap_seconds']} s, pack {stats['pack_seconds']} s)",
-                file=out,
-                flush=True,
-            )
-        finally:
-            debian._remove_tree(work)
-    _prune(base)
-    return layout
-
-
-def _prune(keep: Path, max_age: float = 3 * 86400) -> None:
-    """Drop arm64 images of older versions of this file that nobody used for days."""
-    for other in keep.parent.glob("debian-arm64-*"):
-        stats = other / "stats.json"
-        if other == keep or other.is_symlink() or not stats.is_file():
-            continue
-        if time.time() - stats.stat().st_mtime > max_age:
-            with contextlib.suppress(OSError, RuntimeError):
-                debian._remove_tree(other)
-
-
-def build_stats() -> dict[str, Any]:
-    path = cache_dir() / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return IMAGE.layout(log=log)
 
 
 # ------------------------------------------------------------------- qemu-user
@@ -180,27 +86,9 @@ def ensure_binfmt() -> None:
 
 
 def debootstrap(target: Path, mirror: str) -> None:
-    cmd = [
-        "debootstrap",
-        f"--arch={ARCH}",
-        "--variant=minbase",
-        f"--include={INCLUDE}",
-        debian.SUITE,
-        str(target),
-        mirror,
-    ]
-    env = {"PATH": PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
-    for key in ("http_proxy", "https_proxy", "no_proxy"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        log = target / "debootstrap" / "debootstrap.log"
-        tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-4000:]}\n{tail}"
-        )
+    debian_variant.debootstrap(
+        target, mirror, suite=debian.SUITE, include=INCLUDE, options=[f"--arch={ARCH}"]
+    )
 
 
 # ------------------------------------------------------------------------- packing
@@ -212,48 +100,13 @@ def pack_layout(root: Path, layout: Path) -> dict[str, Any]:
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     layer = debian._write_layer(members, blobs)
-    config = {
-        "architecture": ARCH,
-        "variant": VARIANT,
-        "os": "linux",
-        "created": debian.CREATED,
-        "config": {"Cmd": ["bash"], "Env": [f"PATH={PATH}"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer["diff_id"]]},
-        "history": [
-            {
-                "created": debian.CREATED,
-                "created_by": f"debootstrap --arch={ARCH} --variant=minbase "
-                f"--include={INCLUDE} {debian.SUITE}",
-            }
-        ],
-    }
-    config_desc = {
-        "mediaType": debian.MT_CONFIG,
-        **debian._put_blob(blobs, debian._canonical(config)),
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": debian.MT_MANIFEST,
-        "config": config_desc,
-        "layers": [layer["descriptor"]],
-    }
-    manifest_desc = {
-        "mediaType": debian.MT_MANIFEST,
-        **debian._put_blob(blobs, debian._canonical(manifest)),
-    }
-    index = {
-        "schemaVersion": 2,
-        "mediaType": debian.MT_INDEX,
-        "manifests": [
-            {
-                **manifest_desc,
-                "platform": {"architecture": ARCH, "os": "linux", "variant": VARIANT},
-                "annotations": {"org.opencontainers.image.ref.name": f"{debian.TAG}-{ARCH}"},
-            }
-        ],
-    }
-    (layout / "oci-layout").write_bytes(debian._canonical({"imageLayoutVersion": "1.0.0"}))
-    (layout / "index.json").write_bytes(debian._canonical(index))
+    manifest_desc = debian_variant.write_image(
+        layout,
+        [layer],
+        history=[f"debootstrap --arch={ARCH} --variant=minbase --include={INCLUDE} {debian.SUITE}"],
+        platform={"architecture": ARCH, "os": "linux", "variant": VARIANT},
+        ref_name=f"{debian.TAG}-{ARCH}",
+    )
     return {
         **counts,
         "manifest_digest": manifest_desc["digest"],
@@ -261,6 +114,19 @@ def pack_layout(root: Path, layout: Path) -> dict[str, Any]:
         "compressed_bytes": layer["descriptor"]["size"],
         "uncompressed_bytes": layer["uncompressed_size"],
     }
+
+
+IMAGE = debian_variant.Variant(
+    name="debian-arm64",
+    title="arm64 Debian test image",
+    source=__file__,
+    needs="debootstrap, binfmt_misc",
+    announce=f"debootstrap --arch={ARCH} {debian.SUITE} from {{mirror}}"
+    " (second stage under qemu-user)",
+    preflight=ensure_binfmt,
+    debootstrap=debootstrap,
+    pack=pack_layout,
+)
 
 
 # ---------------------------------------------------------------------- fixture
@@ -279,21 +145,7 @@ def debian_arm64_layout() -> Path:
 
 
 def main(argv: list[str]) -> int:
-    cmd = argv[0] if argv else "build"
-    if cmd not in ("build", "info"):
-        print("usage: python -m tests.support.debian_arm64 [build|info]", file=sys.stderr)
-        return 2
-    try:
-        layout = arm64_layout()
-    except (RuntimeError, OSError, ValueError) as exc:
-        print(f"tests.support.debian_arm64: error: {exc}", file=sys.stderr)
-        return 1
-    if cmd == "build":
-        print(layout)
-    else:
-        info = {"layout": str(layout), **build_stats()}
-        print(json.dumps(info, indent=2, sort_keys=True))
-    return 0
+    return debian_variant.main(IMAGE, "tests.support.debian_arm64", argv)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ image layout whose manifest is Docker's, not OCI's:
 serves the Docker manifest with its own media type. The oracle
 (``debian.expected_tree``) reads the layout like the bookworm one.
 
-Cached in ``${BANGER_TEST_CACHE:-/var/cache/banger-build-tests}/debian-trixie-<hash16>/layout``;
-the hash covers this file and ``tests/support/debian.py`` (whose packing it uses).
+Built and cached by ``tests.support.debian_variant`` (``IMAGE``) in
+``${BANGER_TEST_CACHE:-/var/cache/banger-build-tests}/debian-trixie-<hash16>/layout``;
+the hash covers this file, ``tests/support/debian_variant.py`` and
+``tests/support/debian.py`` (whose packing it uses).
 
 Fixtures: ``debian_trixie_layout`` (the layout dir) and ``trixie_image`` (the
 layout pushed to the session ``registry`` as ``library/debian:trixie``, so
@@ -34,29 +36,21 @@ CLI: ``python -m tests.support.debian_trixie build`` prints the layout path;
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import os
 import stat
-import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-from tests.support import debian
+from tests.support import debian, debian_variant
 
 SUITE = "trixie"
 INCLUDE = debian.INCLUDE
 REPO, TAG = debian.REPO, SUITE
 REFERENCE = f"docker.io/{REPO}:{TAG}"
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -75,114 +69,23 @@ SPECIAL = debian.Special(
 MERGED = "usr/sbin/banger-test-merged"
 
 
-# --------------------------------------------------------------------------- cache
-
-
-def source_hash() -> str:
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(Path(debian.__file__).read_bytes())  # the packing and normaliser used here
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get(debian.CACHE_ENV) or debian.DEFAULT_CACHE)
-    return root / f"debian-{SUITE}-{source_hash()[:16]}"
-
-
-def _ready(layout: Path) -> bool:
-    return (layout / "index.json").is_file() and (layout / "oci-layout").is_file()
+# --------------------------------------------------------------------------- image
 
 
 def trixie_layout(*, log: IO[str] | None = None) -> Path:
     """Build (once) or reuse the cached trixie image layout; return its directory."""
-    base = cache_dir()
-    layout = base / "layout"
-    if _ready(layout):
-        with contextlib.suppress(OSError):
-            os.utime(base / "stats.json")  # in use: not pruned
-        return layout
-    out = log if log is not None else sys.stderr
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base.parent, 0o755)
-    os.chmod(base, 0o755)
-    with open(base / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _ready(layout):
-            return layout
-        for stale in base.glob("build-*"):  # a crashed builder's leftovers
-            debian._remove_tree(stale)
-        if os.geteuid() != 0:
-            raise RuntimeError(
-                f"the trixie test image is not cached at {layout} and building it "
-                "(debootstrap) needs root"
-            )
-        if not Path("/usr/share/debootstrap/scripts", SUITE).exists():
-            raise RuntimeError(
-                f"this debootstrap has no script for {SUITE} (apt-get install debootstrap)"
-            )
-        work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
-        try:
-            rootfs = work / "rootfs"
-            mirror = debian.apt_mirror()
-            print(f"trixie test image: debootstrap {SUITE} from {mirror} ...", file=out, flush=True)
-            t0 = time.monotonic()
-            debootstrap(rootfs, mirror)
-            t1 = time.monotonic()
-            debian.normalize_tree(rootfs)
-            stats = pack_layout(rootfs, work / "layout")
-            t2 = time.monotonic()
-            stats.update(
-                debootstrap_seconds=round(t1 - t0, 1),
-                pack_seconds=round(t2 - t1, 1),
-                mirror=mirror,
-                source_hash=source_hash(),
-            )
-            debian._chmod_readable(work / "layout")
-            os.rename(work / "layout", layout)
-            (base / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-            os.chmod(base / "stats.json", 0o644)
-            print(
-                f"trixie test image: {layout} ({stats['entries']} entries, debootstrap "
-                f"{stats['debootstrap_seconds']} s, pack {stats['pack_seconds']} s)",
-                file=out,
-                flush=True,
-            )
-        finally:
-            debian._remove_tree(work)
-    _prune(base)
-    return layout
+    return IMAGE.layout(log=log)
 
 
-def _prune(keep: Path, max_age: float = 3 * 86400) -> None:
-    """Drop trixie images of older versions of this file that nobody used for days."""
-    for other in keep.parent.glob(f"debian-{SUITE}-*"):
-        stats = other / "stats.json"
-        if other == keep or other.is_symlink() or not stats.is_file():
-            continue
-        if time.time() - stats.stat().st_mtime > max_age:
-            with contextlib.suppress(OSError, RuntimeError):
-                debian._remove_tree(other)
-
-
-def build_stats() -> dict[str, Any]:
-    path = cache_dir() / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _has_script() -> None:
+    if not Path("/usr/share/debootstrap/scripts", SUITE).exists():
+        raise RuntimeError(
+            f"this debootstrap has no script for {SUITE} (apt-get install debootstrap)"
+        )
 
 
 def debootstrap(target: Path, mirror: str) -> None:
-    cmd = ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(target), mirror]
-    env = {"PATH": PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
-    for key in ("http_proxy", "https_proxy", "no_proxy"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        log = target / "debootstrap" / "debootstrap.log"
-        tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-4000:]}\n{tail}"
-        )
+    debian_variant.debootstrap(target, mirror, suite=SUITE, include=INCLUDE)
     for name, target_path in USR_MERGED.items():
         link = target / name
         if not link.is_symlink() or os.readlink(link) != target_path:
@@ -279,41 +182,15 @@ def pack_layout(root: Path, layout: Path) -> dict[str, Any]:
         "banger-build test fixture: whiteouts, opaque dir, setuid, 0600, hard links, xattr, "
         f"/{MERGED}",
     ]
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": debian.CREATED,
-        "config": {"Cmd": ["bash"], "Env": [f"PATH={PATH}"]},
-        "rootfs": {"type": "layers", "diff_ids": [w["diff_id"] for w in written]},
-        "history": [{"created": debian.CREATED, "created_by": h} for h in history],
-    }
-    config_desc = {
-        "mediaType": DOCKER_CONFIG,
-        **debian._put_blob(blobs, debian._canonical(config)),
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": config_desc,
-        "layers": [w["descriptor"] for w in written],
-    }
-    manifest_desc = {
-        "mediaType": DOCKER_MANIFEST,
-        **debian._put_blob(blobs, debian._canonical(manifest)),
-    }
-    index = {
-        "schemaVersion": 2,
-        "mediaType": debian.MT_INDEX,
-        "manifests": [
-            {
-                **manifest_desc,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {"org.opencontainers.image.ref.name": TAG},
-            }
-        ],
-    }
-    (layout / "oci-layout").write_bytes(debian._canonical({"imageLayoutVersion": "1.0.0"}))
-    (layout / "index.json").write_bytes(debian._canonical(index))
+    manifest_desc = debian_variant.write_image(
+        layout,
+        written,
+        history=history,
+        platform={"architecture": "amd64", "os": "linux"},
+        ref_name=TAG,
+        manifest_type=DOCKER_MANIFEST,
+        config_type=DOCKER_CONFIG,
+    )
     return {
         **counts,
         "upper_entries": len(upper),
@@ -324,6 +201,18 @@ def pack_layout(root: Path, layout: Path) -> dict[str, Any]:
         "compressed_bytes": sum(w["descriptor"]["size"] for w in written),
         "uncompressed_bytes": sum(w["uncompressed_size"] for w in written),
     }
+
+
+IMAGE = debian_variant.Variant(
+    name=f"debian-{SUITE}",
+    title="trixie test image",
+    source=__file__,
+    needs="debootstrap",
+    announce=f"debootstrap {SUITE} from {{mirror}}",
+    preflight=_has_script,
+    debootstrap=debootstrap,
+    pack=pack_layout,
+)
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -359,25 +248,12 @@ def trixie_image(registry: Any, debian_trixie_layout: Path) -> debian.DebianImag
 
 
 def main(argv: list[str]) -> int:
-    cmd = argv[0] if argv else "build"
-    if cmd not in ("build", "info"):
-        print("usage: python -m tests.support.debian_trixie [build|info]", file=sys.stderr)
-        return 2
-    try:
-        layout = trixie_layout()
-    except (RuntimeError, OSError, ValueError) as exc:
-        print(f"tests.support.debian_trixie: error: {exc}", file=sys.stderr)
-        return 1
-    if cmd == "build":
-        print(layout)
-    else:
-        info = {
-            "layout": str(layout),
-            **build_stats(),
-            "expected_paths": len(debian.expected_tree(layout)),
-        }
-        print(json.dumps(info, indent=2, sort_keys=True))
-    return 0
+    return debian_variant.main(
+        IMAGE,
+        "tests.support.debian_trixie",
+        argv,
+        lambda layout: {"expected_paths": len(debian.expected_tree(layout))},
+    )
 
 
 if __name__ == "__main__":
