@@ -125,12 +125,8 @@ def small_layout(directory: Path) -> Path:
 def checkout_copy(dest: Path) -> Path:
     """The checkout as a clone has it (tracked and new files), plus what scripts/setup
     makes (.venv, linked; the agent), so the quick start skips setup."""
-    stamp = (REPO / ".venv" / ".banger-setup-stamp").read_text().strip()
-    import hashlib
-
-    want = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + (REPO / "scripts/setup")
-                          .read_bytes()).hexdigest()  # fmt: skip
-    assert stamp == want, "run scripts/setup: .venv is not set up for this pyproject/setup"
+    check = subprocess.run(["bash", "scripts/setup", "--check"], cwd=REPO, check=False)
+    assert check.returncode == 0, "run scripts/setup: .venv is not set up for this checkout"
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=REPO, capture_output=True, check=True,
