@@ -36,7 +36,7 @@ from banger_build.ext4.format import (
     inode_xattrs,
     xattr_entries,
 )
-from banger_build.tree import REG, SYMLINK, Inode, Node, Tree, name_bytes
+from banger_build.tree import REG, SYMLINK, Inode, Tree, name_bytes
 
 MiB = 1 << 20
 #: The largest image: 2^32 - 1 blocks of 4 KiB (16 TiB less 4 KiB), so block
@@ -142,12 +142,6 @@ class Geometry:
             for g in super_groups(self.groups)
         ]
 
-    def metadata_blocks(self) -> int:
-        """Blocks the empty filesystem uses: heads, bitmaps, inode tables, journal,
-        the resize inode's block."""
-        heads = sum(e - s for s, e in self.reserved_regions())
-        return heads + self.groups * (2 + self.itable_blocks) + self.journal + 1
-
 
 def _reserved_gdt(blocks: int, desc_blocks: int) -> int:
     """mke2fs's ``calc_reserved_gdt_blocks``: room to grow to 1024x, up to 2^32 blocks."""
@@ -172,8 +166,13 @@ class Allocator:
         self.skipped: list[tuple[int, int]] = []
 
     def _region_ahead(self) -> tuple[int, int] | None:
-        if self._next_region < len(self._regions):
-            return self._regions[self._next_region]
+        """The next group head, once the cursor is past any head it stands on."""
+        while self._next_region < len(self._regions):
+            region = self._regions[self._next_region]
+            if self.cursor < region[0]:
+                return region
+            self.cursor = max(self.cursor, region[1])
+            self._next_region += 1
         return None
 
     def runs(self, count: int) -> list[tuple[int, int]]:
@@ -181,10 +180,6 @@ class Allocator:
         out: list[tuple[int, int]] = []
         while count > 0:
             region = self._region_ahead()
-            if region is not None and self.cursor >= region[0]:
-                self.cursor = region[1]
-                self._next_region += 1
-                continue
             limit = region[0] if region is not None else self.blocks
             take = min(count, limit - self.cursor)
             if take <= 0:
@@ -201,10 +196,6 @@ class Allocator:
         starts: list[int] = []
         while len(starts) < count:
             region = self._region_ahead()
-            if region is not None and self.cursor >= region[0]:
-                self.cursor = region[1]
-                self._next_region += 1
-                continue
             limit = region[0] if region is not None else self.blocks
             n = min(count - len(starts), (limit - self.cursor) // size)
             starts.extend(range(self.cursor, self.cursor + n * size, size))
@@ -315,13 +306,11 @@ def xattr_block_needed(inode: Inode) -> bool:
 class Usage:
     blocks: int  # the tree's blocks: directories, data, extent trees, xattr blocks
     inodes: int  # the tree's inodes, lost+found included
-    extents: int  # of every inode: each backup group crossed may split one more
 
 
 def tree_usage(tree: Tree) -> Usage:
     blocks = 0
     inodes = 0
-    extents = 0
     has_lost_found = LOST_FOUND in (tree.root.children or {})
     seen: set[int] = set()
     for node in tree.nodes():
@@ -348,13 +337,11 @@ def tree_usage(tree: Tree) -> Usage:
             n = count = 1
         else:
             count = 0
-        extents += count
         blocks += n + index_blocks(count) + xattr_block_needed(inode)
     if not has_lost_found:
         inodes += 1
         blocks += LOST_FOUND_BLOCKS
-        extents += 1
-    return Usage(blocks, inodes, extents)
+    return Usage(blocks, inodes)
 
 
 LOST_FOUND = "lost+found"
@@ -451,7 +438,3 @@ def human(n: int) -> str:
     if n >= MiB:
         return f"{math.ceil(n / MiB)}MiB"
     return f"{n}B"
-
-
-def lost_found_of(tree: Tree) -> Node | None:
-    return (tree.root.children or {}).get(LOST_FOUND)
