@@ -59,6 +59,15 @@ def hash_file(path: Path) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+
+
 class ContentChanged(Exception):
     """A file's bytes differ from the digest taken of it earlier."""
 

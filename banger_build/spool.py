@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from banger_build.fsutil import ContentChanged
+from banger_build.fsutil import ContentChanged, pwrite_all
 from banger_build.tree import Inode
 
 #: Bytes per read when copying a host file into the spool.
@@ -70,7 +70,7 @@ class Spool:
             offset, data = item
             try:
                 if self._failed is None:
-                    _pwrite_all(self.fd, data, offset)
+                    pwrite_all(self.fd, data, offset)
             except OSError as exc:  # the host's disk: name the file
                 self._failed = OSError(exc.errno, exc.strerror, os.fspath(self.path))
             except Exception as exc:  # reported to the thread that writes next
@@ -182,18 +182,8 @@ class Spool:
 
     def _copy_slow(self, src: int, length: int, dst_fd: int, dst: int) -> int:
         data = os.pread(self.fd, min(length, _READ), src)
-        written = 0
-        while written < len(data):
-            written += os.pwrite(dst_fd, data[written:], dst + written)
+        pwrite_all(dst_fd, data, dst)
         return len(data)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        offset += n
-        view = view[n:]
 
 
 def data_segments(inode: Inode) -> list[tuple[int, int]]:

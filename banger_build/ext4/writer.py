@@ -36,6 +36,7 @@ from banger_build.ext4.layout import (
     place_metadata,
     super_groups,
 )
+from banger_build.fsutil import pwrite_all
 from banger_build.spool import Spool, data_segments
 from banger_build.tree import BLK, CHR, DIR, FIFO, REG, SYMLINK, Inode, Node, Tree, name_bytes
 
@@ -395,11 +396,7 @@ class _Writer:
         return (root + fmt.pack_index_entries(level)).ljust(60, b"\0"), blocks
 
     def _pwrite(self, offset: int, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            offset += n
-            view = view[n:]
+        pwrite_all(self.fd, data, offset)
 
     # -- the filesystem's own inodes --------------------------------------------------
 
