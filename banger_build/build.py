@@ -27,6 +27,7 @@ from banger_build.context import (
     boundary,
     run_steps,
 )
+from banger_build.entries import error_at
 from banger_build.errors import ImageError, InputError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
@@ -75,7 +76,7 @@ def fetch_files(ctx: Context) -> None:
 
 def flatten_layers(ctx: Context) -> None:
     ctx.reporter.step("flattening layers")
-    ctx.spool = Spool(ctx.work / "spool")  # closed by _build_steps
+    ctx.spool = Spool(ctx.work / "spool")  # closed by run_build, however the steps end
     flattener = Flattener(ctx.spool, ctx.epoch, ctx.options.limits)
     for layer in ctx.layers:
         stats = flattener.apply(layer)
@@ -103,9 +104,7 @@ def check_agent(ctx: Context) -> None:
         problem = guest.agent_arch_problem(head, ctx.recipe.platform.architecture)
         if problem is not None:
             message = f"the guest agent {item.source} {problem}"
-            if item.where is not None:
-                raise item.where.error(message, Reason.AGENT_ARCH_MISMATCH)
-            raise InputError(message, reason=Reason.AGENT_ARCH_MISMATCH)
+            raise error_at(item.where, message, Reason.AGENT_ARCH_MISMATCH)
 
 
 def inject_files(ctx: Context) -> None:
@@ -170,7 +169,7 @@ def write_filesystem(ctx: Context) -> None:
         )
     ctx.inode_count = written.inodes
     ctx.spool.close()
-    (ctx.work / "spool").unlink()  # free the disk early; the image holds it all now
+    ctx.spool.path.unlink()  # free the disk early; the image holds it all now
 
 
 def check_filesystem(ctx: Context) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banger_build.errors import Reason, RecipeError
+from banger_build.errors import BangerError, InputError, Reason, RecipeError
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class Where:
             key=self.key or None,
             reason=reason,
         )
+
+
+def error_at(where: Where | None, message: str, reason: Reason) -> BangerError:
+    """The error for a recipe entry: at its position when it has one."""
+    return where.error(message, reason) if where is not None else InputError(message, reason=reason)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from banger_build import depmod
-from banger_build.entries import Where
-from banger_build.errors import BangerError, InputError, Reason
+from banger_build.entries import Where, error_at
+from banger_build.errors import InputError, Reason
 from banger_build.flatten import check_name
 from banger_build.fsutil import ContentChanged
 from banger_build.inputs import Injected
@@ -25,11 +25,6 @@ _MAX_HOPS = 40
 LOST_FOUND = "lost+found"  # the filesystem's (e2fsck's)
 #: The most of /etc/passwd or /etc/group read to look up owner names.
 _ID_FILE_MAX = 1 << 20
-
-
-def _fail(where: Where | None, message: str, reason: Reason) -> BangerError:
-    """The error for a recipe entry: at its position when it has one."""
-    return where.error(message, reason) if where is not None else InputError(message, reason=reason)
 
 
 def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) -> tuple[str, Node]:
@@ -56,7 +51,7 @@ def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) 
         elif child.inode.type == SYMLINK:
             hops += 1
             if hops > _MAX_HOPS:
-                raise _fail(
+                raise error_at(
                     where,
                     f"too many levels of symlinks resolving /{path} in the image",
                     Reason.DEST_INVALID,
@@ -68,7 +63,7 @@ def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) 
             parts = [p for p in target.split("/") if p] + parts
             continue
         elif not child.is_dir:
-            raise _fail(
+            raise error_at(
                 where,
                 f"/{'/'.join([*real, part])} is not a directory in the image",
                 Reason.DEST_INVALID,
@@ -107,7 +102,7 @@ class OwnerResolver:
         if name.isdigit():
             return int(name)
         if name not in table:
-            raise _fail(
+            raise error_at(
                 item.owner_where,
                 f"{item.dest}: owner {what} {name!r} is not defined in the image's /etc/"
                 f"{'passwd' if what == 'user' else 'group'}",
@@ -121,7 +116,7 @@ def _copy_input(item: Injected, spool: Spool, inode: Inode) -> None:
     try:
         spool.add_file(inode, item.source, item.sha256)
     except ContentChanged as exc:
-        raise _fail(
+        raise error_at(
             item.where,
             f"{item.source} changed while the image was being built (it had sha256 "
             f"{exc.expected} when the build started, now {exc.actual}): {item.dest} was not "
@@ -150,7 +145,7 @@ def inject(
         real_parent, dir_node = _resolve_dir(tree, parent, epoch, item.where)
         assert dir_node.children is not None
         if (real_parent or name).split("/")[0] == LOST_FOUND:
-            raise _fail(
+            raise error_at(
                 item.where,
                 f"{item.dest}: /{LOST_FOUND} belongs to the filesystem (e2fsck's); "
                 "put the file elsewhere",
@@ -159,7 +154,7 @@ def inject(
         existing = dir_node.children.get(name)
         if existing is not None:
             if existing.inode.type == SYMLINK and not item.replace:
-                raise _fail(
+                raise error_at(
                     item.where,
                     f"{item.dest}: the image has a symlink there (-> {existing.inode.target}); "
                     f"the {item.kind} would replace the link: set replace = true in this entry "
@@ -167,7 +162,7 @@ def inject(
                     Reason.DEST_IS_SYMLINK,
                 )
             if existing.is_dir:
-                raise _fail(
+                raise error_at(
                     item.where,
                     f"{item.dest}: the image has a directory there; refusing to replace it",
                     Reason.DEST_IS_DIRECTORY,
