@@ -30,6 +30,20 @@ _ID_FILE_MAX = 1 << 20
 def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) -> tuple[str, Node]:
     """Resolve directory ``path`` (relative) inside the image, creating what is missing.
     Problems are reported at ``where``, the recipe entry that asked for the path."""
+    found = _walk(tree, path, create=True, epoch=epoch, where=where)
+    assert found is not None  # creating, it finds or fails
+    return found
+
+
+def _walk(
+    tree: Tree, path: str, *, create: bool, epoch: int = 0, where: Where | None = None
+) -> tuple[str, Node] | None:
+    """(the real path, the node) of ``path`` in the image, symlinks followed within it.
+
+    ``create``: missing directories are made, and a symlink loop or a non-directory
+    on the way is an error at ``where``. Else such a path, or a missing one, is None
+    (its last component may then be any kind of file).
+    """
     parts = [p for p in path.split("/") if p]
     real: list[str] = []
     node = tree.root
@@ -43,14 +57,17 @@ def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) 
                 real.pop()
             node = tree.lookup("/".join(real)) or tree.root
             continue
-        assert node.children is not None
-        child = node.children.get(part)
+        child = node.children.get(part) if node.children is not None else None
         if child is None:
+            if not create or node.children is None:
+                return None
             child = new_dir(mtime=epoch)
             node.children[part] = child
         elif child.inode.type == SYMLINK:
             hops += 1
             if hops > _MAX_HOPS:
+                if not create:
+                    return None
                 raise error_at(
                     where,
                     f"too many levels of symlinks resolving /{path} in the image",
@@ -62,7 +79,9 @@ def _resolve_dir(tree: Tree, path: str, epoch: int, where: Where | None = None) 
                 node = tree.root
             parts = [p for p in target.split("/") if p] + parts
             continue
-        elif not child.is_dir:
+        elif not child.is_dir and (create or parts):
+            if not create:
+                return None
             raise error_at(
                 where,
                 f"/{'/'.join([*real, part])} is not a directory in the image",
@@ -190,30 +209,8 @@ def inject(
 
 def _lookup(tree: Tree, path: str) -> Node | None:
     """The node at ``path`` in the image, symlinks followed within it (None: missing)."""
-    parts = [p for p in path.split("/") if p]
-    real: list[Node] = []
-    node = tree.root
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part in (".", ".."):
-            if part == ".." and real:
-                node = real.pop()
-            continue
-        child = node.children.get(part) if node.children is not None else None
-        if child is None:
-            return None
-        if child.inode.type == SYMLINK:
-            hops += 1
-            if hops > _MAX_HOPS:
-                return None
-            if child.inode.target.startswith("/"):
-                real, node = [], tree.root
-            parts = [p for p in child.inode.target.split("/") if p] + parts
-            continue
-        real.append(node)
-        node = child
-    return node
+    found = _walk(tree, path, create=False)
+    return None if found is None else found[1]
 
 
 #: What runs ``kmod static-nodes``, the one reader of modules.devname
