@@ -42,6 +42,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too-large"  # a recipe, template, manifest or config past its bound
     TOO_DEEP = "too-deep"  # a tree nested past a bound
     INTERRUPTED = "interrupted"
+    KILLED = "killed"  # one of several builds' processes, by a signal it could not handle
     TIMEOUT = "timeout"
     BAD_ARGUMENT = "bad-argument"
     # recipe (RecipeError)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger_build import progress, signals
+from banger_build.errors import Reason
 from banger_build.progress import Reporter
 
 #: Exit status of a child that failed before it could say why (a bug).
@@ -126,7 +127,7 @@ def _start(child: _Child, one: Callable[[int, Path], int], reporter: Reporter) -
             if reporter.stream is parent_stdout:  # --json: events into the pipe too
                 reporter.stream = sys.stdout
             _name(reporter, child.recipe, child.label)
-            status = guarded(lambda: one(child.n, child.recipe), f"{child.recipe}: ")
+            status = guarded(functools.partial(one, child.n, child.recipe), f"{child.recipe}: ")
         except BaseException:  # BANGER_BUILD_DEBUG=1 (guarded re-raises), or a bug
             traceback.print_exc()
         finally:
@@ -171,7 +172,7 @@ def _pump(running: dict[int, _Child]) -> None:
             name = signal.Signals(-code).name
             message = f"{child.recipe}: the build was killed by {name}"
             print(f"banger-build: error: {message}", file=sys.stderr, flush=True)
-            progress.report_error("killed", message, 128 - code)
+            progress.report_error(Reason.KILLED, message, 128 - code)
             code = 128 - code
         child.status = code
         del running[pid]
