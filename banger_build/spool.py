@@ -119,21 +119,16 @@ class Spool:
         """Append a host file (a recipe's source) while hashing it; return its
         sha256. ``expected``: the digest resolved earlier, checked (ContentChanged)."""
         sha = hashlib.sha256()
-        size = 0
 
         def chunks() -> Iterator[tuple[int, bytes]]:
-            nonlocal size
+            inode.size = 0  # counted as read: ``add`` ends knowing the whole size
             with open(path, "rb") as f:
                 while chunk := f.read(_READ):
                     sha.update(chunk)
-                    yield size, chunk
-                    size += len(chunk)
+                    yield inode.size, chunk
+                    inode.size += len(chunk)
 
-        start = self.end
         self.add(inode, chunks())
-        inode.size = size
-        inode.segments = None if size else array("Q")
-        inode.src = start
         digest = sha.hexdigest()
         if expected is not None and digest != expected:
             raise ContentChanged(path, expected, digest)
