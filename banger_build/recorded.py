@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger_build import ext4
 from banger_build.context import BuildOptions, Context, FileInput, run_steps
-from banger_build.derivation import DERIVATION_FORMAT, OUTPUT_FORMAT, Derivation, derive
+from banger_build.derivation import DERIVATION_FORMAT, OUTPUT_FORMAT, Derivation
 from banger_build.entries import Injected, Staged, Where
 from banger_build.errors import BangerError, InputError, Reason, StoreError
 from banger_build.explain import differences
@@ -50,7 +50,7 @@ from banger_build.recipe import (
     load_recipe,
     parse_bytes,
 )
-from banger_build.resolve import read_diff_ids
+from banger_build.resolve import make_derivation, read_diff_ids
 from banger_build.store import Store, StoreEntry
 
 if TYPE_CHECKING:
@@ -329,15 +329,7 @@ def same_writer(ctx: Context) -> None:
 def recorded_derivation(ctx: Context) -> None:
     """Derive from what was resolved: it must be the record, input for input."""
     rc = _ctx(ctx)
-    rc.derivation = derive(
-        rc.recipe,
-        rc.manifest,
-        diff_ids=rc.diff_ids,
-        injected=rc.injected,
-        kernel=rc.kernel,
-        epoch=rc.epoch,
-        kernel_version=rc.kernel_version,
-    )
+    make_derivation(rc)
     if rc.derivation.key != rc.recorded.key:
         lines = list(differences(rc.recorded.data, rc.derivation.data))
         raise NotRebuildable(
