@@ -168,6 +168,7 @@ def write_filesystem(ctx: Context) -> None:
             epoch=ctx.epoch,
         )
     ctx.inode_count = written.inodes
+    ctx.outputs[ctx.image.name] = {"sha256": written.sha256, "size": ctx.plan.size}
     ctx.spool.close()
     ctx.spool.path.unlink()  # free the disk early; the image holds it all now
 
@@ -208,7 +209,7 @@ def write_manifest(ctx: Context) -> None:
         if path.name in ctx.outputs:  # staged and hashed already
             outputs[path.name] = ctx.outputs[path.name]
             continue
-        digest, size = hash_tree(path) if path.is_dir() else hash_file(path)
+        digest, size = hash_tree(path) if path.is_dir() else hash_file(path, sync=True)
         outputs[path.name] = {"sha256": digest, "size": size}
     manifest = {
         "format": MANIFEST_FORMAT,

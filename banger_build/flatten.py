@@ -49,7 +49,6 @@ from banger_build.spool import Spool
 from banger_build.tarstream import (
     MAX_FILE_SIZE,
     BudgetExceeded,
-    LayerReader,
     Refused,
     member_chunks,
     members,
@@ -219,8 +218,7 @@ class Flattener:
         entries = 0
         total = 0
         try:
-            with open_layer(layer.path) as stream:
-                reader = LayerReader(stream, self.limits.max_image_size - self._used)
+            with open_layer(layer.path, self.limits.max_image_size - self._used) as reader:
                 with open_tar(reader) as tar:
                     for member in members(tar):
                         self._member = member.name
@@ -241,9 +239,10 @@ class Flattener:
                 str(exc), layer=self._layer, path=self._member, reason=exc.reason
             ) from exc
         self._used += reader.count
-        if layer.diff_id is not None and reader.sha.hexdigest() != layer.diff_id.hex:
+        digest = reader.hexdigest()
+        if layer.diff_id is not None and digest != layer.diff_id.hex:
             raise LayerError(
-                f"uncompressed content has digest sha256:{reader.sha.hexdigest()}, "
+                f"uncompressed content has digest sha256:{digest}, "
                 f"but the image config's diff_id is {layer.diff_id}",
                 layer=self._layer,
                 reason=Reason.DIFF_ID_MISMATCH,
@@ -511,6 +510,8 @@ class Flattener:
     def _mtime(self, member: tarfile.TarInfo) -> tuple[int, int]:
         """(seconds, nanoseconds) of a member's mtime; a PAX time read exactly."""
         text = member.pax_headers.get("mtime")
+        if text is None and type(member.mtime) is int and _MIN_TIME <= member.mtime <= _MAX_TIME:
+            return member.mtime, 0  # a ustar header's whole seconds, in range
         if text is not None and _PAX_TIME.fullmatch(text):
             exact = Fraction(text)
         elif isinstance(member.mtime, int) or math.isfinite(member.mtime):

@@ -13,50 +13,142 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
 
 
-def hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path, *, sync: bool = False) -> tuple[str, int]:
     """sha256 hex digest and size of a file, read in constant memory.
 
     A sparse file's holes are hashed from a buffer of zeros, not read: an image
     is mostly holes, and the kernel zero-filling them costs more than the hash.
+    ``sync``: fsync the file in a thread while it is hashed (a build's output,
+    fsynced before it enters the store anyway: the writeback overlaps the hash).
     """
     sha = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:  # ENXIO: only a hole is left; EINVAL: no SEEK_DATA
-                data = size if exc.errno == errno.ENXIO else pos
-            while pos < data:  # a hole
-                n = min(CHUNK, data - pos)
-                sha.update(_ZEROS[:n] if n < CHUNK else _ZEROS)
-                pos += n
-            if pos >= size:
-                break
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:
-                hole = size
-            os.lseek(fd, pos, os.SEEK_SET)
-            while pos < hole:
-                n = f.readinto(view[: min(CHUNK, hole - pos)])
-                if not n:
-                    raise OSError(errno.EIO, "file shrank while being hashed", os.fspath(path))
-                sha.update(view[:n])
-                pos += n
+    view = memoryview(bytearray(CHUNK))
+    with open(path, "rb", buffering=0) as f, _synced(f.fileno(), sync):
+        size = os.fstat(f.fileno()).st_size
+        _hash_span(f.fileno(), sha, view, 0, size, os.fspath(path))
     return sha.hexdigest(), size
+
+
+def _hash_span(fd: int, sha: Any, view: memoryview, pos: int, end: int, name: str) -> None:
+    """Hash bytes [pos, end) of ``fd`` into ``sha``: holes from zeros, data read."""
+    while pos < end:
+        try:
+            data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+        except OSError as exc:  # ENXIO: only a hole is left; EINVAL: no SEEK_DATA
+            data = end if exc.errno == errno.ENXIO else pos
+        while pos < data:  # a hole
+            n = min(CHUNK, data - pos)
+            sha.update(_ZEROS[:n] if n < CHUNK else _ZEROS)
+            pos += n
+        if pos >= end:
+            break
+        try:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        except OSError:
+            hole = end
+        while pos < hole:
+            n = os.preadv(fd, [view[: min(CHUNK, hole - pos)]], pos)
+            if not n:
+                raise OSError(errno.EIO, "file shrank while being hashed", name)
+            sha.update(view[:n])
+            pos += n
+
+
+class FollowingHash:
+    """The sha256 of a file that is being written front to back, hashed by a
+    thread as its bytes become final: the writer says ``final(offset)`` when
+    everything below ``offset`` will not change any more, so hashing overlaps
+    the writing. ``digest()`` (everything is final) waits for the thread; the
+    context's exit stops it, whatever happened.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._name = os.fspath(path)
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._size = size
+        self._final = 0
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._sha = hashlib.sha256()
+        self._failed: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="image-hash", daemon=True)
+        self._thread.start()
+
+    def final(self, offset: int) -> None:
+        with self._cond:
+            if offset > self._final:
+                self._final = offset
+                self._cond.notify()
+
+    def _run(self) -> None:
+        view = memoryview(bytearray(CHUNK))
+        pos = 0
+        try:
+            while pos < self._size:
+                with self._cond:
+                    while self._final <= pos and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    end = min(self._final, self._size)
+                _hash_span(self._fd, self._sha, view, pos, end, self._name)
+                pos = end
+        except OSError as exc:  # given to digest()
+            self._failed = exc
+
+    def digest(self) -> str:
+        """The whole file's sha256 hex digest, once all of it is final."""
+        self.final(self._size)
+        self._thread.join()
+        if self._failed is not None:
+            raise self._failed
+        return self._sha.hexdigest()
+
+    def __enter__(self) -> FollowingHash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
+
+
+@contextmanager
+def _synced(fd: int, sync: bool) -> Iterator[None]:
+    """With ``sync``, ``fd`` is fsynced by a thread while the body runs; its OSError
+    is raised at the end."""
+    if not sync:
+        yield
+        return
+    failed: list[OSError] = []
+
+    def run() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="fsync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()  # before the caller closes fd
+    if failed:
+        raise failed[0]
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

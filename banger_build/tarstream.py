@@ -30,9 +30,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from banger_build.errors import Reason
 
@@ -65,8 +66,16 @@ _EXTENDED = (
     tarfile.XGLTYPE,
     tarfile.SOLARIS_XHDTYPE,
 )
+#: isal_zlib.error (its stub declares an instance, not a class)
+_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)
 #: What decompressing a malformed blob raises.
-DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+DECOMPRESS_ERRORS = (
+    EOFError,
+    zlib.error,
+    _ISAL_ERROR,
+    gzip.BadGzipFile,
+    zstandard.ZstdError,
+)
 #: What tarfile raises on malformed input (its number parsing lets ValueError and
 #: friends escape), decompression errors included. Caught only around tarfile's code.
 PARSE_ERRORS = (
@@ -95,23 +104,39 @@ class BudgetExceeded(Refused):
         super().__init__("uncompressed content past the budget", Reason.IMAGE_TOO_LARGE)
 
 
-class Prefetched:
-    """A decompressing stream read ahead by a thread of its own, a MiB at a time.
+class LayerReader:
+    """The uncompressed stream of a layer: decompressed ahead by a thread of its
+    own, hashed (the diff_id), counted, and cut at ``budget`` bytes.
 
-    zlib and zstd release the GIL while they work, so the next MiB is decompressed
-    while the tar stream of this one is parsed. At most ``_AHEAD`` chunks wait (the
-    memory is bounded); an exception of the thread is raised by ``read``.
+    One thread decompresses and counts a MiB at a time, another hashes it, while
+    the tar stream of an earlier MiB is parsed: inflate, zstd and sha256 release
+    the GIL, so neither is on the parse's critical path. At most ``_AHEAD`` chunks
+    wait in each queue (memory is bounded). Past the budget the decompressing
+    thread stops at once and ``read`` raises ``BudgetExceeded``, so a
+    decompression bomb costs the budget (and ``_AHEAD`` MiB), not the disk. Its
+    exceptions are raised by ``read``, in order. ``hexdigest`` is the stream's
+    sha256 once it was read to the end; ``close`` stops both threads.
     """
 
     _AHEAD = 8
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], budget: int, *, hashed: bool = True) -> None:
         self._raw = raw
+        self.budget = budget
+        self.count = 0  # bytes read by the thread so far; the total once read to the end
+        self._sha = hashlib.sha256()
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._AHEAD)
+        # a layer's diff_id; a bundle's members are hashed one by one, not the stream
+        self._hashing: queue.Queue[bytes] | None = queue.Queue(self._AHEAD) if hashed else None
+        self._hasher: threading.Thread | None = None
+        if self._hashing is not None:
+            self._hasher = threading.Thread(target=self._hash, name="diff-id", daemon=True)
+            self._hasher.start()
         self._stop = threading.Event()
         self._buf = b""
         self._pos = 0
         self._done = False
+        self._empty = 0
         self._thread = threading.Thread(target=self._run, name="decompress", daemon=True)
         self._thread.start()
 
@@ -119,15 +144,41 @@ class Prefetched:
         try:
             while not self._stop.is_set():
                 data = self._raw.read(_CHUNK)
+                self.count += len(data)
+                if self.count > self.budget:  # what is within the budget is parsed first,
+                    within = len(data) - (self.count - self.budget)  # so the error names
+                    if within > 0:  # the member that crosses it
+                        self._queue.put(data[:within])
+                    raise BudgetExceeded
+                if self._hashing is not None:
+                    self._hashing.put(data)
                 self._queue.put(data)
                 if not data:
                     return
         except BaseException as exc:  # given to the reader, raised there
             self._queue.put(exc)
+        finally:
+            if self._hashing is not None:
+                self._hashing.put(b"")
+
+    def _hash(self) -> None:
+        assert self._hashing is not None
+        while data := self._hashing.get():
+            self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        """sha256 of the stream read to its end (the hashing thread is waited for)."""
+        if self._hasher is None:
+            raise ValueError("this stream is not hashed")
+        self._hasher.join()
+        return self._sha.hexdigest()
 
     def read(self, n: int = -1) -> bytes:
         if self._pos >= len(self._buf):
             if self._done:
+                self._empty += 1
+                if self._empty > MAX_EMPTY_READS:
+                    raise Refused("the layer ends in the middle of an entry", Reason.CORRUPT)
                 return b""
             item = self._queue.get()
             if isinstance(item, BaseException):
@@ -142,40 +193,6 @@ class Prefetched:
         self._pos = end
         return data
 
-    def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)
-        self._thread.join()
-
-
-class LayerReader:
-    """The uncompressed stream of a layer: hashed, counted, cut at ``budget`` bytes."""
-
-    def __init__(self, raw: IO[bytes], budget: int, *, hashed: bool = True) -> None:
-        self._raw = raw
-        self.budget = budget
-        self.count = 0
-        self.sha = hashlib.sha256()
-        self._hashed = hashed  # a layer's diff_id; a bundle's members are hashed one by one
-        self._empty = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > _CHUNK:
-            n = _CHUNK  # never decompress more than a chunk at once
-        data = self._raw.read(n)
-        if not data:
-            self._empty += 1
-            if self._empty > MAX_EMPTY_READS:
-                raise Refused("the layer ends in the middle of an entry", Reason.CORRUPT)
-        self.count += len(data)
-        if self.count > self.budget:
-            raise BudgetExceeded
-        if self._hashed:
-            self.sha.update(data)
-        return data
-
     def drain(self) -> None:
         """Read (hash and count) what follows the tar archive's end."""
         try:
@@ -184,34 +201,44 @@ class LayerReader:
         except DECOMPRESS_ERRORS as exc:
             raise Refused(f"corrupt layer: {exc}", Reason.CORRUPT) from exc
 
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+        if self._hasher is not None:
+            self._hasher.join()  # it ends at the b"" the decompressing thread put last
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @contextmanager
-def _ahead(stream: IO[bytes]) -> Iterator[IO[bytes]]:
-    ahead = Prefetched(stream)
-    try:
-        yield ahead  # type: ignore[misc]
-    finally:
-        ahead.close()
-
-
-@contextmanager
-def open_layer(path: Path) -> Iterator[IO[bytes]]:
-    """The uncompressed tar stream of a blob; gzip, zstd or plain, by magic bytes."""
+def open_layer(path: Path, budget: int) -> Iterator[LayerReader]:
+    """The uncompressed tar stream of a blob (gzip, zstd or plain, by magic bytes),
+    read ahead, hashed and counted against ``budget``."""
     with open(path, "rb") as raw:
         magic = raw.read(4)
         raw.seek(0)
         if magic[:2] == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz, _ahead(gz) as stream:  # type: ignore[arg-type]
+            # ISA-L's inflate: 2.4x zlib's on a Debian layer (0.20 s against 0.49 s).
+            gz = cast(IO[bytes], igzip.IGzipFile(fileobj=raw, mode="rb"))  # type: ignore[no-untyped-call]
+            with gz, LayerReader(gz, budget) as stream:
                 yield stream
         elif magic == b"\x28\xb5\x2f\xfd":
             dctx = zstandard.ZstdDecompressor()
             with (
                 dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs,
-                _ahead(zs) as stream,
+                LayerReader(zs, budget) as stream,
             ):
                 yield stream
         else:
-            yield raw
+            with LayerReader(raw, budget) as stream:
+                yield stream
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -353,15 +380,17 @@ def member_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[tup
     of a MiB that is all zeros. Chunks start at each data segment's offset
     (0 for a plain member), so which chunks are holes depends on the member alone.
     """
-    if member.sparse is not None:
-        stream = tar.fileobj  # the raw member data: the segments, back to back
-        assert stream is not None
+    # Read from the archive's stream itself, where the member's data starts (a
+    # stream-mode TarFile is there after ``next()``, and skips what is left of the
+    # member and its padding before the next header): extractfile's two layers of
+    # file objects cost more than the parse on a layer of small files.
+    stream = tar.fileobj
+    assert stream is not None
+    if member.sparse is not None:  # the raw member data: the segments, back to back
         for offset, numbytes in sparse_map(member):
             yield from _chunks(stream.read, offset, numbytes)
     else:
-        src = tar.extractfile(member)
-        assert src is not None
-        yield from _chunks(src.read, 0, member.size)
+        yield from _chunks(stream.read, 0, member.size)
 
 
 def _chunks(read: Callable[[int], bytes], offset: int, length: int) -> Iterator[tuple[int, bytes]]:

@@ -4,10 +4,13 @@ Two passes over the tree, in its order (depth first, names in byte order):
 the first numbers the inodes (root 2, lost+found 11, then 12, 13, ... as
 first met; a hard link's later names share the number) and counts their
 names; the second allocates each inode's blocks from one cursor (its xattr
-block, its directory or data blocks, its extent tree) and writes them, the
-file data copied from the spool. Then the bitmaps (ranges: nothing is ever
-freed), the group descriptors and superblocks with their backups, the
-journal and the resize inode. Nothing comes from the host: numbers,
+block, its directory or data blocks, its extent tree) and writes them, but
+for the file data: its copies from the spool are listed. Then the bitmaps
+(ranges: nothing is ever freed), the group descriptors and superblocks with
+their backups, the journal and the resize inode. Last, the file data is
+copied in offset order (the cursor's order) while a thread hashes the image
+behind the copies: all metadata is final by then, so the image's sha256 costs
+little more than the copies. Nothing comes from the host: numbers,
 placement, UUID, hash seed and times follow from the tree, the key and the
 epoch.
 """
@@ -18,6 +21,7 @@ import errno
 import os
 import struct
 import uuid
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from banger_build.ext4.layout import (
     place_metadata,
     super_groups,
 )
-from banger_build.fsutil import pwrite_all
+from banger_build.fsutil import FollowingHash, pwrite_all
 from banger_build.spool import Spool, data_segments
 from banger_build.tree import BLK, CHR, DIR, FIFO, REG, SYMLINK, Inode, Node, Tree, name_bytes
 
@@ -55,12 +59,15 @@ _FILE_TYPES = {
 _MAX_DIR_LINKS = 65000
 #: Inode table bytes gathered before one write.
 _FLUSH = 1 << 20
+#: Bytes copied between two reports to the image's hashing thread.
+_REPORT = 4 << 20
 
 
 @dataclass(frozen=True)
 class Written:
     inodes: int  # inodes in use, the reserved ones included
     blocks: int  # blocks in use
+    sha256: str  # of the image file, as written (and fsynced)
 
 
 def write_image(
@@ -72,7 +79,11 @@ def write_image(
     try:
         writer = _Writer(fd, geometry, spool, uuid.UUID(fs_uuid).bytes, epoch)
         try:
-            return writer.write(tree, uuid.UUID(hash_seed).bytes)
+            inodes, blocks = writer.write(tree, uuid.UUID(hash_seed).bytes)
+            with FollowingHash(image, plan.size) as hashing:
+                writer.copy_data(hashing)
+                os.fsync(fd)  # the store's fsync before publishing finds nothing left
+                return Written(inodes, blocks, hashing.digest())
         except OSError as exc:  # the host's disk: name the file being written
             if exc.filename is not None:
                 raise
@@ -123,10 +134,14 @@ class _Writer:
         self._table = bytearray()
         self._table_ino = 0  # the inode number of the table buffer's first inode
         self.max_ino = fmt.FIRST_INO
+        # (spool offset, length, image offset) of the file data, in image order: the
+        # cursor only moves forward, and each file's extents follow logical order
+        self.copies = array("Q")
 
     # -- the whole image --------------------------------------------------------
 
-    def write(self, tree: Tree, hash_seed: bytes) -> Written:
+    def write(self, tree: Tree, hash_seed: bytes) -> tuple[int, int]:
+        """Everything but the file data; (inodes, blocks) in use."""
         journal = self._write_journal()
         resize_block = self.alloc.one()
         added = self._add_lost_found(tree)
@@ -141,7 +156,22 @@ class _Writer:
         self._write_resize_inode(resize_block)
         used_blocks = self._write_groups()
         self._write_superblocks(hash_seed, journal, used_blocks)
-        return Written(self.max_ino, used_blocks)
+        return self.max_ino, used_blocks
+
+    def copy_data(self, hashing: FollowingHash) -> None:
+        """Copy the listed file data from the spool, front to back, telling
+        ``hashing`` how far the image is final."""
+        copies = self.copies
+        told = done = 0
+        for i in range(0, len(copies), 3):
+            src, length, dst = copies[i], copies[i + 1], copies[i + 2]
+            if dst < done:  # the hash would have read these bytes before them
+                raise RuntimeError(f"file data out of order at byte {dst} (after {done})")
+            if dst - told >= _REPORT:
+                hashing.final(dst)
+                told = dst
+            self.spool.copy(src, length, self.fd, dst)
+            done = dst + length
 
     def _add_lost_found(self, tree: Tree) -> bool:
         """lost+found as inode 11: the tree's own, or one added for the write (True)."""
@@ -359,7 +389,7 @@ class _Writer:
                     i += 1
                     continue
                 n = min(length, end - offset)
-                self.spool.copy(src, n, self.fd, pblk * BLOCK + offset - lblk * BLOCK)
+                self.copies.extend((src, n, pblk * BLOCK + offset - lblk * BLOCK))
                 src += n
                 offset += n
                 length -= n

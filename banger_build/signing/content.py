@@ -72,8 +72,10 @@ def read_bundle(
     try:
         with open(path, "rb") as raw:
             dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-            with dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs:
-                stream = LayerReader(zs, budget, hashed=False)
+            with (
+                dctx.stream_reader(raw, read_size=_CHUNK, read_across_frames=True) as zs,
+                LayerReader(zs, budget, hashed=False) as stream,
+            ):
                 tar = open_tar(stream, bufsize=_CHUNK)
                 found = _members(tar, manifest, where, rootfs_to)
                 stream.drain()
