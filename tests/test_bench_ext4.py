@@ -45,8 +45,9 @@ def test_rootless_owner_decodes_what_umoci_writes() -> None:
     assert bench_ext4.rootless_owner(b"") == (0, 0)
 
 
+@pytest.mark.parametrize("stdlib", [False, True], ids=["as-ours", "stdlib"])
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
-def test_floor_reads_every_file(tmp_path: Path, compression: str) -> None:
+def test_floor_reads_every_file(tmp_path: Path, compression: str, stdlib: bool) -> None:
     entries = [
         Entry.dir("etc"),
         Entry.file("etc/a", b"x" * 100_000),
@@ -55,7 +56,7 @@ def test_floor_reads_every_file(tmp_path: Path, compression: str) -> None:
     ]
     layer = tmp_path / "layer"
     layer.write_bytes(make_layer(entries, compression))
-    got = bench_ext4.read_layers([layer, layer])
+    got = bench_ext4.read_layers([layer, layer], stdlib)
     assert got == {"members": 8, "files": 4, "bytes": 2 * 100_002}
 
 
