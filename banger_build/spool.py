@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -30,8 +30,27 @@ from banger_build.tree import Inode
 
 #: Bytes per read when copying a host file into the spool.
 _READ = 1 << 20
-#: Chunks waiting for the writer thread.
+#: Writes waiting for the writer thread.
 _QUEUED = 32
+#: Bytes, and buffers, gathered into one write (IOV_MAX is 1024): one hand-over to
+#: the thread per MiB, not per small file, or the GIL ping-pong starves it.
+_GATHER = 1 << 20
+_GATHER_BUFFERS = 512
+#: Each file's data starts at a multiple of this in the spool, as in the image
+#: (its block size): files that follow each other in both are one copy.
+ALIGN = 4096
+_PAD = memoryview(bytes(ALIGN))
+
+
+#: What the spool writes: chunks of a layer or a file (bytes), padding (a view of zeros).
+Buffer = bytes | memoryview
+
+
+def _pwritev_all(fd: int, buffers: list[Buffer], offset: int) -> None:
+    done = os.pwritev(fd, buffers, offset)
+    total = sum(len(b) for b in buffers)
+    if done < total:  # a short write: the rest, joined
+        pwrite_all(fd, b"".join(buffers)[done:], offset + done)
 
 
 class Spool:
@@ -44,10 +63,13 @@ class Spool:
         self.end = 0
         # Writes go through one thread, so the page cache's copy of a chunk overlaps
         # the decompression of the next (both release the GIL). At most _QUEUED
-        # chunks (of at most a MiB) wait: memory stays bounded.
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(_QUEUED)
+        # writes (of about a MiB) wait: memory stays bounded.
+        self._queue: queue.Queue[tuple[int, list[Buffer]] | None] = queue.Queue(_QUEUED)
         self._failed: OSError | None = None
         self._thread: threading.Thread | None = None
+        self._gathered: list[Buffer] = []  # the next write, from offset _gathered_at
+        self._gathered_at = 0
+        self._gathered_bytes = 0
 
     def close(self) -> None:
         if self._thread is not None:
@@ -59,7 +81,8 @@ class Spool:
             self.fd = -1
 
     def flush(self) -> None:
-        """Wait until every chunk handed over is written; raise a write's OSError."""
+        """Wait until every chunk added is written; raise a write's OSError."""
+        self._hand_over()
         if self._thread is not None:
             self._queue.join()
         if self._failed is not None:
@@ -67,10 +90,10 @@ class Spool:
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            offset, data = item
+            offset, buffers = item
             try:
                 if self._failed is None:
-                    pwrite_all(self.fd, data, offset)
+                    _pwritev_all(self.fd, buffers, offset)
             except OSError as exc:  # the host's disk: name the file
                 self._failed = OSError(exc.errno, exc.strerror, os.fspath(self.path))
             except Exception as exc:  # reported to the thread that writes next
@@ -92,6 +115,11 @@ class Spool:
     def add(self, inode: Inode, chunks: Iterable[tuple[int, bytes]]) -> int:
         """Append (file offset, bytes) chunks, in increasing offset order, as
         ``inode``'s data; return the bytes stored. Adjacent chunks make one segment."""
+        pad = -self.end % ALIGN
+        if pad and self._gathered:
+            self._gather(_PAD[:pad])  # zeros, so the gathered write stays one range
+        else:
+            self.end += pad  # a hole: zeros, never written
         inode.src = self.end
         segments = array("Q")
         seg_start = seg_end = -1
@@ -100,7 +128,7 @@ class Spool:
                 if seg_end > seg_start:
                     segments.extend((seg_start, seg_end - seg_start))
                 seg_start = seg_end = offset
-            self._write(chunk)
+            self._gather(chunk)
             seg_end += len(chunk)
         if seg_end > seg_start:
             segments.extend((seg_start, seg_end - seg_start))
@@ -134,14 +162,27 @@ class Spool:
             raise ContentChanged(path, expected, digest)
         return digest
 
-    def _write(self, data: bytes) -> None:
+    def _gather(self, data: Buffer) -> None:
         if self._failed is not None:
             raise self._failed
+        if not self._gathered:
+            self._gathered_at = self.end
+        self._gathered.append(data)
+        self._gathered_bytes += len(data)
+        self.end += len(data)
+        if self._gathered_bytes >= _GATHER or len(self._gathered) >= _GATHER_BUFFERS:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the gathered write to the writer thread."""
+        if not self._gathered:
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._drain, name="spool", daemon=True)
             self._thread.start()
-        self._queue.put((self.end, bytes(data)))
-        self.end += len(data)
+        self._queue.put((self._gathered_at, self._gathered))
+        self._gathered = []
+        self._gathered_bytes = 0
 
     # -- reading ------------------------------------------------------------------
 
@@ -179,6 +220,93 @@ class Spool:
         data = os.pread(self.fd, min(length, _READ), src)
         pwrite_all(dst_fd, data, dst)
         return len(data)
+
+
+class Copier:
+    """Copies spool ranges into a file in a thread of its own, in the order given,
+    while the caller goes on (``copy_file_range`` releases the GIL).
+
+    ``add`` queues one (spool offset, length, file offset) copy; offsets in the
+    file must increase, so ``done`` (the end of the last copy made) says that
+    every copy below it is in place; after ``report(final)``, ``final`` is told
+    ``done`` every few MiB. ``close`` waits for the last copy and raises the
+    thread's error (OSError, or RuntimeError for copies out of order).
+    """
+
+    _BATCH = 256  # copies handed over at once, at most
+    _BATCH_BYTES = 1 << 20  # bytes of copies handed over at once, at least
+    _QUEUED = 64  # batches waiting at most (memory is bounded)
+    _REPORT = 4 << 20  # bytes copied between two reports
+
+    def __init__(self, spool: Spool, fd: int) -> None:
+        self.spool = spool
+        self.fd = fd
+        self.done = 0
+        self._bytes = 0  # in the batch being gathered
+        self._final: Callable[[int], None] | None = None
+        self._told = 0
+        self._batch = array("Q")
+        self._queue: queue.Queue[array[int] | None] = queue.Queue(self._QUEUED)
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="copier", daemon=True)
+        self._thread.start()
+
+    def add(self, src: int, length: int, dst: int) -> None:
+        if self._failed is not None:
+            raise self._failed
+        batch = self._batch
+        if batch:  # one copy with the last when it ends, padded to ALIGN, where this
+            last_src, last_len, last_dst = batch[-3], batch[-2], batch[-1]  # starts, in both
+            end = last_src + last_len + (-(last_src + last_len) % ALIGN)
+            if (
+                src == end
+                and dst - last_dst == end - last_src
+                and last_src % ALIGN == last_dst % ALIGN
+            ):
+                batch[-2] = src + length - last_src  # the padding's zeros copied too
+                self._bytes += src + length - last_src - last_len
+                length = 0
+        if length:
+            batch.extend((src, length, dst))
+            self._bytes += length
+        if self._bytes >= self._BATCH_BYTES or len(batch) >= 3 * self._BATCH:
+            self._queue.put(batch)
+            self._batch = array("Q")
+            self._bytes = 0
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._failed is not None:
+                continue  # drained, not copied: close() raises
+            try:
+                for i in range(0, len(batch), 3):
+                    src, length, dst = batch[i], batch[i + 1], batch[i + 2]
+                    if dst < self.done:
+                        raise RuntimeError(f"copy out of order at byte {dst} (after {self.done})")
+                    self.spool.copy(src, length, self.fd, dst)
+                    self.done = dst + length
+                    final = self._final
+                    if final is not None and self.done - self._told >= self._REPORT:
+                        self._told = self.done
+                        final(self.done)
+            except BaseException as exc:  # raised by add() or close()
+                self._failed = exc
+
+    def report(self, final: Callable[[int], None]) -> None:
+        """From now on, tell ``final`` how far the copies are made."""
+        self._final = final
+        final(self.done)
+
+    def close(self) -> None:
+        """Wait for every copy; raise the first error."""
+        if self._thread.is_alive():
+            if self._batch:
+                self._queue.put(self._batch)
+                self._batch = array("Q")
+            self._queue.put(None)
+            self._thread.join()
+        if self._failed is not None:
+            raise self._failed
 
 
 def data_segments(inode: Inode) -> list[tuple[int, int]]:

@@ -3,6 +3,7 @@ exercise flatten and the writer without a registry."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from banger_build import ext4
@@ -37,10 +38,11 @@ def write_tree(
     size: int = 0,
     name: str = "rootfs.ext4",
 ) -> Path:
-    """Plan, write and e2fsck an image of ``tree``; its path."""
+    """Plan, write and e2fsck an image of ``tree``; its path. The sha256 the writer
+    gives (hashed behind its copies) must be the file's, read back whole."""
     plan = ext4.plan_size(tree, auto=auto, size=size)
     image = tmp / name
-    ext4.write_image(
+    written = ext4.write_image(
         image,
         tree,
         spool,
@@ -49,6 +51,8 @@ def write_tree(
         hash_seed=ext4.derived_uuid(key, "hash-seed"),
         epoch=epoch,
     )
+    with open(image, "rb") as f:  # an independent reader: no hole skipping
+        assert written.sha256 == hashlib.file_digest(f, "sha256").hexdigest()
     ext4.check_filesystem(image)
     result = fsck(image)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
