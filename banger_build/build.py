@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,12 @@ from banger_build.context import (
     run_steps,
 )
 from banger_build.entries import error_at
-from banger_build.errors import ImageError, InputError, Reason, StoreError
+from banger_build.errors import ImageError, InputError, LayerError, Reason, StoreError
 from banger_build.flatten import Flattener, LayerInput
 from banger_build.fsutil import ContentChanged, copy_verified, hash_file, make_read_only
 from banger_build.inject import inject, install_modules, resolve_owners
 from banger_build.inputs import hash_tree
+from banger_build.oci.blobs import BlobCache
 from banger_build.oci.fileartifact import LAYER_TYPE
 from banger_build.oci.kernel import extract_modules
 from banger_build.oci.manifest import Descriptor
@@ -50,10 +52,18 @@ MANIFEST_FORMAT = 1
 
 
 def pull_layers(ctx: Context) -> None:
+    """The layer blobs into the cache (verified as they are written). A blob the
+    cache has already is not hashed here: ``flatten_layers`` hashes it while it
+    reads it (and checks the bytes it uses against the diff_ids itself)."""
     image, layers = ctx.recipe.image, ctx.manifest.layers
     ctx.reporter.step(f"pulling {len(layers)} layers of {image}")
     for desc, diff_id in zip(layers, ctx.diff_ids, strict=True):
-        ctx.layers.append(LayerInput(desc.digest, ctx.source.blob(image, desc), diff_id))
+        path = ctx.source.cache.present(desc.digest, desc.size)
+        if path is None:
+            path = ctx.source.blob(image, desc)
+        else:
+            ctx.unhashed.append(desc)
+        ctx.layers.append(LayerInput(desc.digest, path, diff_id))
 
 
 def fetch_files(ctx: Context) -> None:
@@ -75,7 +85,40 @@ def fetch_files(ctx: Context) -> None:
 
 
 def flatten_layers(ctx: Context) -> None:
+    """The layers into ``ctx.tree`` and their files' bytes into ``ctx.spool``.
+
+    Meanwhile a thread hashes the cached blobs ``pull_layers`` did not: one that
+    is damaged is removed, fetched again, and the layers are flattened again (a
+    damaged blob may also have made the flatten fail: it is retried then too)."""
     ctx.reporter.step("flattening layers")
+    with ThreadPoolExecutor(1, thread_name_prefix="hash-blobs") as pool:
+        hashing = pool.submit(_damaged_blobs, ctx.source.cache, ctx.unhashed)
+        try:
+            _flatten(ctx)
+            failure: LayerError | OSError | None = None
+        except (LayerError, OSError) as exc:  # OSError: the hashing removed it meanwhile
+            failure = exc
+        damaged = hashing.result()
+    ctx.unhashed.clear()
+    if not damaged:
+        if failure is not None:
+            raise failure
+        return
+    for desc in damaged:
+        ctx.reporter.note(f"cached layer {desc.digest.short} was damaged: fetching it again")
+        ctx.source.blob(ctx.recipe.image, desc)  # into the same cache path, verified
+    _flatten(ctx)
+
+
+def _damaged_blobs(cache: BlobCache, descs: list[Descriptor]) -> list[Descriptor]:
+    """Those of ``descs`` whose cached blob does not hash to its digest (removed)."""
+    return [d for d in descs if cache.get(d.digest, d.size) is None]
+
+
+def _flatten(ctx: Context) -> None:
+    if getattr(ctx, "spool", None) is not None:  # a second try: the first one's bytes go
+        ctx.spool.close()
+        ctx.spool.path.unlink(missing_ok=True)
     ctx.spool = Spool(ctx.work / "spool")  # closed by run_build, however the steps end
     flattener = Flattener(ctx.spool, ctx.epoch, ctx.options.limits)
     for layer in ctx.layers:

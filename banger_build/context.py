@@ -26,7 +26,7 @@ from banger_build.flatten import LayerInput
 from banger_build.limits import Limits
 from banger_build.lockfile import Lock
 from banger_build.oci.blobs import BlobCache
-from banger_build.oci.manifest import ImageManifest
+from banger_build.oci.manifest import Descriptor, ImageManifest
 from banger_build.oci.options import RegistryOptions
 from banger_build.oci.reference import Digest, Reference
 from banger_build.oci.source import Source
@@ -141,6 +141,8 @@ class Context:
         # filled by the build steps
         self.work: Path
         self.layers: list[LayerInput] = []
+        # cached layer blobs not hashed by pull_layers: flatten_layers hashes them
+        self.unhashed: list[Descriptor] = []
         self.tree: Tree
         self.spool: Spool
         self.owners: list[tuple[int, int]] = []  # (uid, gid) of each injected entry

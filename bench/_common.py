@@ -105,8 +105,20 @@ def remove_tree(path: Path) -> None:
 
 
 def isolated_env(work: Path) -> dict[str, str]:
-    """This environment without the user's banger-build or registry settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_BUILD_")}
+    """This environment without the user's banger-build or registry settings, and
+    with the package's bytecode compiled, as an installed package has it (pip
+    compiles at install): a child then measures the tool, not the compiler."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(REPO / "banger_build")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""},
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BANGER_BUILD_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     for name in ("docker", "config"):
         (work / name).mkdir(parents=True, exist_ok=True)
     return {

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -126,6 +127,19 @@ class BlobCache:
     def _root(self, digest: Digest) -> None:
         if self.roots is not None:
             self.roots.add(digest.hex)
+
+    def present(self, digest: Digest, size: int) -> Path | None:
+        """The blob's path if a file of ``size`` bytes is there, *not hashed*: for a
+        reader that checks every byte it uses against a digest it trusts (a layer's
+        uncompressed bytes against the config's diff_id) and calls ``get`` (which
+        hashes the file, and removes a bad one) before anything else relies on it."""
+        self._root(digest)
+        path = self.path(digest)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return path if st.st_size == size and stat.S_ISREG(st.st_mode) else None
 
     def get(self, digest: Digest, size: int | None = None) -> Path | None:
         """The blob's path if it is present and verified, else None.

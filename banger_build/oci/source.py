@@ -140,6 +140,12 @@ class Source:
         if path is not None:
             return path
         with self._boundary(ref):
+            if self.options.offline:  # say which blob
+                raise Failure(
+                    f"{desc.digest} is not in the blob cache (or was damaged there), and "
+                    "--offline forbids asking a registry",
+                    reason=Reason.OFFLINE,
+                )
             return self.remote.blob(ref, desc)
 
     # -- kernel artifacts

@@ -28,12 +28,15 @@ import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING
 
 from banger_build.errors import InputError, Reason
+
+if TYPE_CHECKING:  # cryptography is loaded where a key is made or used, not by every build
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 #: a key name: what Nix accepts (anything before the first ':') narrowed to what is
 #: safe in a message, an OCI annotation and a DSSE keyid
@@ -64,7 +67,18 @@ def _b64decode(text: str) -> bytes | None:
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _private(seed: bytes | None = None) -> Ed25519PrivateKey:
+    """The Ed25519 key of a 32-byte seed, or a new one."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if seed is None:
+        return Ed25519PrivateKey.generate()
+    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 class PublicKey:
@@ -80,7 +94,7 @@ class PublicKey:
             )
         self.name = check_name(name)
         self.raw = bytes(raw)
-        self._key = Ed25519PublicKey.from_public_bytes(self.raw)
+        self._key: Ed25519PublicKey | None = None  # made on first verify
 
     def __str__(self) -> str:
         """``NAME:BASE64``, the text form (a public key is not a secret)."""
@@ -96,8 +110,13 @@ class PublicKey:
         return hash((self.name, self.raw))
 
     def verify(self, signature: bytes, message: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         if len(signature) != SIGNATURE_SIZE:
             return False
+        if self._key is None:
+            self._key = Ed25519PublicKey.from_public_bytes(self.raw)
         try:
             self._key.verify(signature, message)
         except InvalidSignature:
@@ -117,12 +136,12 @@ class SecretKey:
 
     @classmethod
     def generate(cls, name: str) -> SecretKey:
-        return cls(name, Ed25519PrivateKey.generate())
+        return cls(name, _private())
 
     @classmethod
     def from_seed(cls, name: str, seed: bytes) -> SecretKey:
         """The key of a 32-byte seed (RFC 8032's private key): tests' known answers."""
-        return cls(name, Ed25519PrivateKey.from_private_bytes(seed))
+        return cls(name, _private(seed))
 
     def __repr__(self) -> str:
         return f"SecretKey({self.name!r})"
@@ -201,7 +220,7 @@ def parse_secret_key(text: str, where: str) -> SecretKey:
             f"{SEED_SIZE + PUBLIC_SIZE} bytes{hint}",
             reason=Reason.KEY_INVALID,
         )
-    key = SecretKey(name, Ed25519PrivateKey.from_private_bytes(raw[:SEED_SIZE]))
+    key = SecretKey(name, _private(raw[:SEED_SIZE]))
     if key.public.raw != raw[SEED_SIZE:]:
         raise InputError(
             f"{where}: secret key {name!r}: its public half does not belong to it "
