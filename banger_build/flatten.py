@@ -119,11 +119,13 @@ def normalize_name(name: str) -> str:
 
 def check_name(path: str, raw: str) -> Reason | None:
     """The reason an unsafe name is refused, else None."""
-    if any(c in raw for c in "\x00\r\n"):
+    if "\x00" in raw or "\r" in raw or "\n" in raw:
         return Reason.UNSAFE_NAME
-    if ".." in path.split("/"):
+    parts = path.split("/")
+    if ".." in parts:
         return Reason.PATH_ESCAPE
-    if any(len(name_bytes(p)) > NAME_MAX for p in path.split("/")):
+    # a character is at most 4 bytes: shorter components need no encoding to count
+    if any(len(p) > NAME_MAX // 4 and len(name_bytes(p)) > NAME_MAX for p in parts):
         return Reason.NAME_TOO_LONG
     return None
 
@@ -445,9 +447,8 @@ class Flattener:
         way is marked as holding something of this layer.
         """
         node = self.tree.root
-        walked = ""
-        for part in parent.split("/") if parent else ():
-            walked = f"{walked}/{part}" if walked else part
+        parts = parent.split("/") if parent else []
+        for i, part in enumerate(parts):
             assert node.children is not None
             child = node.children.get(part)
             if child is None:
@@ -456,6 +457,7 @@ class Flattener:
                 child = new_dir(mtime=self.epoch)
                 self._insert(node, part, child, raw, implicit=True)
             elif child.inode.type == SYMLINK:
+                walked = "/".join(parts[: i + 1])
                 raise self._refuse(
                     raw,
                     f"writes through the symlink {walked!r} (-> {child.inode.target!r}): "
@@ -463,6 +465,7 @@ class Flattener:
                     Reason.THROUGH_SYMLINK,
                 )
             elif not child.is_dir:
+                walked = "/".join(parts[: i + 1])
                 raise self._refuse(raw, f"{walked!r} is not a directory", Reason.NOT_A_DIRECTORY)
             elif create and child.mark < self._touched:
                 child.mark = self._touched
