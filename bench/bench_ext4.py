@@ -560,6 +560,9 @@ def print_table(fig: dict[str, Any]) -> None:
                   f"{mib(row['peak_rss']):>9}")  # fmt: skip
             if "steps" in row:
                 print(f"{'':<6}" + ", ".join(f"{k} {v:.2f}s" for k, v in row["steps"].items()))
+        if deb["stdlib_floor"]:
+            print(f"(cold build / the stdlib floor: {ours / deb['stdlib_floor']['seconds']:.2f}; "
+                  "the targets are against the floor above)")  # fmt: skip
     dirs = fig.get("dirs")
     if dirs:
         n = dirs["entries"]
