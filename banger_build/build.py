@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +91,13 @@ def flatten_layers(ctx: Context) -> None:
     is damaged is removed, fetched again, and the layers are flattened again (a
     damaged blob may also have made the flatten fail: it is retried then too)."""
     ctx.reporter.step("flattening layers")
-    with ThreadPoolExecutor(1, thread_name_prefix="hash-blobs") as pool:
-        hashing = pool.submit(_damaged_blobs, ctx.source.cache, ctx.unhashed)
-        try:
-            _flatten(ctx)
-            failure: LayerError | OSError | None = None
-        except (LayerError, OSError) as exc:  # OSError: the hashing removed it meanwhile
-            failure = exc
-        damaged = hashing.result()
+    hashing = _BlobCheck(ctx.source.cache, ctx.unhashed)
+    try:
+        _flatten(ctx)
+        failure: LayerError | OSError | None = None
+    except (LayerError, OSError) as exc:  # OSError: the hashing removed it meanwhile
+        failure = exc
+    damaged = hashing.damaged()
     ctx.unhashed.clear()
     if not damaged:
         if failure is not None:
@@ -110,9 +109,32 @@ def flatten_layers(ctx: Context) -> None:
     _flatten(ctx)
 
 
-def _damaged_blobs(cache: BlobCache, descs: list[Descriptor]) -> list[Descriptor]:
-    """Those of ``descs`` whose cached blob does not hash to its digest (removed)."""
-    return [d for d in descs if cache.get(d.digest, d.size) is None]
+class _BlobCheck:
+    """Hashes cached blobs in a daemon thread (a signal that stops the build does
+    not wait for it); ``damaged()`` waits and gives those that do not hash to
+    their digest (the cache has removed them)."""
+
+    def __init__(self, cache: BlobCache, descs: list[Descriptor]) -> None:
+        self._cache = cache
+        self._descs = list(descs)
+        self._damaged: list[Descriptor] = []
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hash-blobs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for d in self._descs:
+                if self._cache.get(d.digest, d.size) is None:
+                    self._damaged.append(d)
+        except BaseException as exc:  # raised by damaged()
+            self._failed = exc
+
+    def damaged(self) -> list[Descriptor]:
+        self._thread.join()
+        if self._failed is not None:
+            raise self._failed
+        return self._damaged
 
 
 def _flatten(ctx: Context) -> None:

@@ -1,8 +1,9 @@
 """The rendering child's side of templating: a job's template read (checked and
 bounded), rendered in jinja2's ``ImmutableSandboxedEnvironment`` with
 ``StrictUndefined``, and any problem at all turned into one ``Failure`` that
-names the file and line. Only the forked child imports this module (and so
-jinja2): a build that renders no template does not load the engine.
+names the file and line. ``templating`` imports this module (and so jinja2)
+when there is a template to render: a build that renders none does not load
+the engine.
 """
 
 from __future__ import annotations

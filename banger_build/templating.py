@@ -25,8 +25,8 @@ known, its line. A template's rendered bytes, not its source, are what the
 derivation hashes: two templates that render the same give the same image.
 
 This module is the parent's side (jobs, the child, its limits and its report);
-the child's side, the sandbox itself, is ``sandbox``: only the child imports
-it, so a build that renders no template does not load jinja2.
+the child's side, the sandbox itself, is ``sandbox``: imported when there is a
+template to render, so a build that renders none does not load jinja2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import resource
 import select
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -101,13 +101,17 @@ def render_templates(jobs: Sequence[TemplateJob], context: Mapping[str, Any]) ->
     """The rendered bytes of each job, in order; the first failure is an ``InputError``."""
     if not jobs:
         return []
+    # jinja2 is imported here, before the fork: never by a forked child, where an
+    # import lock another thread held at the fork would stay held
+    from banger_build import sandbox
+
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: render, report, never return into the caller's code
         code = 70
         try:
             os.close(rfd)
-            _child(jobs, context, wfd)
+            _child(jobs, context, wfd, sandbox.render_job)
             code = 0
         finally:
             os._exit(code)
@@ -189,9 +193,12 @@ def _died(pid: int, job: TemplateJob, reaped: list[int]) -> InputError:
 # -- the child ---------------------------------------------------------------------
 
 
-def _child(jobs: Sequence[TemplateJob], context: Mapping[str, Any], wfd: int) -> None:
-    from banger_build.sandbox import render_job  # jinja2: loaded where it renders
-
+def _child(
+    jobs: Sequence[TemplateJob],
+    context: Mapping[str, Any],
+    wfd: int,
+    render_job: Callable[[TemplateJob, Mapping[str, Any], int], bytes],
+) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)  # the parent reports; the child just stops
     _limit_memory()

@@ -216,3 +216,42 @@ def test_warm_build_with_fetched_files_loads_no_http_stack(
     assert warm.returncode == 0, warm.stderr
     assert "cached" not in warm.stderr and warm.stdout != cold.stdout
     assert loaded_modules(warm.stderr) == []
+
+
+#: runs the CLI, then reports whether the template engine and the signing stack loaded
+ENGINE_SCRIPT = """
+import sys
+from banger_build.cli import main
+code = main(sys.argv[1:])
+print("LOADED=" + ",".join(m for m in ("jinja2", "cryptography") if m in sys.modules),
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_a_build_without_templates_or_keys_loads_no_jinja2_or_cryptography(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    layer = make_layer([Entry.dir("etc"), Entry.file("etc/hostname", b"plain\n")])
+    push_image(registry.url, "imports/plain", "v1", [layer])
+    recipe = tmp_path / "r" / "recipe.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(f'[image]\nref = "{registry.host}/imports/plain:v1"\n')
+
+    def loaded(path: Path, home: str) -> list[str]:
+        args = (str(path), "--no-link", "--home", str(tmp_path / home))
+        run = subprocess.run(
+            [sys.executable, "-c", ENGINE_SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        return loaded_modules(run.stderr)
+
+    assert loaded(recipe, "plain") == []
+    (recipe.parent / "t.j2").write_text("{{ 1 + 1 }}\n")
+    templated = recipe.parent / "templated.toml"
+    templated.write_text(recipe.read_text() + '\n[[templates]]\nsrc = "t.j2"\ndest = "/etc/t"\n')
+    assert loaded(templated, "templated") == ["jinja2"]  # the check can see it
