@@ -31,7 +31,7 @@ from banger_build.tree import Inode
 #: Bytes per read when copying a host file into the spool.
 _READ = 1 << 20
 #: Writes waiting for the writer thread.
-_QUEUED = 32
+_QUEUED = 8
 #: Bytes, and buffers, gathered into one write (IOV_MAX is 1024): one hand-over to
 #: the thread per MiB, not per small file, or the GIL ping-pong starves it.
 _GATHER = 1 << 20
