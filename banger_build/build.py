@@ -106,6 +106,7 @@ def flatten_layers(ctx: Context) -> None:
     for desc in damaged:
         ctx.reporter.note(f"cached layer {desc.digest.short} was damaged: fetching it again")
         ctx.source.blob(ctx.recipe.image, desc)  # into the same cache path, verified
+    ctx.reporter.note("flattening the layers again")
     _flatten(ctx)
 
 
