@@ -275,7 +275,7 @@ def write_manifest(ctx: Context) -> None:
         if path.name in ctx.outputs:  # staged and hashed already
             outputs[path.name] = ctx.outputs[path.name]
             continue
-        digest, size = hash_tree(path) if path.is_dir() else hash_file(path, sync=True)
+        digest, size = hash_tree(path) if path.is_dir() else hash_file(path)
         outputs[path.name] = {"sha256": digest, "size": size}
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -15,7 +15,6 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,15 @@ CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
 
 
-def hash_file(path: Path, *, sync: bool = False) -> tuple[str, int]:
+def hash_file(path: Path) -> tuple[str, int]:
     """sha256 hex digest and size of a file, read in constant memory.
 
     A sparse file's holes are hashed from a buffer of zeros, not read: an image
     is mostly holes, and the kernel zero-filling them costs more than the hash.
-    ``sync``: fsync the file in a thread while it is hashed (a build's output,
-    fsynced before it enters the store anyway: the writeback overlaps the hash).
     """
     sha = hashlib.sha256()
     view = memoryview(bytearray(CHUNK))
-    with open(path, "rb", buffering=0) as f, _synced(f.fileno(), sync):
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         _hash_span(f.fileno(), sha, view, 0, size, os.fspath(path))
     return sha.hexdigest(), size
@@ -124,31 +121,6 @@ class FollowingHash:
             self._cond.notify()
         self._thread.join()
         os.close(self._fd)
-
-
-@contextmanager
-def _synced(fd: int, sync: bool) -> Iterator[None]:
-    """With ``sync``, ``fd`` is fsynced by a thread while the body runs; its OSError
-    is raised at the end."""
-    if not sync:
-        yield
-        return
-    failed: list[OSError] = []
-
-    def run() -> None:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="fsync", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()  # before the caller closes fd
-    if failed:
-        raise failed[0]
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
