@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -37,7 +36,9 @@ def hash_file(path: Path) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
-def _hash_span(fd: int, sha: Any, view: memoryview, pos: int, end: int, name: str) -> None:
+def _hash_span(
+    fd: int, sha: hashlib._Hash, view: memoryview, pos: int, end: int, name: str
+) -> None:
     """Hash bytes [pos, end) of ``fd`` into ``sha``: holes from zeros, data read."""
     while pos < end:
         try:
