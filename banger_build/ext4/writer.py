@@ -11,9 +11,8 @@ descriptors and superblocks with their backups, the journal and the resize
 inode. Once that metadata is written, a thread hashes the image front to back
 behind the copies (``FollowingHash``): the image's sha256 costs about one
 sha256 pass after the metadata, not a second read of the image after it.
-Nothing comes from the host: numbers,
-placement, UUID, hash seed and times follow from the tree, the key and the
-epoch.
+Nothing comes from the host: numbers, placement, UUID, hash seed and times
+follow from the tree, the key and the epoch.
 """
 
 from __future__ import annotations
@@ -75,28 +74,26 @@ def write_image(
     geometry = Geometry.make(plan.size, plan.inodes)
     fd = _create(image, plan.size)
     try:
-        writer = _Writer(fd, geometry, spool, uuid.UUID(fs_uuid).bytes, epoch)
-        try:
-            with FollowingHash(image, plan.size) as hashing:
-                copier = Copier(spool, fd)
-                writer.copier = copier
-                try:
-                    inodes, blocks = writer.write(tree, uuid.UUID(hash_seed).bytes)
-                    copier.report(hashing.final)  # the metadata is final: hash behind the copies
-                finally:
-                    copier.close()
-                os.fsync(fd)  # the store's fsync before publishing finds nothing left
-                return Written(inodes, blocks, hashing.digest())
-        except OSError as exc:  # the host's disk: name the file being written
-            if exc.filename is not None:
-                raise
-            raise OSError(exc.errno, exc.strerror, os.fspath(image)) from exc
-        except ImageFull:
-            raise ImageError(
-                f"the image of {human(plan.size)} ran out of space (estimated need "
-                f"{human(plan.needed)}); increase size",
-                reason=Reason.SIZE_TOO_SMALL,
-            ) from None
+        with FollowingHash(image, plan.size) as hashing:
+            copier = Copier(spool, fd)
+            try:
+                writer = _Writer(fd, geometry, copier, uuid.UUID(fs_uuid).bytes, epoch)
+                inodes, blocks = writer.write(tree, uuid.UUID(hash_seed).bytes)
+                copier.report(hashing.final)  # the metadata is final: hash behind the copies
+            finally:
+                copier.close()
+            os.fsync(fd)  # the store's fsync before publishing finds nothing left
+            return Written(inodes, blocks, hashing.digest())
+    except OSError as exc:  # the host's disk: name the file being written
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(image)) from exc
+    except ImageFull:
+        raise ImageError(
+            f"the image of {human(plan.size)} ran out of space (estimated need "
+            f"{human(plan.needed)}); increase size",
+            reason=Reason.SIZE_TOO_SMALL,
+        ) from None
     finally:
         os.close(fd)
 
@@ -120,10 +117,13 @@ def _create(image: Path, size: int) -> int:
 
 
 class _Writer:
-    def __init__(self, fd: int, geometry: Geometry, spool: Spool, fs_uuid: bytes, epoch: int):
+    def __init__(self, fd: int, geometry: Geometry, copier: Copier, fs_uuid: bytes, epoch: int):
         self.fd = fd
         self.geo = geometry
-        self.spool = spool
+        # copies the file data from the spool, in image order (the cursor only moves
+        # forward, and each file's extents follow logical order), while the
+        # metadata is laid out
+        self.copier = copier
         self.uuid = fs_uuid
         self.seed = fmt.fs_seed(fs_uuid)
         self.epoch = epoch
@@ -137,14 +137,11 @@ class _Writer:
         self._table = bytearray()
         self._table_ino = 0  # the inode number of the table buffer's first inode
         self.max_ino = fmt.FIRST_INO
-        # copies the file data, in image order (the cursor only moves forward, and
-        # each file's extents follow logical order), while the metadata is laid out
-        self.copier: Copier | None = None
 
     # -- the whole image --------------------------------------------------------
 
     def write(self, tree: Tree, hash_seed: bytes) -> tuple[int, int]:
-        """Everything but the file data; (inodes, blocks) in use."""
+        """Lay out the image, the file data handed to the copier; (inodes, blocks) in use."""
         journal = self._write_journal()
         resize_block = self.alloc.one()
         added = self._add_lost_found(tree)
@@ -377,7 +374,6 @@ class _Writer:
                     i += 1
                     continue
                 n = min(length, end - offset)
-                assert self.copier is not None
                 self.copier.add(src, n, pblk * BLOCK + offset - lblk * BLOCK)
                 src += n
                 offset += n
