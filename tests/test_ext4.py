@@ -11,13 +11,16 @@ import errno
 import os
 import resource
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import crc32c
 import pytest
 
 from banger_build import ext4
 from banger_build.errors import ImageError, Reason, ToolError, host_error
+from banger_build.ext4 import format as fmt
 from banger_build.ext4 import layout
 from banger_build.run import find_tool
 from banger_build.spool import Spool
@@ -324,3 +327,17 @@ def test_directories_count_their_subdirectories(tmp_path: Path) -> None:
         tree.root.children[f"sub{i}"] = Node(Inode(DIR), children={})
     seen = read_image(write_tree(tmp_path, tree, spool))
     assert seen[""].links == 2 + 5 + 2  # sub0..4, d, lost+found
+
+
+def test_crc32c_is_the_packages_without_its_init() -> None:
+    """format loads crc32c's extension by itself (the package's __init__ reads its
+    installed metadata): the same function, CRC32C's check value included."""
+    assert ~fmt.crc32c(0xFFFFFFFF, b"123456789") & 0xFFFFFFFF == 0xE3069283
+    for n in (0, 1, 7, 4096, 100_003):
+        data = os.urandom(n)
+        seed = int.from_bytes(os.urandom(4), "little")
+        expected = ~crc32c.crc32c(data, value=~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+        assert fmt.crc32c(seed, data) == expected
+    code = "import sys, banger_build.ext4.format; print('importlib.metadata' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

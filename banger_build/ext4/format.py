@@ -9,9 +9,38 @@ follow the kernel's ``fs/ext4/ext4.h`` and e2fsprogs' ``ext2_fs.h``.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import struct
+from collections.abc import Callable
+from typing import cast
 
-import crc32c as _crc32c
+
+def _load_crc32c() -> Callable[..., int]:
+    """The ``crc32c`` package's C function (hardware CRC32C). The package's
+    ``__init__`` asks ``importlib.metadata`` for its own version, 14 ms of every
+    run, so its extension module is loaded by itself; the package is imported
+    when that cannot be done."""
+    try:
+        spec = importlib.util.find_spec("crc32c")  # finds, does not import
+        for where in (spec.submodule_search_locations or []) if spec else []:
+            finder = importlib.machinery.FileFinder(
+                where,
+                (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            )
+            found = finder.find_spec("crc32c._crc32c")
+            if found is not None and found.loader is not None:
+                module = importlib.util.module_from_spec(found)
+                found.loader.exec_module(module)
+                return cast("Callable[..., int]", module.crc32c)
+    except (ImportError, OSError, AttributeError):
+        pass
+    import crc32c
+
+    return cast("Callable[..., int]", crc32c.crc32c)
+
+
+_crc32c = _load_crc32c()
 
 BLOCK = 4096
 INODE_SIZE = 256
@@ -63,7 +92,7 @@ JBD2_SUPERBLOCK_V2 = 4
 
 def crc32c(seed: int, data: bytes | bytearray | memoryview) -> int:
     """e2fsprogs' ``ext2fs_crc32c_le(seed, data)``: raw CRC32C, no final inversion."""
-    return (~_crc32c.crc32c(data, value=~seed & 0xFFFFFFFF)) & 0xFFFFFFFF
+    return (~_crc32c(data, value=~seed & 0xFFFFFFFF)) & 0xFFFFFFFF
 
 
 def fs_seed(uuid: bytes) -> int:
