@@ -1,4 +1,5 @@
-"""Small filesystem helpers shared by the store, the blob cache and the lock file.
+"""Small filesystem helpers shared by the store, the blob cache, the lock file and
+the image writer (``FollowingHash``).
 
 Trees are walked without recursion and addressed relative to a directory file
 descriptor: a hostile layer can stage directories nested deeper than Python's
@@ -79,7 +80,7 @@ class FollowingHash:
         self._stopped = False
         self._cond = threading.Condition()
         self._sha = hashlib.sha256()
-        self._failed: OSError | None = None
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="image-hash", daemon=True)
         self._thread.start()
 
@@ -102,7 +103,7 @@ class FollowingHash:
                     end = min(self._final, self._size)
                 _hash_span(self._fd, self._sha, view, pos, end, self._name)
                 pos = end
-        except OSError as exc:  # given to digest()
+        except BaseException as exc:  # given to digest(): never a digest of part of it
             self._failed = exc
 
     def digest(self) -> str:

@@ -129,6 +129,7 @@ class LayerReader:
         # a layer's diff_id; a bundle's members are hashed one by one, not the stream
         self._hashing: queue.Queue[bytes] | None = queue.Queue(self._AHEAD) if hashed else None
         self._hasher: threading.Thread | None = None
+        self._hash_failed: BaseException | None = None
         if self._hashing is not None:
             self._hasher = threading.Thread(target=self._hash, name="diff-id", daemon=True)
             self._hasher.start()
@@ -164,13 +165,19 @@ class LayerReader:
     def _hash(self) -> None:
         assert self._hashing is not None
         while data := self._hashing.get():
-            self._sha.update(data)
+            if self._hash_failed is None:
+                try:
+                    self._sha.update(data)
+                except BaseException as exc:  # raised by hexdigest(); the queue still drains
+                    self._hash_failed = exc
 
     def hexdigest(self) -> str:
         """sha256 of the stream read to its end (the hashing thread is waited for)."""
         if self._hasher is None:
             raise ValueError("this stream is not hashed")
         self._hasher.join()
+        if self._hash_failed is not None:
+            raise self._hash_failed
         return self._sha.hexdigest()
 
     def read(self, n: int = -1) -> bytes:

@@ -176,3 +176,41 @@ def test_merged_copies_of_sparse_files_give_each_file_its_bytes(tmp_path: Path, 
             len(data),
             hashlib.sha256(data).hexdigest(),
         ), name
+
+
+def test_following_hash_never_gives_a_digest_of_part_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from banger_build import fsutil
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (3 * ALIGN))
+
+    def broken(*_args: object) -> None:
+        raise MemoryError("hashing thread died")
+
+    monkeypatch.setattr(fsutil, "_hash_span", broken)
+    with FollowingHash(path, 3 * ALIGN) as hashing, pytest.raises(MemoryError):
+        hashing.digest()
+
+
+def test_a_failing_diff_id_hash_is_raised_not_hung(tmp_path: Path) -> None:
+    """The hashing thread dies: the stream is still read to its end (the queue
+    drains, the decompressing thread never blocks) and hexdigest raises."""
+    import io
+
+    from banger_build.tarstream import LayerReader
+
+    class Broken:
+        def update(self, _data: bytes) -> None:
+            raise RuntimeError("sha256 failed")
+
+    data = os.urandom(20 << 20)  # more chunks than both queues hold
+    with LayerReader(io.BytesIO(data), budget=len(data)) as reader:
+        reader._sha = Broken()  # type: ignore[assignment]
+        read = 0
+        while chunk := reader.read(1 << 20):
+            read += len(chunk)
+        assert read == len(data)
+        with pytest.raises(RuntimeError, match="sha256 failed"):
+            reader.hexdigest()
