@@ -270,13 +270,12 @@ def stage_kernel(ctx: Context) -> None:
 
 
 def write_manifest(ctx: Context) -> None:
-    outputs: dict[str, dict[str, object]] = {}
-    for path in sorted(ctx.out.iterdir()):
-        if path.name in ctx.outputs:  # staged and hashed already
-            outputs[path.name] = ctx.outputs[path.name]
-            continue
-        digest, size = hash_tree(path) if path.is_dir() else hash_file(path)
-        outputs[path.name] = {"sha256": digest, "size": size}
+    # each output was hashed where it was made: the image as it was written, the
+    # kernel's files as they were staged and verified
+    names = sorted(path.name for path in ctx.out.iterdir())
+    if names != sorted(ctx.outputs):
+        raise RuntimeError(f"the outputs are {names}, but the steps recorded {sorted(ctx.outputs)}")
+    outputs = {name: ctx.outputs[name] for name in names}
     manifest = {
         "format": MANIFEST_FORMAT,
         "name": ctx.derivation.name,
